@@ -1,0 +1,166 @@
+"""The ``kstory`` command. Errors a user can fix print as one clear message, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from kstory import __version__
+from kstory.errors import KstoryError
+from kstory.logs import get_logger, setup_console
+
+log = get_logger("cli")
+
+DESCRIPTION = """\
+kstory: a Kolors LoRA style story, from dataset to published submission.
+
+Stages talk through files in a run directory (runs/<name>/):
+  data/          cleaned dataset in DiffSynth-Studio's layout + report of every drop
+  kstory.log     everything that happened in the run, with details
+
+Start with `kstory demo` (offline, tiny random-weight model, a few minutes on CPU),
+then copy runs/demo/kstory.yaml, point it at your data and use `kstory run`.
+"""
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kstory.demo import run_demo
+
+    outcomes = run_demo(Path(args.out), model=args.model, images=args.images)
+    _print_outcomes(outcomes)
+    print(f"demo finished: see {Path(args.out) / 'data' / 'report.md'} for what was kept and dropped")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kstory.runner import run_config
+
+    _print_outcomes(run_config(Path(args.config), model=args.model))
+    return 0
+
+
+def _cmd_prep(args: argparse.Namespace) -> int:
+    from data_prep import prep
+
+    result = prep(
+        args.input,
+        Path(args.out),
+        recipe=Path(args.recipe) if args.recipe else None,
+        trigger_word=args.trigger_word,
+        overwrite=args.overwrite,
+        num_proc=args.num_proc,
+    )
+    print(result.summary())
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from kstory.models import resolve_model
+
+    weights = resolve_model(args.spec, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    print(f"identity:     {weights.identity}")
+    print(f"text encoder: {weights.text_encoder}")
+    print(f"unet:         {weights.unet}")
+    print(f"vae:          {weights.vae}")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from kstory.doctor import report
+
+    print(report())
+    return 0
+
+
+def _print_outcomes(outcomes) -> None:
+    for outcome in outcomes:
+        took = f" in {outcome.seconds:.1f} s" if outcome.status == "ran" else ""
+        print(f"{outcome.stage:<8} {outcome.status}{took} -> {outcome.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kstory", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"kstory {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages on the terminal")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of short error messages")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="run the whole pipeline offline on a generated dataset and the tiny model",
+        description="Generate a small style dataset, write runs/demo/kstory.yaml and run every stage on it. "
+        "Running it again skips stages that are up to date.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="run directory to create or resume (default: runs/demo)")
+    demo.add_argument("--model", default="tiny", help="base model: tiny (default, offline), kolors, or a local folder")
+    demo.add_argument("--images", type=int, default=24, help="size of the generated dataset (default: 24)")
+    demo.set_defaults(func=_cmd_demo)
+
+    run = commands.add_parser(
+        "run", help="run every stage of a config, resuming at the first one not up to date",
+        description="Run the stages in order from one YAML config (see docs/config.md). A stage whose output "
+        "matches the current settings and inputs is skipped; a stale output is moved to RUN/.history/, "
+        "never overwritten.",
+    )
+    run.add_argument("config", help="run config YAML (e.g. runs/demo/kstory.yaml)")
+    run.add_argument("--model", default=None, help="override the config's base model")
+    run.set_defaults(func=_cmd_run)
+
+    prep = commands.add_parser(
+        "prep", help="clean an image-caption dataset with Data-Juicer into DiffSynth's training layout",
+        description="Validate and clean INPUT with a Data-Juicer recipe; write OUT/train/metadata.csv with the "
+        "kept images, and OUT/report.json + OUT/report.md explaining every dropped sample (see docs/data-prep.md).",
+    )
+    prep.add_argument("input", help="folder of images with metadata.csv/.jsonl or sidecar .txt captions, "
+                      "or modelscope://OWNER/NAME")
+    prep.add_argument("--out", required=True, help="output folder (refused if it holds a previous run)")
+    prep.add_argument("--recipe", help="Data-Juicer recipe YAML (default: the shipped data_prep/recipes/default.yaml)")
+    prep.add_argument("--trigger-word", help="put this word at the front of every caption")
+    prep.add_argument("--overwrite", action="store_true", help="replace a previous output (swapped in atomically)")
+    prep.add_argument("--num-proc", type=int, default=1, help="Data-Juicer worker processes (default: 1)")
+    prep.set_defaults(func=_cmd_prep)
+
+    model = commands.add_parser(
+        "model", help="resolve a base model (download, build or check it) and print its files",
+        description="SPEC is 'kolors' (download Kwai-Kolors/Kolors from ModelScope into the cache), 'tiny' "
+        "(build the tiny random-weight Kolors offline) or a local folder in the published layout.",
+    )
+    model.add_argument("spec", help="kolors, tiny, or a folder")
+    model.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
+    model.set_defaults(func=_cmd_model)
+
+    doctor = commands.add_parser("doctor", help="print versions and environment facts for bug reports")
+    doctor.set_defaults(func=_cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_console(verbose=args.verbose)
+    try:
+        return args.func(args)
+    except KstoryError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc.render()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: no traceback for users unless asked
+        get_logger().debug("unexpected error", exc_info=True)
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: unexpected {type(exc).__name__}: {exc}\n"
+              "run again with --debug for the traceback, and please report it", file=sys.stderr)
+        logging.shutdown()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The run configuration: one YAML file that drives ``kstory run``.
+
+Each stage owns one section. Sections for stages that do not exist yet are
+rejected rather than ignored, so a typo never silently does nothing. Relative
+paths are taken relative to the config file, so a config can travel with its
+data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kstory.yamlio import load_model
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PrepSettings(Section):
+    """Settings of the data-preparation stage (``kstory prep``)."""
+
+    source: str = Field(description="Image-caption folder, or modelscope://OWNER/NAME for a ModelScope dataset.")
+    recipe: Path | None = Field(default=None, description="Data-Juicer recipe YAML; the shipped default when empty.")
+    trigger_word: str | None = Field(default=None, description="Word put at the front of every caption.")
+    num_proc: int = Field(default=1, ge=1, description="Worker processes for Data-Juicer.")
+
+
+class RunConfig(Section):
+    """A whole run: where it lives, which base model, and each stage's settings."""
+
+    name: str = Field(description="Run name; outputs go to RUNS_ROOT/NAME.")
+    runs_root: Path = Field(default=Path("runs"), description="Folder that holds run directories.")
+    model: str = Field(default="tiny", description="Base model: 'kolors', 'tiny', or a local folder.")
+    cache_dir: Path | None = Field(default=None, description="Model cache; $KSTORY_CACHE or ~/.cache/kstory when empty.")
+    seed: int = Field(default=0, description="Seed for everything random in the run.")
+    prep: PrepSettings
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not RUN_NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 64), starting with a letter or digit")
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_root / self.name
+
+
+def _anchor(path: Path | None, base: Path) -> Path | None:
+    if path is None:
+        return None
+    path = Path(os.path.expanduser(path))
+    return path if path.is_absolute() else base / path
+
+
+def _anchor_source(source: str, base: Path) -> str:
+    if "://" in source or source.startswith("ms:"):
+        return source
+    return str(_anchor(Path(source), base))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read ``path``, validate it, and make its relative paths absolute."""
+    path = Path(path)
+    config = load_model(RunConfig, path)
+    base = path.resolve().parent
+    return config.model_copy(update={
+        "runs_root": _anchor(config.runs_root, base),
+        "cache_dir": _anchor(config.cache_dir, base),
+        "model": config.model if config.model in ("kolors", "tiny") else str(_anchor(Path(config.model), base)),
+        "prep": config.prep.model_copy(update={
+            "source": _anchor_source(config.prep.source, base),
+            "recipe": _anchor(config.prep.recipe, base),
+        }),
+    })

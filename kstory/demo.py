@@ -1,0 +1,49 @@
+"""``kstory demo``: the whole pipeline on the tiny preset, offline, on data it makes itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from kstory import atomic
+from kstory.logs import get_logger
+from kstory.rundir import RunDir
+from kstory.runner import StageOutcome, run_config
+
+log = get_logger("demo")
+
+DEMO_TRIGGER = "kstory style"
+DATASET_FOLDER = "style-dataset"
+
+
+def demo_config(run_dir: Path, *, model: str = "tiny", images: int = 24) -> dict:
+    """The demo's run config; paths are relative to the run directory, where it is saved."""
+    return {
+        "name": run_dir.name,
+        "runs_root": "..",
+        "model": model,
+        "seed": 0,
+        "prep": {
+            "source": f"inputs/{DATASET_FOLDER}",
+            "trigger_word": DEMO_TRIGGER,
+        },
+    }
+
+
+def run_demo(out: Path = Path("runs/demo"), *, model: str = "tiny", images: int = 24) -> list[StageOutcome]:
+    """Generate the demo dataset and config under ``out`` (once), then run every stage."""
+    from data_prep.synthetic import make_style_dataset
+
+    run = RunDir(Path(out).resolve()).ensure()
+    dataset = run.inputs / DATASET_FOLDER
+    if not dataset.exists():
+        log.info("demo: generating a %d-image style dataset in %s", images, dataset)
+        make_style_dataset(dataset, n=images, seed=0)
+    if run.config.exists():
+        log.info("demo: using the existing config %s (delete it to start from the defaults)", run.config)
+    else:
+        text = "# kstory demo run: edit and run again with `kstory run` on this file.\n"
+        text += yaml.safe_dump(demo_config(run.root, model=model, images=images), sort_keys=False)
+        atomic.write_text(run.config, text)
+    return run_config(run.config, model=model)

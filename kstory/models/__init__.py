@@ -1,0 +1,29 @@
+"""Kolors weights: resolve a spec to local files, build the tiny test model, load the pipeline.
+
+``resolve_model`` is cheap to import; the names that need torch and
+DiffSynth (seconds to import) are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from kstory.models.resolve import KolorsWeights, default_cache_dir, resolve_model
+
+_LAZY = {
+    "load_kolors_pipeline": "kstory.models.pipeline",
+    "load_kolors_model_manager": "kstory.models.pipeline",
+    "kolors_models": "kstory.models.pipeline",
+    "KolorsModels": "kstory.models.pipeline",
+    "build_tiny_kolors": "kstory.models.tiny",
+    "TinyKolorsSpec": "kstory.models.tiny",
+}
+
+__all__ = ["KolorsWeights", "default_cache_dir", "resolve_model", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

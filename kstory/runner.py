@@ -1,0 +1,78 @@
+"""``kstory run``: every stage in order, skipping what is already up to date."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kstory import atomic
+from kstory.config import RunConfig, load_config
+from kstory.errors import KstoryError
+from kstory.logs import get_logger, log_to_file
+from kstory.rundir import RunDir, fingerprint, move_to_history, read_stamp, write_stamp
+from kstory.stages import STAGES
+
+log = get_logger("run")
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    status: str  # "ran" or "skipped"
+    output: Path
+    seconds: float
+
+
+def _keep_config_copy(config_path: Path, run: RunDir) -> None:
+    """Keep the config that produced the run inside it, so the run explains itself."""
+    if config_path.resolve() == run.config.resolve():
+        return
+    text = config_path.read_text(encoding="utf-8")
+    if run.config.exists() and run.config.read_text(encoding="utf-8") != text:
+        moved = move_to_history(run, run.config)
+        log.info("config changed: previous copy kept at %s", moved)
+    atomic.write_text(run.config, text)
+
+
+def run_config(config_path: str | Path, *, model: str | None = None) -> list[StageOutcome]:
+    """Run every stage of the config at ``config_path``; return what ran and what was skipped."""
+    config_path = Path(config_path)
+    config: RunConfig = load_config(config_path)
+    if model is not None:
+        config = config.model_copy(update={"model": model})
+    run = RunDir(config.run_dir).ensure()
+    outcomes: list[StageOutcome] = []
+    with log_to_file(run.log):
+        log.info("run %s in %s (model: %s)", config.name, run.root, config.model)
+        _keep_config_copy(config_path, run)
+        try:
+            _run_stages(config, run, outcomes)
+        except BaseException as exc:
+            log.error("run stopped: %s", exc, exc_info=not isinstance(exc, KstoryError))
+            raise
+    return outcomes
+
+
+def _run_stages(config: RunConfig, run: RunDir, outcomes: list[StageOutcome]) -> None:
+    upstream = fingerprint(config.model, config.seed)
+    for stage in STAGES:
+        started = time.monotonic()
+        output = stage.output(run)
+        digest = fingerprint(upstream, stage.digest(config))
+        upstream = digest
+        stamp = read_stamp(output)
+        if stamp is not None and stamp.get("fingerprint") == digest:
+            log.info("%s: up to date, skipped (%s)", stage.name, output)
+            outcomes.append(StageOutcome(stage.name, "skipped", output, 0.0))
+            continue
+        if output.exists():
+            moved = move_to_history(run, output)
+            reason = "settings or inputs changed" if stamp else "it never finished"
+            log.warning("%s: previous output kept at %s (%s)", stage.name, moved, reason)
+        log.info("%s: %s", stage.name, stage.summary)
+        stage.run(config, run)
+        write_stamp(output, stage.name, digest)
+        seconds = time.monotonic() - started
+        log.info("%s: done in %.1f s", stage.name, seconds)
+        outcomes.append(StageOutcome(stage.name, "ran", output, seconds))

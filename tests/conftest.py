@@ -1,0 +1,26 @@
+"""Test-wide settings: offline hubs, a private model cache, quiet third-party logs."""
+
+from __future__ import annotations
+
+import os
+
+# Nothing may be downloaded in tests: every model and dataset is made by the project.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import kstory  # noqa: E402,F401  (installs the torchvision import fix before any test imports it)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_model_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Keep built models out of the user's cache, shared by all tests of one session."""
+    previous = os.environ.get("KSTORY_CACHE")
+    cache = tmp_path_factory.mktemp("kstory-cache")
+    os.environ["KSTORY_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("KSTORY_CACHE", None)
+    else:
+        os.environ["KSTORY_CACHE"] = previous

@@ -1,0 +1,128 @@
+"""The shared core: config schema, YAML errors, atomic writes, run directory, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kstory import atomic
+from kstory.cli import main
+from kstory.config import load_config
+from kstory.errors import KstoryError
+from kstory.rundir import RunDir, fingerprint, move_to_history, read_stamp, write_stamp
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_config_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path / "cfg" / "run.yaml", "name: r1\nprep:\n  source: data/in\n  recipe: my.yaml\n"))
+    assert config.run_dir == tmp_path / "cfg" / "runs" / "r1"
+    assert Path(config.prep.source) == tmp_path / "cfg" / "data" / "in"
+    assert config.prep.recipe == tmp_path / "cfg" / "my.yaml"
+    assert config.model == "tiny"
+
+
+def test_modelscope_sources_are_not_treated_as_paths(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path / "run.yaml", "name: r\nprep:\n  source: modelscope://AI-ModelScope/lowres_anime\n"))
+    assert config.prep.source == "modelscope://AI-ModelScope/lowres_anime"
+
+
+def test_config_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    path = write(tmp_path / "run.yaml", "name: ok\nprep:\n  source: x\n  num_proc: zero\n  colour: red\n")
+    with pytest.raises(KstoryError) as caught:
+        load_config(path)
+    text = caught.value.render()
+    assert str(path) in text
+    assert "line 4: prep.num_proc" in text
+    assert "line 5: prep.colour" in text
+    assert "fix:" in text
+
+
+def test_config_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "run.yaml", "name: ok\nprep:\n  source: [unclosed\n")
+    with pytest.raises(KstoryError, match="invalid YAML: line"):
+        load_config(path)
+
+
+def test_run_names_cannot_escape_the_runs_root(tmp_path: Path) -> None:
+    with pytest.raises(KstoryError, match="line 1: name"):
+        load_config(write(tmp_path / "run.yaml", "name: ../../etc\nprep:\n  source: x\n"))
+
+
+def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path: Path) -> None:
+    target = atomic.write_text(tmp_path / "out.json", "old")
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_directory_refuses_existing_and_cleans_staging(tmp_path: Path) -> None:
+    with pytest.raises(FileExistsError):
+        with atomic.atomic_directory(tmp_path):
+            pass
+    with pytest.raises(ValueError):
+        with atomic.atomic_directory(tmp_path / "new") as staging:
+            (staging / "a.txt").write_text("x")
+            raise ValueError
+    assert list(tmp_path.iterdir()) == []
+    with atomic.atomic_directory(tmp_path / "new") as staging:
+        (staging / "a.txt").write_text("x")
+    assert (tmp_path / "new" / "a.txt").read_text() == "x"
+
+
+def test_stamps_and_history_never_lose_outputs(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run").ensure()
+    run.data.mkdir()
+    (run.data / "keep.txt").write_text("precious")
+    assert read_stamp(run.data) is None
+    write_stamp(run.data, "prep", fingerprint("a"))
+    assert read_stamp(run.data)["fingerprint"] == fingerprint("a")
+    moved = move_to_history(run, run.data)
+    assert not run.data.exists()
+    assert (moved / "keep.txt").read_text() == "precious"
+    write_stamp(run.scores, "score", "x")
+    run.scores.write_text("{}")
+    moved_file = move_to_history(run, run.scores)
+    assert moved_file.read_text() == "{}"
+    assert json.loads(moved_file.with_name(moved_file.name + ".stamp.json").read_text())["stage"] == "score"
+
+
+def test_fingerprint_is_order_independent_for_keys() -> None:
+    assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_cli_prints_user_errors_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["run", str(tmp_path / "missing.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ")
+    assert "missing.yaml" in err and "Traceback" not in err
+
+
+def test_cli_help_explains_every_command() -> None:
+    out = subprocess.run([sys.executable, "-m", "kstory.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("demo", "run", "prep", "model", "doctor"):
+        assert f"    {command}" in out
+    assert "runs/<name>/" in out
+
+
+def test_torchvision_imports_and_nms_is_correct() -> None:
+    import torch
+    import torchvision  # noqa: F401  (would raise "operator torchvision::nms does not exist" without the fix)
+
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30], [0, 0, 9, 9.5]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.95])
+    keep = torch.ops.torchvision.nms(boxes, scores, 0.5)
+    assert keep.tolist() == [3, 2]
