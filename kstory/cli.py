@@ -38,7 +38,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from kstory.runner import run_config
 
-    _print_outcomes(run_config(Path(args.config), model=args.model))
+    _print_outcomes(run_config(Path(args.config), model=args.model, until=args.until))
     return 0
 
 
@@ -53,7 +53,10 @@ def _cmd_prep(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         num_proc=args.num_proc,
     )
-    print(result.summary())
+    dropped = ", ".join(f"{op}: {count}" for op, count in result.dropped_by.items()) or "none"
+    print(f"kept {result.kept}, dropped {result.dropped} ({dropped})")
+    print(f"training set: {result.metadata_csv}")
+    print(f"why each sample was dropped: {result.report_md}")
     return 0
 
 
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("config", help="run config YAML (e.g. runs/demo/kstory.yaml)")
     run.add_argument("--model", default=None, help="override the config's base model")
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage (e.g. prep)")
     run.set_defaults(func=_cmd_run)
 
     prep = commands.add_parser(

@@ -58,7 +58,7 @@ def _anchor(path: Path | None, base: Path) -> Path | None:
     if path is None:
         return None
     path = Path(os.path.expanduser(path))
-    return path if path.is_absolute() else base / path
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
 
 def _anchor_source(source: str, base: Path) -> str:

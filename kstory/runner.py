@@ -11,7 +11,7 @@ from kstory.config import RunConfig, load_config
 from kstory.errors import KstoryError
 from kstory.logs import get_logger, log_to_file
 from kstory.rundir import RunDir, fingerprint, move_to_history, read_stamp, write_stamp
-from kstory.stages import STAGES
+from kstory.stages import STAGES, Stage
 
 log = get_logger("run")
 
@@ -35,9 +35,14 @@ def _keep_config_copy(config_path: Path, run: RunDir) -> None:
     atomic.write_text(run.config, text)
 
 
-def run_config(config_path: str | Path, *, model: str | None = None) -> list[StageOutcome]:
-    """Run every stage of the config at ``config_path``; return what ran and what was skipped."""
+def run_config(config_path: str | Path, *, model: str | None = None, until: str | None = None) -> list[StageOutcome]:
+    """Run the stages of the config at ``config_path`` in order; return what ran and what was skipped.
+
+    ``until`` stops after the named stage, so a notebook can walk the run one
+    stage per cell with the same stamps and skipping as ``kstory run``.
+    """
     config_path = Path(config_path)
+    stages = _stages_until(until)
     config: RunConfig = load_config(config_path)
     if model is not None:
         config = config.model_copy(update={"model": model})
@@ -47,16 +52,25 @@ def run_config(config_path: str | Path, *, model: str | None = None) -> list[Sta
         log.info("run %s in %s (model: %s)", config.name, run.root, config.model)
         _keep_config_copy(config_path, run)
         try:
-            _run_stages(config, run, outcomes)
+            _run_stages(config, run, stages, outcomes)
         except BaseException as exc:
             log.error("run stopped: %s", exc, exc_info=not isinstance(exc, KstoryError))
             raise
     return outcomes
 
 
-def _run_stages(config: RunConfig, run: RunDir, outcomes: list[StageOutcome]) -> None:
+def _stages_until(until: str | None) -> tuple[Stage, ...]:
+    names = [stage.name for stage in STAGES]
+    if until is None:
+        return STAGES
+    if until not in names:
+        raise KstoryError(f"unknown stage {until!r}", fix=f"use one of: {', '.join(names)}")
+    return STAGES[: names.index(until) + 1]
+
+
+def _run_stages(config: RunConfig, run: RunDir, stages: tuple[Stage, ...], outcomes: list[StageOutcome]) -> None:
     upstream = fingerprint(config.model, config.seed)
-    for stage in STAGES:
+    for stage in stages:
         started = time.monotonic()
         output = stage.output(run)
         digest = fingerprint(upstream, stage.digest(config))

@@ -32,11 +32,11 @@ def _file_digest(path: Path | None) -> str | None:
 
 
 def _prep_digest(config: RunConfig) -> str:
-    from data_prep.recipe import default_recipe_path
+    from data_prep.recipe import DEFAULT_RECIPE
 
     source = Path(config.prep.source)
     source_state = folder_fingerprint(source) if source.is_dir() else config.prep.source
-    recipe = config.prep.recipe or default_recipe_path()
+    recipe = config.prep.recipe or DEFAULT_RECIPE
     return fingerprint("prep", config.prep.model_dump(mode="json"), source_state, _file_digest(recipe))
 
 
