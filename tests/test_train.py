@@ -1,0 +1,396 @@
+"""LoRA training on the tiny Kolors: real DiffSynth UNet, peft LoRA and a Lightning Trainer, on CPU at 64 px."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import signal
+import struct
+from pathlib import Path
+
+import kstory  # noqa: F401  (before anything that imports torchvision/diffsynth)
+import lightning as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from kstory.errors import KstoryError
+from kstory.models import load_kolors_pipeline, resolve_model
+from train import TrainSettings, load_lora_into_pipeline, train_lora
+from train.batches import step_generator
+from train.buckets import bucket_sizes, nearest_bucket
+from train.cache import build_cache
+from train.checkpoint import latest_checkpoint, list_checkpoints
+from train.dataset import read_samples
+from train.lora_io import (
+    META_ALPHA, META_BASE, META_CONFIG, META_DIFFSYNTH_ALPHA, META_FINGERPRINT, META_KSTORY_FORMAT, META_RANK,
+    META_STEP, META_TARGETS, META_TRIGGER, META_VERSION, inject_lora, load_lora_state,
+)
+from train.module import KolorsLoraModule
+from train.validation import kolors_scheduler
+
+FAST = dict(resolution=64, gradient_checkpointing=False, checkpoint_every=0, batch_size=2)
+
+
+def make_dataset(root: Path, count: int = 4, sizes: tuple[tuple[int, int], ...] = ((64, 64),)) -> Path:
+    """A few random images with captions in DiffSynth's layout (DATA/train/metadata.csv)."""
+    folder = root / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = ["file_name,text"]
+    for i in range(count):
+        width, height = sizes[i % len(sizes)]
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append(f'{i}.png,"a red square, number {i}"')
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("train-cache")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, data: Path, cache: Path):
+    """One finished run that several tests inspect (alpha != rank so the scale is visible)."""
+    out = tmp_path_factory.mktemp("run")
+    settings = TrainSettings(
+        **FAST, rank=4, alpha=8, max_steps=8, learning_rate=1e-2, trigger_word="kstyle", validation_every=4,
+        validation_steps=2, validation_prompts=[{"prompt": "kstyle, a fox", "seed": 1}, {"prompt": "a tree", "seed": 2}],
+    )
+    return train_lora(data, out, settings, model="tiny", cache_dir=cache), settings
+
+
+def _lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _fixed_batch(data: Path, root: Path, trigger: str | None = None) -> dict[str, torch.Tensor]:
+    """Every sample twice, with noise and timesteps from a fixed generator."""
+    entries = build_cache(read_samples(data, trigger), None, root, resolution=64, center_crop=False, random_flip=False)
+    latents = torch.stack([load_file(str(s.latent))["latent"] for s in entries.samples]).repeat(2, 1, 1, 1)
+    texts = [load_file(str(s.text)) for s in entries.samples]
+    generator = step_generator(123, 0)
+    return {
+        "latents": latents,
+        "prompt_emb": torch.stack([t["prompt_emb"] for t in texts]).repeat(2, 1, 1),
+        "pooled": torch.stack([t["pooled"] for t in texts]).repeat(2, 1),
+        "noise": torch.randn(latents.shape, generator=generator),
+        "timestep_ids": torch.randint(0, 1100, (latents.shape[0],), generator=generator),
+    }
+
+
+def _loss(unet: torch.nn.Module, batch: dict[str, torch.Tensor], settings: TrainSettings) -> float:
+    scheduler = kolors_scheduler()
+    scheduler.set_timesteps(1100)
+    module = KolorsLoraModule(
+        unet, settings, alphas_cumprod=torch.tensor(scheduler.alphas_cumprod, dtype=torch.float64),
+        timesteps=scheduler.timesteps, prediction_type="epsilon", total_steps=1,
+    )
+    with torch.no_grad():
+        return float(module.compute_loss(batch))
+
+
+def _unet_output(unet: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return unet(
+            batch["noise"][:2], timestep=torch.tensor([500.0, 50.0]), encoder_hidden_states=batch["prompt_emb"][:2],
+            add_text_embeds=batch["pooled"][:2], add_time_id=torch.tensor([64, 64, 0, 0, 64, 64] * 2),
+        )
+
+
+def _cache_root(result) -> Path:
+    return Path(json.loads((result.out_dir / "train.json").read_text())["cache"])
+
+
+# --- training works -----------------------------------------------------------------
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(trained, data: Path, cache: Path):
+    result, settings = trained
+    batch = _fixed_batch(data, _cache_root(result), settings.trigger_word)
+    pipe = load_kolors_pipeline(resolve_model("tiny", cache))
+    before = _loss(pipe.unet, batch, settings)
+    load_lora_into_pipeline(pipe, result.lora_path)
+    after = _loss(pipe.unet, batch, settings)
+    assert after < before * 0.97, (before, after)
+    rows = (result.out_dir / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr" and len(rows) == 1 + settings.max_steps
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, settings.max_steps + 1))
+
+
+def test_lora_file_has_documented_metadata_and_no_pickle(trained, cache: Path):
+    result, settings = trained
+    raw = result.lora_path.read_bytes()
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + header_len])  # a safetensors header: JSON, no pickle anywhere
+    metadata = header.pop("__metadata__")
+    weights = resolve_model("tiny", cache)
+    assert metadata[META_KSTORY_FORMAT] == "kstory-lora/1"
+    assert metadata[META_RANK] == "4" and float(metadata[META_ALPHA]) == 8.0
+    assert float(metadata[META_DIFFSYNTH_ALPHA]) == 2.0
+    assert metadata[META_TARGETS] == "to_q,to_k,to_v,to_out"
+    assert metadata[META_BASE] == weights.identity and metadata[META_FINGERPRINT] == weights.fingerprint
+    assert metadata[META_TRIGGER] == "kstyle" and metadata[META_STEP] == "8"
+    assert metadata[META_VERSION] == kstory.__version__
+    assert json.loads(metadata[META_CONFIG]) == settings.model_dump(mode="json")
+    assert header and all(".lora_A.default.weight" in k or ".lora_B.default.weight" in k for k in header)
+    assert all(v["dtype"] == "F32" for v in header.values())
+    for path in result.out_dir.rglob("*"):
+        if path.is_file():
+            assert path.suffix in {".safetensors", ".json", ".csv", ".png"}, path
+    summary = json.loads((result.out_dir / "train.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 8 and summary["lora_path"].endswith("lora.safetensors")
+
+
+def test_validation_images_at_fixed_prompts_and_seeds(trained):
+    result, settings = trained
+    for step in (4, 8):
+        folder = result.out_dir / "validation" / f"step-{step:06d}"
+        index = json.loads((folder / "prompts.json").read_text())
+        assert [image["file"] for image in index["images"]] == ["00-seed1.png", "01-seed2.png"]
+        for image in index["images"]:
+            with Image.open(folder / image["file"]) as png:
+                assert png.size == (64, 64)
+    assert result.validation_dir == result.out_dir / "validation" / "step-000008"
+
+
+def test_merged_lora_reproduces_training_time_unet_and_changes_generation(trained, data: Path, cache: Path):
+    result, settings = trained
+    weights = resolve_model("tiny", cache)
+    batch = _fixed_batch(data, _cache_root(result), settings.trigger_word)
+    # The training-time model: peft LoRA layers (scale alpha/rank) on the base UNet.
+    peft_pipe = load_kolors_pipeline(weights)
+    inject_lora(peft_pipe.unet, settings.rank, settings.lora_alpha, settings.target_modules, seed=0)
+    load_lora_state(peft_pipe.unet, _lora_tensors(result.lora_path))
+    expected = _unet_output(peft_pipe.unet, batch)
+
+    merged = load_kolors_pipeline(weights)
+    info = load_lora_into_pipeline(merged, result.lora_path)
+    assert info["strength"] == pytest.approx(2.0)
+    torch.testing.assert_close(_unet_output(merged.unet, batch), expected, rtol=1e-4, atol=1e-5)
+
+    # DiffSynth's own loader, given the recorded alpha, agrees.
+    from kstory.models.pipeline import load_kolors_model_manager
+    from diffsynth.pipelines.sdxl_image import SDXLImagePipeline
+
+    manager = load_kolors_model_manager(weights)
+    manager.load_lora(str(result.lora_path), lora_alpha=float(info[META_DIFFSYNTH_ALPHA]))
+    torch.testing.assert_close(
+        _unet_output(SDXLImagePipeline.from_model_manager(manager).unet, batch), expected, rtol=1e-4, atol=1e-5
+    )
+
+    base = load_kolors_pipeline(weights)
+    base_out = _unet_output(base.unet, batch)
+    assert not torch.allclose(base_out, expected, atol=1e-4)
+    zero = load_kolors_pipeline(weights)
+    load_lora_into_pipeline(zero, result.lora_path, scale=0.0)
+    torch.testing.assert_close(_unet_output(zero.unet, batch), base_out)
+
+    def generate(pipe) -> np.ndarray:
+        image = pipe("kstyle, a red square", height=64, width=64, num_inference_steps=4, cfg_scale=3.0, seed=7,
+                     progress_bar_cmd=lambda steps: steps)
+        return np.asarray(image, dtype=np.int16)
+
+    assert np.abs(generate(merged) - generate(base)).max() > 0
+
+
+class _Interrupt(pl.Callback):
+    """Presses Ctrl-C (a real SIGINT) during a given optimizer step."""
+
+    def __init__(self, step: int, accumulation: int):
+        self.step, self.accumulation = step, accumulation
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == (self.step - 1 - module.start_step) * self.accumulation:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_interrupted_then_resumed_run_is_bit_identical(tmp_path: Path, cache: Path):
+    data = make_dataset(tmp_path / "data", count=5, sizes=((64, 64), (128, 64)))
+    settings = TrainSettings(
+        **{**FAST, "checkpoint_every": 2}, max_steps=6, grad_accumulation=2, learning_rate=5e-3,
+        lr_scheduler="cosine", warmup_steps=2, random_flip=True, caption_dropout=0.3, seed=3,
+    )
+    straight = train_lora(data, tmp_path / "straight", settings, model="tiny", cache_dir=cache)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(data, tmp_path / "resumed", settings, model="tiny", cache_dir=cache, callbacks=[_Interrupt(3, 2)])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert [step for step, _ in list_checkpoints(tmp_path / "resumed")] == [2, 3]
+    assert not (tmp_path / "resumed" / "lora.safetensors").exists()
+
+    resumed = train_lora(data, tmp_path / "resumed", settings, model="tiny", cache_dir=cache)
+    assert resumed.resumed_from == 3 and resumed.steps == 6
+    a, b = _lora_tensors(straight.lora_path), _lora_tensors(resumed.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "straight" / "loss.csv").read_text() == (tmp_path / "resumed" / "loss.csv").read_text()
+    for name in ("optimizer.safetensors", "lora.safetensors"):
+        x = load_file(str(tmp_path / "straight" / "checkpoints" / "step-000006" / name))
+        y = load_file(str(tmp_path / "resumed" / "checkpoints" / "step-000006" / name))
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_cache_is_keyed_by_content_and_bucket(tmp_path: Path, cache: Path):
+    from kstory.models import kolors_models, load_kolors_model_manager
+    from train.cache import Encoders, MissingCache
+
+    data = make_dataset(tmp_path / "data", count=2, sizes=((192, 96), (96, 96)))
+    samples = read_samples(data)
+    nets = kolors_models(load_kolors_model_manager(resolve_model("tiny", cache)))
+    encoders = Encoders(nets.text_encoder, nets.vae_encoder, torch.device("cpu"))
+    root = tmp_path / "cache"
+    options = dict(resolution=192, random_flip=True)
+    bucketed = build_cache(samples, encoders, root, center_crop=False, **options)
+    assert [s.size for s in bucketed.samples] == [(256, 128), (192, 192)]
+    assert load_file(str(bucketed.samples[0].latent))["latent"].shape == (4, 16, 32)
+    assert set(load_file(str(bucketed.samples[0].latent))) == {"latent", "latent_flipped"}
+    again = build_cache(samples, None, root, center_crop=False, **options)  # all cached: no encoder needed
+    assert again.samples == bucketed.samples
+    with pytest.raises(MissingCache):  # another crop mode is another size, so another entry
+        build_cache(samples, None, root, center_crop=True, **options)
+    cropped = build_cache(samples, encoders, root, center_crop=True, **options)
+    assert [s.size for s in cropped.samples] == [(192, 192), (192, 192)]
+    Image.new("RGB", (96, 96), "red").save(data / "train" / "1.png")  # new content, same name
+    with pytest.raises(MissingCache):
+        build_cache(read_samples(data), None, root, center_crop=False, **options)
+
+
+def test_encoders_are_freed_before_the_unet_trains(tmp_path: Path, data: Path, cache: Path, monkeypatch):
+    import train.prepare as prepare_module
+
+    freed = []
+    real_free = prepare_module.free_models
+    monkeypatch.setattr(prepare_module, "free_models", lambda *models: (freed.extend(models), real_free(*models)))
+    train_lora(data, tmp_path / "out", TrainSettings(**FAST, max_steps=1), cache_dir=cache)
+    names = sorted(type(model).__name__ for model in freed)
+    assert names == ["ChatGLMModel", "SDXLVAEDecoder", "SDXLVAEEncoder"]  # no validation prompts: decoder too
+    assert all(p.device.type == "meta" for model in freed for p in model.parameters())
+
+
+# --- bad input ----------------------------------------------------------------------
+
+
+def test_missing_or_empty_dataset_names_metadata_csv(tmp_path: Path, cache: Path):
+    settings = TrainSettings(**FAST, max_steps=1)
+    with pytest.raises(KstoryError, match="metadata.csv") as missing:
+        train_lora(tmp_path / "nothing", tmp_path / "out", settings, cache_dir=cache)
+    assert missing.value.fix
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "train" / "metadata.csv").write_text("file_name,text\n")
+    with pytest.raises(KstoryError, match="metadata.csv lists no images"):
+        train_lora(tmp_path / "empty", tmp_path / "out", settings, cache_dir=cache)
+    (tmp_path / "empty" / "train" / "metadata.csv").write_text("image,caption\na.png,x\n")
+    with pytest.raises(KstoryError, match="lacks column"):
+        train_lora(tmp_path / "empty", tmp_path / "out", settings, cache_dir=cache)
+
+
+def test_undecodable_image_is_named(tmp_path: Path, cache: Path):
+    data = make_dataset(tmp_path / "data", count=2)
+    (data / "train" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(KstoryError, match="cannot decode image") as error:
+        train_lora(data, tmp_path / "out", TrainSettings(**FAST, max_steps=1), cache_dir=cache)
+    assert error.value.path == data / "train" / "1.png"
+
+
+def test_resume_refuses_another_rank_or_base_model(tmp_path: Path, data: Path, cache: Path):
+    out = tmp_path / "out"
+    train_lora(data, out, TrainSettings(**FAST, max_steps=1, rank=2), cache_dir=cache)
+    with pytest.raises(KstoryError, match="LoRA rank 2, this run uses 4") as error:
+        train_lora(data, out, TrainSettings(**FAST, max_steps=2, rank=4), cache_dir=cache)
+    assert "fresh" in error.value.fix
+    state_path = latest_checkpoint(out) / "state.json"
+    state = json.loads(state_path.read_text())
+    state["identity"]["base_fingerprint"] = "0" * 64
+    state["identity"]["base_model"] = "someone/else"
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(KstoryError, match="base model someone/else"):
+        train_lora(data, out, TrainSettings(**FAST, max_steps=2, rank=2), cache_dir=cache)
+    fresh = train_lora(data, out, TrainSettings(**FAST, max_steps=2, rank=4), cache_dir=cache, resume=False)
+    assert fresh.resumed_from == 0 and fresh.steps == 2
+
+
+class _Poison(pl.Callback):
+    """Puts a NaN into a LoRA weight after the given step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if module.step == self.step:
+            with torch.no_grad():
+                next(p for _, p in module.trainable_parameters()).fill_(float("nan"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, data: Path, cache: Path):
+    out = tmp_path / "out"
+    settings = TrainSettings(**{**FAST, "checkpoint_every": 2}, max_steps=6)
+    with pytest.raises(KstoryError, match=r"loss is nan at step 3.*step-000002") as error:
+        train_lora(data, out, settings, cache_dir=cache, callbacks=[_Poison(2)])
+    assert "learning_rate" in error.value.fix
+    assert [step for step, _ in list_checkpoints(out)] == [2]
+    assert not (out / "lora.safetensors").exists()
+    tensors = load_file(str(out / "checkpoints" / "step-000002" / "lora.safetensors"))
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_failed_save_leaves_previous_checkpoint_as_latest(tmp_path: Path, data: Path, cache: Path, monkeypatch):
+    import train.checkpoint as checkpoint_module
+
+    real_save = checkpoint_module.save_file
+    calls = {"n": 0}
+
+    def flaky(tensors, filename, *args, **kwargs):
+        if "step-000004" in str(filename) or ".step-000004." in str(filename):
+            raise OSError(28, "No space left on device")
+        calls["n"] += 1
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", flaky)
+    out = tmp_path / "out"
+    with pytest.raises(KstoryError, match="could not save the checkpoint for step 4"):
+        train_lora(data, out, TrainSettings(**{**FAST, "checkpoint_every": 2}, max_steps=6), cache_dir=cache)
+    assert latest_checkpoint(out).name == "step-000002"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # no staging left over
+    assert not (out / "lora.safetensors").exists()
+
+
+def test_settings_are_strict():
+    with pytest.raises(ValueError, match="extra"):
+        TrainSettings(rnak=4)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        TrainSettings(resolution=100)
+    with pytest.raises(ValueError, match="not both"):
+        TrainSettings(max_steps=3, epochs=2)
+    assert TrainSettings(rank=8).lora_scale == 1.0 and TrainSettings(rank=8, alpha=4).lora_scale == 0.5
+
+
+def test_8bit_adam_without_bitsandbytes_is_a_clear_error(tmp_path: Path, data: Path, cache: Path):
+    pytest.importorskip("torch")
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    with pytest.raises(KstoryError, match="bitsandbytes"):
+        train_lora(data, tmp_path / "out", TrainSettings(**FAST, max_steps=1, use_8bit_adam=True), cache_dir=cache)
+
+
+def test_buckets_keep_area_and_multiples_of_64():
+    sizes = bucket_sizes(1024)
+    assert (1024, 1024) in sizes and all(w % 64 == 0 and h % 64 == 0 for w, h in sizes)
+    assert all(0.8 * 1024**2 <= w * h <= 1024**2 for w, h in sizes)
+    assert nearest_bucket(1600, 900, sizes)[0] > nearest_bucket(1600, 900, sizes)[1]
+    assert nearest_bucket(900, 1600, sizes)[0] < nearest_bucket(900, 1600, sizes)[1]
+    assert bucket_sizes(64) == [(64, 64)]
