@@ -1,0 +1,139 @@
+"""Write the kept samples in DiffSynth-Studio's training layout and swap the finished output into place.
+
+DiffSynth reads ``train/metadata.csv`` (``file_name,text``) with the pictures
+beside it.  Everything is built in a hidden staging folder next to ``out`` and
+only renamed into place once complete, so ``out`` always holds one whole run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from kstory.atomic import atomic_path, copy_file, write_text
+from kstory.errors import KstoryError
+
+TRAIN_DIR = "train"
+REPORT_NAME = "report.json"
+# Formats every trainer's Pillow reads as-is; anything else (GIF, TIFF, BMP...) is re-encoded to PNG.
+PASS_THROUGH_FORMATS = {"JPEG", "PNG", "WEBP"}
+COPY_THREADS = 8
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """A kept sample: where it comes from, its final caption, and whether it must be re-encoded."""
+
+    id: str
+    source: Path
+    caption: str
+    reencode: bool
+
+
+def needs_reencode(file_format: str | None, exif_orientation: int) -> bool:
+    """Unusual formats, and pictures whose EXIF says to rotate them (Data-Juicer measured them rotated)."""
+    return file_format not in PASS_THROUGH_FORMATS or exif_orientation != 1
+
+
+def with_trigger(caption: str, trigger_word: str | None) -> str:
+    """Prefix ``"<trigger>, "`` unless the caption already contains the trigger as a whole word."""
+    if not trigger_word or re.search(rf"(?<!\w){re.escape(trigger_word)}(?!\w)", caption, flags=re.IGNORECASE):
+        return caption
+    return f"{trigger_word}, {caption}"
+
+
+def write_training_set(items: Sequence[TrainItem], staging: Path, *, show_progress: bool = True) -> dict[str, str]:
+    """Copy (or, when needed, re-encode) the pictures into ``staging/train`` and write its metadata.csv.
+
+    Returns sample id -> path of its picture relative to ``staging``.  Names
+    are the original file names, unique because validation drops stem clashes.
+    """
+    train = staging / TRAIN_DIR
+    train.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    rows = io.StringIO()
+    writer = csv.writer(rows, lineterminator="\n")
+    writer.writerow(["file_name", "text"])
+    # copy_file fsyncs every picture; threads overlap those waits
+    with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+        names = pool.map(lambda item: _place(item, train), items)
+        for item, name in tqdm(
+            zip(items, names, strict=True),
+            total=len(items),
+            desc="writing training set",
+            unit="img",
+            disable=not show_progress,
+        ):
+            writer.writerow([name, item.caption])
+            written[item.id] = f"{TRAIN_DIR}/{name}"
+    write_text(train / "metadata.csv", rows.getvalue())
+    return written
+
+
+def _place(item: TrainItem, train: Path) -> str:
+    """Copy the picture byte for byte, or re-encode it to an upright PNG when needed."""
+    if not item.reencode:
+        copy_file(item.source, train / item.source.name)
+        return item.source.name
+    name = f"{item.source.stem}.png"
+    with Image.open(item.source) as image, atomic_path(train / name) as tmp:
+        ImageOps.exif_transpose(image).convert("RGB").save(tmp, format="PNG")
+    return name
+
+
+def check_out(out: Path, *, overwrite: bool) -> None:
+    """Refuse an ``out`` that holds something we must not replace."""
+    if out.exists() and not out.is_dir():
+        raise KstoryError("output path is a file", path=out, fix="pass a folder path for the output")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / REPORT_NAME).is_file():
+        raise KstoryError(
+            "output folder is not empty and does not hold a previous prep run; refusing to replace it",
+            path=out,
+            fix="choose a new or empty output folder",
+        )
+    if not overwrite:
+        raise KstoryError(
+            "output folder already holds a previous prep run",
+            path=out,
+            fix="pass --overwrite to replace it, or choose another output folder",
+        )
+
+
+def make_staging(out: Path) -> Path:
+    """A hidden sibling of ``out`` (same filesystem, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published folder should not be
+    return staging
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Swap ``staging`` in as ``out``; an old ``out`` is moved aside first and deleted only after the swap."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / out.name)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / out.name, out)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,193 @@
+"""Turn what the user points at into a list of samples (image file + caption), without judging them.
+
+Accepted inputs: a local folder with ``metadata.csv`` / ``metadata.jsonl`` or
+sidecar ``.txt`` captions, or a ModelScope dataset id (``modelscope://owner/name``)
+that is exported to a local folder first.  Problems with single samples are
+left for validation to record; only problems that make the whole input
+unreadable raise :class:`KstoryError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+from kstory.errors import KstoryError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+IMAGE_COLUMNS = ("file_name", "image")
+CAPTION_COLUMNS = ("text", "caption")
+MODELSCOPE_SCHEMES = ("modelscope", "ms")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One input sample; ``caption`` is None when no caption was given at all."""
+
+    id: str
+    path: Path
+    caption: str | None
+
+
+@dataclass
+class Scan:
+    """Samples found in a folder, in input order, plus files that are not samples."""
+
+    folder: Path
+    captions_from: str
+    samples: list[Sample] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def is_modelscope_id(source: str | Path) -> bool:
+    """True for ``modelscope://owner/name`` or ``ms://owner/name`` (optionally ``?subset=...&split=...``)."""
+    return isinstance(source, str) and urlparse(source).scheme in MODELSCOPE_SCHEMES
+
+
+def export_modelscope(source: str, dest: Path) -> Path:
+    """Download a ModelScope image-caption dataset and write it as a metadata.csv folder in ``dest``.
+
+    Needs network access to the ModelScope hub, so it is not exercised by the tests.
+    """
+    from modelscope.msdatasets import MsDataset
+
+    url = urlparse(source)
+    query = parse_qs(url.query)
+    dataset_id = f"{url.netloc}{url.path}".strip("/")
+    subset = query.get("subset", ["default"])[0]
+    split = query.get("split", ["train"])[0]
+    try:
+        dataset = MsDataset.load(dataset_id, subset_name=subset, split=split)
+    except Exception as error:  # network, auth, unknown id: all surface as assorted exception types
+        raise KstoryError(
+            f"cannot load ModelScope dataset {dataset_id!r} (subset {subset!r}, split {split!r}): {error}",
+            fix="check the id and the network, or download the dataset and pass its folder",
+        ) from error
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest / "metadata.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_name", "text"])
+        for index, row in enumerate(dataset):
+            name = f"{index:06d}.png"
+            row["image"].convert("RGB").save(dest / name)
+            caption = next((row[key] for key in ("text", "caption", "prompt") if row.get(key)), "")
+            writer.writerow([name, caption])
+    return dest
+
+
+def scan_folder(folder: Path) -> Scan:
+    """List the samples of ``folder``: metadata.csv, else metadata.jsonl, else sidecar .txt captions."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise KstoryError("input folder does not exist", path=folder, fix="pass a folder of images with captions")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
+    for name in METADATA_FILES:
+        if (folder / name).is_file():
+            return _scan_metadata(folder, folder / name, files)
+    return _scan_sidecars(folder, files)
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _scan_metadata(folder: Path, metadata: Path, files: list[Path]) -> Scan:
+    rows = _read_csv(metadata) if metadata.suffix == ".csv" else _read_jsonl(metadata)
+    scan = Scan(folder=folder, captions_from=metadata.name)
+    listed = set()
+    seen: dict[str, int] = {}
+    for file_name, caption in rows:
+        path = folder / file_name
+        listed.add(path)
+        sample_id = Path(file_name).as_posix()
+        seen[sample_id] = seen.get(sample_id, 0) + 1
+        if seen[sample_id] > 1:  # listed again: keep ids unique, validation drops it as a duplicate name
+            sample_id = f"{sample_id}#{seen[sample_id]}"
+        scan.samples.append(Sample(id=sample_id, path=path, caption=caption))
+    for path in files:
+        if path in listed or path == metadata:
+            continue
+        relative = path.relative_to(folder).as_posix()
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            scan.samples.append(Sample(id=relative, path=path, caption=None))
+        else:
+            scan.ignored.append(relative)
+    return scan
+
+
+def _read_csv(metadata: Path) -> list[tuple[str, str | None]]:
+    with open(metadata, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        names = reader.fieldnames or []
+        image_col, caption_col = _columns(metadata, names)
+        if caption_col not in names:
+            raise KstoryError(
+                f"columns are {names}, none of which holds the caption",
+                path=metadata,
+                fix=f"add a caption column named one of {list(CAPTION_COLUMNS)}",
+            )
+        return [(row[image_col], row[caption_col]) for row in reader if row.get(image_col)]
+
+
+def _read_jsonl(metadata: Path) -> list[tuple[str, str | None]]:
+    rows = []
+    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise KstoryError(
+                f"line {number} is not valid JSON ({error.msg})", path=metadata, fix="fix or delete that line"
+            ) from None
+        image_col, caption_col = _columns(metadata, list(record), line=number)
+        image = record[image_col]
+        if isinstance(image, list) and len(image) == 1:
+            image = image[0]
+        if not isinstance(image, str):
+            raise KstoryError(
+                f"line {number}: {image_col!r} must be one relative file path",
+                path=metadata,
+                fix="use one image per line",
+            )
+        caption = record.get(caption_col)
+        rows.append((image, caption if isinstance(caption, str) else None))
+    return rows
+
+
+def _columns(metadata: Path, names: list[str], line: int | None = None) -> tuple[str, str]:
+    image_col = next((name for name in IMAGE_COLUMNS if name in names), None)
+    caption_col = next((name for name in CAPTION_COLUMNS if name in names), CAPTION_COLUMNS[0])
+    if image_col is None:
+        where = f"line {line} has" if line else "columns are"
+        raise KstoryError(
+            f"{where} {names}, none of which names the image",
+            path=metadata,
+            fix=f"name the image column one of {list(IMAGE_COLUMNS)} and the caption one of {list(CAPTION_COLUMNS)}",
+        )
+    return image_col, caption_col
+
+
+def _scan_sidecars(folder: Path, files: list[Path]) -> Scan:
+    """Every image (and every other file with a same-stem .txt) is a sample; the .txt is its caption."""
+    scan = Scan(folder=folder, captions_from="sidecar .txt files")
+    captions = {path.with_suffix(""): path for path in files if path.suffix.lower() == ".txt"}
+    used: set[Path] = set()
+    for path in files:
+        if path.suffix.lower() == ".txt":
+            continue
+        sidecar = captions.get(path.with_suffix(""))
+        if path.suffix.lower() not in IMAGE_SUFFIXES and sidecar is None:
+            scan.ignored.append(path.relative_to(folder).as_posix())
+            continue
+        caption = None
+        if sidecar is not None:
+            caption = sidecar.read_text(encoding="utf-8", errors="replace")
+            used.add(sidecar)
+        scan.samples.append(Sample(id=path.relative_to(folder).as_posix(), path=path, caption=caption))
+    scan.ignored += [path.relative_to(folder).as_posix() for path in captions.values() if path not in used]
+    return scan

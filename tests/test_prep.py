@@ -1,0 +1,192 @@
+"""End-to-end `prep` runs with the real Data-Juicer on the synthetic style set and its defects."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+import kstory  # noqa: F401  (installs the torchvision fix before Data-Juicer imports it)
+from data_prep import prep
+from data_prep.recipe import DEFAULT_RECIPE
+from data_prep.synthetic import DEFECTS, DUPLICATE_OF, clean_name, make_style_dataset
+from kstory.errors import KstoryError
+
+N_CLEAN = 6
+TRIGGER = "kst style"
+EXTRA_COPY = "second_copy_of_0000.png"  # a third member of one hash group: the tracer pairs only two
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Content hash and mtime of every file under ``folder``."""
+    return {
+        str(path.relative_to(folder)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = make_style_dataset(tmp_path_factory.mktemp("input") / "style", n=N_CLEAN, seed=0)
+    shutil.copyfile(folder / clean_name(0), folder / EXTRA_COPY)
+    with open(folder / "metadata.csv", "a", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerow([EXTRA_COPY, "yet another copy of the first picture"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def before(dataset: Path) -> dict[str, tuple[str, int]]:
+    return snapshot(dataset)
+
+
+@pytest.fixture(scope="module")
+def run(dataset: Path, before: dict, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("runs") / "prepared"
+    result = prep(dataset, out, trigger_word=TRIGGER, num_proc=2, show_progress=False)
+    return result, json.loads(result.report_json.read_text(encoding="utf-8"))
+
+
+def by_id(report: dict) -> dict[str, dict]:
+    return {entry["id"]: entry for entry in report["samples"]}
+
+
+def test_keeps_exactly_the_clean_samples(run) -> None:
+    result, report = run
+    kept = {entry["id"] for entry in report["samples"] if entry["status"] == "kept"}
+    assert kept == {clean_name(i) for i in range(N_CLEAN)}
+    assert result.kept == N_CLEAN
+    assert result.dropped == len(DEFECTS) + 1 == report["counts"]["dropped"]
+    assert report["counts"]["input"] == N_CLEAN + len(DEFECTS) + 1
+
+
+def test_every_drop_names_its_op_measurements_and_threshold(run) -> None:
+    _, report = run
+    entries = by_id(report)
+    expected = {**DEFECTS, EXTRA_COPY: "image_deduplicator"}
+    assert {name: entries[name]["op"] for name in expected} == expected
+    for entry in entries.values():
+        if entry["status"] == "dropped":
+            assert entry["stage"] in ("pre-check", "data-juicer")
+            assert entry["measured"], entry
+    assert entries["small.png"]["measured"]["image_width"] == [200]
+    assert entries["small.png"]["threshold"]["min_width"] == 512
+    assert entries["wide.png"]["measured"]["aspect_ratios"] == [3.0]
+    assert entries["wide.png"]["threshold"]["max_ratio"] == 2.0
+    assert entries["blank.png"]["measured"]["image_sizes"][0] < 3 * 1024
+    assert entries["spam_caption.png"]["measured"]["text_len"] == 0
+    assert entries["spam_caption.png"]["threshold"]["min_len"] == 10
+    assert entries["huge.png"]["measured"]["pixels"] == 20_000 * 20_000
+    assert entries["huge.png"]["threshold"] == {"max_image_pixels": 64_000_000}
+    assert "truncated" in entries["truncated.jpg"]["reason"]
+    assert result_counts_match(report)
+
+
+def result_counts_match(report: dict) -> bool:
+    per_op = {op["name"]: op["dropped"] for op in report["ops"]}
+    return sum(per_op.values()) == report["counts"]["dropped"] and report["dropped_by"] == {
+        k: v for k, v in per_op.items() if v
+    }
+
+
+def test_duplicates_name_what_they_duplicate(run) -> None:
+    _, report = run
+    entries = by_id(report)
+    for copy, original in {**DUPLICATE_OF, EXTRA_COPY: clean_name(0)}.items():
+        assert entries[copy]["duplicate_of"] == original
+    phash = entries[clean_name(1)]["measured"]["__dj__imagehash"]
+    assert entries["resized_0001.jpg"]["measured"]["__dj__imagehash"] == phash
+    assert entries[EXTRA_COPY]["op"] == "image_deduplicator"
+
+
+def read_captions(metadata_csv: Path) -> dict[str, str]:
+    with open(metadata_csv, newline="", encoding="utf-8") as handle:
+        return {row["file_name"]: row["text"] for row in csv.DictReader(handle)}
+
+
+def test_captions_are_cleaned_and_carry_the_trigger(run, tmp_path: Path) -> None:
+    result, report = run
+    intended = read_captions(make_style_dataset(tmp_path / "clean", n=N_CLEAN, seed=0, defects=False) / "metadata.csv")
+    captions = read_captions(result.metadata_csv)
+    assert captions == {name: f"{TRIGGER}, {text}" for name, text in intended.items()}
+    messy = by_id(report)[clean_name(1)]["caption"]
+    assert "<a href" in messy["original"] and "http" in messy["original"]
+    assert messy["changed_by"] == ["clean_html_mapper", "clean_links_mapper", "whitespace_normalization_mapper"]
+
+
+def test_metadata_csv_is_a_valid_diffsynth_training_folder(run) -> None:
+    result, _ = run
+    train = result.metadata_csv.parent
+    with open(result.metadata_csv, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        assert next(reader) == ["file_name", "text"]
+        rows = list(reader)
+    names = [name for name, _ in rows]
+    assert len(names) == len(set(names)) == N_CLEAN
+    assert sorted(path.name for path in train.iterdir()) == sorted(names + ["metadata.csv"])
+    for name in names:
+        with Image.open(train / name) as image:
+            image.load()
+    from diffsynth.data.simple_text_image import TextImageDataset  # DiffSynth's own Kolors LoRA dataset reader
+
+    dataset = TextImageDataset(str(result.out), steps_per_epoch=1, height=256, width=256)
+    assert sorted(Path(path).name for path in dataset.path) == sorted(names)
+    assert dataset[0]["image"].shape == (3, 256, 256) and dataset[0]["text"].startswith(TRIGGER)
+
+
+def test_writes_report_md_and_log(run) -> None:
+    result, report = run
+    markdown = result.report_md.read_text(encoding="utf-8")
+    for op in ("image_shape_filter", "image_deduplicator", "too_many_pixels", "missing_caption"):
+        assert f"`{op}`" in markdown
+    assert "data-juicer:" in (result.out / "prep.log").read_text(encoding="utf-8")
+    assert (result.out / "juicer" / "run" / "trace").is_dir()
+
+
+def test_refuses_a_previous_run_without_overwrite_and_changes_nothing(run, dataset: Path) -> None:
+    result, _ = run
+    old = snapshot(result.out)
+    with pytest.raises(KstoryError, match="previous prep run") as error:
+        prep(dataset, result.out, show_progress=False)
+    assert "--overwrite" in error.value.fix
+    assert snapshot(result.out) == old
+    assert not [path for path in result.out.parent.iterdir() if path.name.startswith(".")]
+
+
+def test_overwrite_replaces_the_run_as_a_whole(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prepared"
+    prep(dataset, out, trigger_word="first", show_progress=False)
+    (out / "stale.txt").write_text("from the old run", encoding="utf-8")
+    result = prep(dataset, out, overwrite=True, show_progress=False)
+    assert not (out / "stale.txt").exists()
+    assert "first" not in result.metadata_csv.read_text(encoding="utf-8")
+    assert [path.name for path in tmp_path.iterdir()] == ["prepared"]
+
+
+def test_fully_filtered_dataset_raises_naming_the_op_and_still_reports(dataset: Path, tmp_path: Path) -> None:
+    recipe = yaml.safe_load(DEFAULT_RECIPE.read_text(encoding="utf-8"))
+    for entry in recipe["process"]:
+        if "image_shape_filter" in entry:
+            entry["image_shape_filter"]["min_width"] = 4096
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    out = tmp_path / "prepared"
+    with pytest.raises(KstoryError, match=r"image_shape_filter dropped \d+") as error:
+        prep(dataset, out, recipe=strict, show_progress=False)
+    assert "image_shape_filter" in error.value.fix
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["counts"]["kept"] == 0
+    entries = by_id(report)
+    assert {entries[clean_name(i)]["op"] for i in range(N_CLEAN)} == {"image_shape_filter"}
+    assert f"image_shape_filter dropped {report['dropped_by']['image_shape_filter']}" in str(error.value)
+    assert not (out / "train").exists()
+
+
+def test_input_folder_is_unchanged(run, dataset: Path, before: dict) -> None:
+    assert snapshot(dataset) == before
