@@ -19,6 +19,7 @@ kstory: a Kolors LoRA style story, from dataset to published submission.
 
 Stages talk through files in a run directory (runs/<name>/):
   data/          cleaned dataset in DiffSynth-Studio's layout + report of every drop
+  lora/          lora.safetensors, checkpoints, loss.csv, validation images
   kstory.log     everything that happened in the run, with details
 
 Start with `kstory demo` (offline, tiny random-weight model, a few minutes on CPU),
@@ -57,6 +58,27 @@ def _cmd_prep(args: argparse.Namespace) -> int:
     print(f"kept {result.kept}, dropped {result.dropped} ({dropped})")
     print(f"training set: {result.metadata_csv}")
     print(f"why each sample was dropped: {result.report_md}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from train import TrainSettings, train_lora
+
+    from kstory.rundir import set_aside
+    from kstory.yamlio import load_model
+
+    settings = load_model(TrainSettings, Path(args.settings)) if args.settings else TrainSettings()
+    overrides = {
+        "rank": args.rank, "alpha": args.alpha, "max_steps": args.steps, "resolution": args.resolution,
+        "learning_rate": args.lr, "batch_size": args.batch_size, "trigger_word": args.trigger_word,
+    }
+    settings = TrainSettings.model_validate({**settings.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        print(f"previous output moved to {set_aside(out)}")
+    result = train_lora(Path(args.data), out, settings, model=args.model,
+                        cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    print(f"LoRA: {result.lora_path} ({result.steps} steps, final loss {result.final_loss:.4f})")
     return 0
 
 
@@ -127,6 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--overwrite", action="store_true", help="replace a previous output (swapped in atomically)")
     prep.add_argument("--num-proc", type=int, default=1, help="Data-Juicer worker processes (default: 1)")
     prep.set_defaults(func=_cmd_prep)
+
+    train = commands.add_parser(
+        "train", help="train a Kolors LoRA on a prepared dataset (resumes an interrupted run)",
+        description="Train a LoRA on DATA (the output of `kstory prep`) into OUT: lora.safetensors with its "
+        "settings in the metadata, resumable checkpoints, loss.csv and validation images (see docs/train.md). "
+        "Running it again on the same OUT resumes from the newest checkpoint; Ctrl-C saves one first.",
+    )
+    train.add_argument("data", help="prepared dataset folder (holds train/metadata.csv)")
+    train.add_argument("--out", required=True, help="output folder (e.g. runs/mine/lora)")
+    train.add_argument("--model", default="tiny", help="base model: tiny (default, offline), kolors, or a local folder")
+    train.add_argument("--settings", help="YAML file of training settings (the `train:` section of a run config)")
+    train.add_argument("--rank", type=int, help="LoRA rank (default 4)")
+    train.add_argument("--alpha", type=float, help="LoRA alpha (default: rank, i.e. strength 1)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default 500)")
+    train.add_argument("--resolution", type=int, help="training resolution, multiple of 64 (default 1024)")
+    train.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
+    train.add_argument("--batch-size", type=int, help="images per batch (default 1)")
+    train.add_argument("--trigger-word", help="put this word in front of captions that lack it")
+    train.add_argument("--fresh", action="store_true", help="move an existing OUT aside and start over")
+    train.add_argument("--cache-dir", help="model and latent cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
+    train.set_defaults(func=_cmd_train)
 
     model = commands.add_parser(
         "model", help="resolve a base model (download, build or check it) and print its files",

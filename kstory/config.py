@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kstory.yamlio import load_model
+from train.settings import TrainSettings
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -41,6 +42,7 @@ class RunConfig(Section):
     cache_dir: Path | None = Field(default=None, description="Model cache; $KSTORY_CACHE or ~/.cache/kstory when empty.")
     seed: int = Field(default=0, description="Seed for everything random in the run.")
     prep: PrepSettings
+    train: TrainSettings = Field(default_factory=TrainSettings, description="LoRA training (docs/train.md).")
 
     @field_validator("name")
     @classmethod
@@ -52,6 +54,15 @@ class RunConfig(Section):
     @property
     def run_dir(self) -> Path:
         return self.runs_root / self.name
+
+    def train_settings(self) -> TrainSettings:
+        """Training settings with the run's seed and prep's trigger word where train sets none."""
+        update = {}
+        if "seed" not in self.train.model_fields_set:
+            update["seed"] = self.seed
+        if self.train.trigger_word is None and self.prep.trigger_word:
+            update["trigger_word"] = self.prep.trigger_word
+        return self.train.model_copy(update=update)
 
 
 def _anchor(path: Path | None, base: Path) -> Path | None:

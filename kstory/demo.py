@@ -28,6 +28,20 @@ def demo_config(run_dir: Path, *, model: str = "tiny", images: int = 24) -> dict
             "source": f"inputs/{DATASET_FOLDER}",
             "trigger_word": DEMO_TRIGGER,
         },
+        # Small enough for a CPU in well under a minute; a real run keeps the
+        # defaults (1024 px, 500 steps) and raises rank to 8-32.
+        "train": {
+            "rank": 4,
+            "resolution": 128,
+            "max_steps": 12,
+            "learning_rate": 1e-3,
+            "checkpoint_every": 6,
+            "validation_prompts": [
+                {"prompt": f"{DEMO_TRIGGER}, a fox waving next to a tree", "seed": 1},
+                {"prompt": f"{DEMO_TRIGGER}, a cat sitting by a house at night", "seed": 2},
+            ],
+            "validation_steps": 4,
+        },
     }
 
 

@@ -114,6 +114,18 @@ def write_stamp(output: Path, stage: str, digest: str, **extra: Any) -> None:
     })
 
 
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` to a free ``<name>-previous-<time>`` sibling instead of deleting it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}-previous-{stamp}")
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = path.with_name(f"{path.name}-previous-{stamp}-{suffix}")
+    path.rename(target)
+    return target
+
+
 def move_to_history(run: RunDir, output: Path) -> Path | None:
     """Move a stale output out of the way (never delete it) and return where it went."""
     if not output.exists():

@@ -75,18 +75,24 @@ def _run_stages(config: RunConfig, run: RunDir, stages: tuple[Stage, ...], outco
         output = stage.output(run)
         digest = fingerprint(upstream, stage.digest(config))
         upstream = digest
-        stamp = read_stamp(output)
-        if stamp is not None and stamp.get("fingerprint") == digest:
+        stamp = read_stamp(output) or {}
+        same_inputs = stamp.get("fingerprint") == digest
+        if same_inputs and stamp.get("finished", True):
             log.info("%s: up to date, skipped (%s)", stage.name, output)
             outcomes.append(StageOutcome(stage.name, "skipped", output, 0.0))
             continue
-        if output.exists():
+        if same_inputs and stage.resumable:
+            log.info("%s: resuming the unfinished output in %s", stage.name, output)
+        elif output.exists():
             moved = move_to_history(run, output)
-            reason = "settings or inputs changed" if stamp else "it never finished"
+            reason = "settings or inputs changed" if stamp and not same_inputs else "it never finished"
             log.warning("%s: previous output kept at %s (%s)", stage.name, moved, reason)
+        if stage.resumable:
+            output.mkdir(parents=True, exist_ok=True)
+            write_stamp(output, stage.name, digest, finished=False)
         log.info("%s: %s", stage.name, stage.summary)
         stage.run(config, run)
-        write_stamp(output, stage.name, digest)
+        write_stamp(output, stage.name, digest, finished=True)
         seconds = time.monotonic() - started
         log.info("%s: done in %.1f s", stage.name, seconds)
         outcomes.append(StageOutcome(stage.name, "ran", output, seconds))

@@ -23,6 +23,7 @@ class Stage:
     output: Callable[[RunDir], Path]
     digest: Callable[[RunConfig], str]
     run: Callable[[RunConfig, RunDir], None]
+    resumable: bool = False  # an unfinished output is continued, not moved aside
 
 
 def _file_digest(path: Path | None) -> str | None:
@@ -52,6 +53,16 @@ def _prep_run(config: RunConfig, run: RunDir) -> None:
     )
 
 
+def _train_digest(config: RunConfig) -> str:
+    return fingerprint("train", config.train_settings().model_dump(mode="json"), str(config.cache_dir))
+
+
+def _train_run(config: RunConfig, run: RunDir) -> None:
+    from train import train_lora
+
+    train_lora(run.data, run.lora, config.train_settings(), model=config.model, cache_dir=config.cache_dir)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="prep",
@@ -59,5 +70,13 @@ STAGES: tuple[Stage, ...] = (
         output=lambda run: run.data,
         digest=_prep_digest,
         run=_prep_run,
+    ),
+    Stage(
+        name="train",
+        summary="train a Kolors LoRA with DiffSynth-Studio and Lightning -> lora/",
+        output=lambda run: run.lora,
+        digest=_train_digest,
+        run=_train_run,
+        resumable=True,
     ),
 )

@@ -113,7 +113,7 @@ def test_cli_prints_user_errors_without_traceback(tmp_path: Path, capsys: pytest
 
 def test_cli_help_explains_every_command() -> None:
     out = subprocess.run([sys.executable, "-m", "kstory.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("demo", "run", "prep", "model", "doctor"):
+    for command in ("demo", "run", "prep", "train", "model", "doctor"):
         assert f"    {command}" in out
     assert "runs/<name>/" in out
 
@@ -126,3 +126,14 @@ def test_torchvision_imports_and_nms_is_correct() -> None:
     scores = torch.tensor([0.9, 0.8, 0.7, 0.95])
     keep = torch.ops.torchvision.nms(boxes, scores, 0.5)
     assert keep.tolist() == [3, 2]
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        target = atomic.write_text(tmp_path / "shared.txt", "x")
+    finally:
+        os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o644

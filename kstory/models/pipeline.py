@@ -16,6 +16,7 @@ from diffsynth.models.sdxl_unet import SDXLUNet
 from diffsynth.models.sdxl_vae_decoder import SDXLVAEDecoder
 from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
 from diffsynth.pipelines.sdxl_image import SDXLImagePipeline
+from transformers.utils import logging as transformers_logging
 
 from kstory.errors import KstoryError
 from kstory.models.resolve import KolorsWeights
@@ -45,6 +46,8 @@ def load_kolors_model_manager(
 ) -> ModelManager:
     """A DiffSynth ``ModelManager`` holding the Kolors text encoder, UNet and VAE."""
     manager = ModelManager(torch_dtype=torch_dtype, device=device)
+    # DiffSynth passes transformers' deprecated ``torch_dtype``; the warning is not the user's to fix.
+    transformers_logging.set_verbosity_error()
     if weights.is_tiny:
         # DiffSynth detects the text encoder folder by its config.json; the
         # tiny UNet/VAE would be instantiated full size, so they are built at

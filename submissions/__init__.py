@@ -1,0 +1,1 @@
+"""submissions stage (see docs/run-directory.md for the files it reads and writes)."""
