@@ -20,6 +20,7 @@ kstory: a Kolors LoRA style story, from dataset to published submission.
 Stages talk through files in a run directory (runs/<name>/):
   data/          cleaned dataset in DiffSynth-Studio's layout + report of every drop
   lora/          lora.safetensors, checkpoints, loss.csv, validation images
+  scores.json    aesthetic score per frame, the gate, CLIP-T and CLIP-I
   kstory.log     everything that happened in the run, with details
 
 Start with `kstory demo` (offline, tiny random-weight model, a few minutes on CPU),
@@ -80,6 +81,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
                         cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     print(f"LoRA: {result.lora_path} ({result.steps} steps, final loss {result.final_loss:.4f})")
     return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from scoring import exit_status, load_prompts, render_table, score_images
+
+    report = score_images(
+        [Path(item) for item in args.images],
+        aesthetic_model=args.aesthetic_model,
+        aesthetic_clip=args.aesthetic_clip,
+        clip_model=None if args.clip_model == "none" else args.clip_model,
+        prompts=load_prompts(Path(args.prompts)) if args.prompts else None,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        out=Path(args.out) if args.out else None,
+        dreamsim=args.dreamsim,
+        device=args.device,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+    )
+    print(render_table(report))
+    return exit_status(report)
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -170,6 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fresh", action="store_true", help="move an existing OUT aside and start over")
     train.add_argument("--cache-dir", help="model and latent cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     train.set_defaults(func=_cmd_train)
+
+    score = commands.add_parser(
+        "score", help="the challenge's aesthetic gate (exit 0 pass, 3 fail), plus coherence and prompt fit",
+        description="Score images with the organisers' aesthetic predictor (same numbers, batched), CLIP-T against "
+        "their prompts and CLIP-I between them; write scores.json (see docs/scoring.md). Exit status: 0 when the "
+        "mean aesthetic score reaches the threshold, 3 when it does not, 2 on bad input.",
+    )
+    score.add_argument("images", nargs="+", help="image files and/or folders (every file directly inside)")
+    score.add_argument("--aesthetic-model", default="tiny",
+                       help="kolors-challenge (download the organisers' predictor), a predictor folder, LAION's MLP "
+                       ".pth, or tiny (offline, random: its scores mean nothing) (default: tiny)")
+    score.add_argument("--aesthetic-clip", default="ViT-L-14:openai",
+                       help="open_clip tower for LAION's .pth form (default: ViT-L-14:openai, QuickGELU forced)")
+    score.add_argument("--clip-model", default="auto",
+                       help="open_clip model for CLIP-T/CLIP-I: NAME:tag, NAME:/path/weights, a folder, tiny, "
+                       "or none (default: auto = tiny with the tiny predictor, else ViT-L-14:openai)")
+    score.add_argument("--prompts", help="JSON file mapping image file names to their prompts (for CLIP-T)")
+    score.add_argument("--threshold", type=float, default=6.0, help="gate on the mean aesthetic score (default: 6)")
+    score.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    score.add_argument("--out", help="write scores.json here")
+    score.add_argument("--dreamsim", action="store_true", help="also DreamSim distances (needs `pip install dreamsim`)")
+    score.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    score.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
+    score.set_defaults(func=_cmd_score)
 
     model = commands.add_parser(
         "model", help="resolve a base model (download, build or check it) and print its files",
