@@ -77,15 +77,17 @@ def main() -> None:
                 print(f"{n} pictures, round {round_}: {tool:20} {seconds:6.2f} s", flush=True)
 
     print(f"\n{os.cpu_count()} CPUs, {args.num_proc} processes, scale {args.scale} (best of {args.repeat} runs each)")
-    print(f"{'':34}{TOOLS[0]:>22}{TOOLS[1]:>22}{'prep/baseline':>15}")
+    print(f"{'':34}{TOOLS[0]:>24}{TOOLS[1]:>24}{'prep/baseline':>15}")
     for n in (small, large):
         rates = [samples[n] / best[tool, n] for tool in TOOLS]
         label = f"end to end, {samples[n]} samples"
-        print(f"{label:34}{_cell(rates[0], best[TOOLS[0], n]):>22}{_cell(rates[1], best[TOOLS[1], n]):>22}")
-        print(f"{'':34}{'':44}{rates[0] / rates[1]:>14.2f}x")
+        cells = "".join(f"{_cell(rate, best[tool, n]):>24}" for rate, tool in zip(rates, TOOLS, strict=True))
+        print(f"{label:34}{cells}{rates[0] / rates[1]:>14.2f}x")
     marginal = [(samples[large] - samples[small]) / (best[tool, large] - best[tool, small]) for tool in TOOLS]
-    cells = "".join(f"{rate:>16.1f} pic/s" for rate in marginal)
+    cells = "".join(f"{rate:>18.1f} pic/s" for rate in marginal)
     print(f"{'per additional picture':34}{cells}{marginal[0] / marginal[1]:>14.2f}x")
+    verdict = "not slower" if marginal[0] >= marginal[1] else "SLOWER"
+    print(f"per picture, prep is {verdict} than the baseline: {marginal[0] / marginal[1]:.2f}x its throughput")
     report = json.loads((workdir / f"prep_out_{large}" / "report.json").read_text(encoding="utf-8"))
     print(f"prep on {samples[large]} samples: kept {report['counts']['kept']}, dropped {report['dropped_by']}")
 

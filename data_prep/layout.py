@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from kstory.atomic import atomic_path, copy_file, write_text
+from kstory.atomic import write_text
 from kstory.errors import KstoryError
 
 TRAIN_DIR = "train"
@@ -65,7 +65,7 @@ def write_training_set(items: Sequence[TrainItem], staging: Path, *, show_progre
     rows = io.StringIO()
     writer = csv.writer(rows, lineterminator="\n")
     writer.writerow(["file_name", "text"])
-    # copy_file fsyncs every picture; threads overlap those waits
+    # threads overlap the file system waits (copyfile copies in the kernel, without the GIL)
     with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
         names = pool.map(lambda item: _place(item, train), items)
         for item, name in tqdm(
@@ -82,13 +82,19 @@ def write_training_set(items: Sequence[TrainItem], staging: Path, *, show_progre
 
 
 def _place(item: TrainItem, train: Path) -> str:
-    """Copy the picture byte for byte, or re-encode it to an upright PNG when needed."""
+    """Copy the picture byte for byte, or re-encode it to an upright PNG when needed.
+
+    Plain writes: ``train`` lies in the staging folder, which is published
+    as a whole (see :func:`publish`), so a file cut short by an interrupted
+    run is never seen and a per-file atomic write would only add a temporary
+    file, an fsync and a rename per picture.
+    """
     if not item.reencode:
-        copy_file(item.source, train / item.source.name)
+        shutil.copyfile(item.source, train / item.source.name)
         return item.source.name
     name = f"{item.source.stem}.png"
-    with Image.open(item.source) as image, atomic_path(train / name) as tmp:
-        ImageOps.exif_transpose(image).convert("RGB").save(tmp, format="PNG")
+    with Image.open(item.source) as image:
+        ImageOps.exif_transpose(image).convert("RGB").save(train / name, format="PNG")
     return name
 
 

@@ -16,6 +16,7 @@ from data_prep.report import build_report, write_reports
 from data_prep.sources import export_modelscope, is_modelscope_id, scan_folder
 from data_prep.validate import Check, check_samples, pre_measured_ops
 from kstory.errors import KstoryError
+from kstory.logs import route_loguru
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def prep(
         raise KstoryError(f"num_proc must be >= 1, got {num_proc}", fix="pass a positive number of processes")
     layout.check_out(out, overwrite=overwrite)
     folder = None if is_modelscope_id(source) else _local_folder(source, out)
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe)  # imports Data-Juicer, which re-adds its loguru stderr sink
+    route_loguru()
     staging = layout.make_staging(out)
     try:
         handler = _log_to(staging / "prep.log")

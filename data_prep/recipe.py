@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
+import inspect
 import sys
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,11 +91,10 @@ def check_ops_runnable(recipe: Recipe) -> None:
                 path=recipe.path,
                 fix="check the op name in Data-Juicer's config_all.yaml",
             )
-        for value in vars(sys.modules[op_class.__module__]).values():
-            if isinstance(value, LazyLoader):
-                top = value.__name__.split(".")[0]
-                if importlib.util.find_spec(top) is None:
-                    missing.setdefault(LazyLoader.get_package_name(top), set()).add(name)
+        for module_name in _lazy_imports(sys.modules[op_class.__module__], LazyLoader):
+            top = module_name.split(".")[0]
+            if importlib.util.find_spec(top) is None:
+                missing.setdefault(LazyLoader.get_package_name(top), set()).add(name)
     if missing:
         needs = ", ".join(f"{package} (for {', '.join(sorted(ops))})" for package, ops in sorted(missing.items()))
         raise KstoryError(
@@ -100,6 +102,30 @@ def check_ops_runnable(recipe: Recipe) -> None:
             path=recipe.path,
             fix=f"pip install {' '.join(sorted(missing))}, or remove those ops from the recipe",
         )
+
+
+def _lazy_imports(module: types.ModuleType, lazy_loader: type) -> set[str]:
+    """The modules ``module`` imports through Data-Juicer's LazyLoader.
+
+    A LazyLoader replaces itself in its module's globals by the real module
+    once used (after an earlier run in this process), so the declarations
+    ``LazyLoader("name", ...)`` in the source are read as well.
+    """
+    names = {value.__name__ for value in vars(module).values() if isinstance(value, lazy_loader)}
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):
+        return names
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", getattr(node.func, "attr", None)) == lazy_loader.__name__
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names.add(node.args[0].value)
+    return names
 
 
 @contextlib.contextmanager
@@ -135,7 +161,8 @@ def juicer_config(recipe: Recipe, *, work_dir: Path, num_samples: int) -> Any:
     report comes from an op's decision.  ``np`` stays at the recipe's value
     (default 1): the pictures are decoded and measured in kstory's parallel
     pre-check, after which the default ops are cheap, while every Data-Juicer
-    map with ``np`` >= 1 forks its own worker pool.
+    map with ``np`` >= 1 forks its own worker pool.  With ``np: 1`` the ops
+    therefore run in this process (see :func:`_in_main_process`).
     """
     from data_juicer.config import init_configs
 
@@ -157,6 +184,21 @@ def juicer_config(recipe: Recipe, *, work_dir: Path, num_samples: int) -> Any:
         keep_hashes_in_res_ds=True,
         op_fusion=False,
     )
+    if config["np"] == 1:
+        config.update(auto_op_parallelism=False, process=_in_main_process(config["process"]))
     config_path = work_dir / "recipe.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return init_configs(["--config", str(config_path)], load_configs_only=True)
+
+
+def _in_main_process(process: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give every op ``num_proc: 0`` (unless the recipe sets its own) so its maps run in this process.
+
+    Data-Juicer hands an op's ``num_proc`` to ``datasets``' map/filter, and
+    ``datasets`` 4 starts a worker pool for any ``num_proc`` >= 1, a pool of
+    one included: ~0.3 s and a pickling round trip per map, and a recipe
+    makes about 15 maps.  ``num_proc`` 0 means no pool there; Data-Juicer
+    passes it through unchanged once ``auto_op_parallelism`` is off (which
+    would otherwise pick a process count per op).
+    """
+    return [{name: {"num_proc": 0, **(args or {})}} for entry in process for name, args in entry.items()]

@@ -6,7 +6,7 @@ pixel limit, so files are checked here first: missing, not a picture,
 truncated, too many pixels, no caption, a name another sample already uses.
 
 The decode done for the truncation check uses Data-Juicer's own loader, and
-the pixel-only ops of the recipe (shape, aspect ratio, perceptual hash) take
+the file-only ops of the recipe (shape, aspect ratio, file size, perceptual hash) take
 their measurements from that decoded picture through Data-Juicer's context
 mechanism.  The executor then finds those stats already computed and only
 applies thresholds, so each picture is decoded once instead of once per op.
@@ -14,20 +14,20 @@ applies thresholds, so each picture is decoded once instead of once per op.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data_prep.recipe import IMAGE_KEY, TEXT_KEY
 from data_prep.sources import Sample
+from kstory.images import strict_decoding
 
-# Ops whose stats depend on the pixels alone, so they can be measured before the caption mappers run.
-PRE_MEASURED_OPS = {"image_shape_filter", "image_aspect_ratio_filter", "image_deduplicator"}
+# Ops whose stats depend on the picture file alone, so they can be measured before the caption mappers run.
+PRE_MEASURED_OPS = {"image_shape_filter", "image_aspect_ratio_filter", "image_size_filter", "image_deduplicator"}
 STAGE = "pre-check"
 EXIF_ORIENTATION = 0x0112
 
@@ -90,7 +90,7 @@ def check_sample(sample: Sample, ops: Sequence[Any], *, max_pixels: int) -> Chec
     if not sample.caption.strip():
         return _drop(check, "empty_caption", "the caption is empty", measured={"caption_chars": len(sample.caption)})
     size = sample.path.stat().st_size
-    with _strict_pil():
+    with strict_decoding(max_pixels=None):  # the pixel limit is checked above, from the header
         try:
             with Image.open(sample.path) as header:
                 width, height, fmt = header.width, header.height, header.format
@@ -133,10 +133,28 @@ def _measure(sample: Sample, image: Image.Image, ops: Sequence[Any]) -> tuple[di
             batch = op.compute_stats_batched({name: [value] for name, value in row.items()}, context=True)
             row[Fields.stats] = batch[Fields.stats][0]
         else:
+            row[Fields.context] = {key: _hash_input(op, image)}
             row = op.compute_hash(row, context=True)
+            row[Fields.context] = {key: image}
     stats = row.pop(Fields.stats)
     hashes = {name: value for name, value in row.items() if name not in ("id", TEXT_KEY, IMAGE_KEY, Fields.context)}
     return stats, hashes
+
+
+def _hash_input(op: Any, image: Image.Image) -> Image.Image:
+    """The picture to hand the image deduplicator: already shrunk to its hasher's working size when that is exact.
+
+    imagededup's hashers resize the picture (converted to an array and back)
+    to ``target_size`` with Lanczos before anything else; Pillow's resize of
+    a picture to the size it already has is a plain copy.  Doing that first
+    resize here on the decoded RGB picture gives the very same hash while
+    the hasher then copies a 32 x 32 picture instead of the full-size one
+    twice.
+    """
+    target = getattr(getattr(op, "hasher", None), "target_size", None)
+    if image.mode != "RGB" or not (isinstance(target, tuple) and len(target) == 2):
+        return image
+    return image.resize(target, Image.LANCZOS)
 
 
 def _drop(
@@ -166,14 +184,3 @@ def _drop_duplicate_names(checks: list[Check]) -> None:
             check.duplicate_of = first[stem]
         else:
             first[stem] = check.sample.id
-
-
-@contextlib.contextmanager
-def _strict_pil() -> Iterator[None]:
-    """Fail on truncated files (Data-Juicer's import turns that off) and leave the pixel limit to us."""
-    saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
-    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = False, None
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved

@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from kstory.errors import KstoryError
+from kstory.images import strict_decoding
 
 # What PIL raises for files that are not images, are truncated or are corrupt.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -89,7 +90,7 @@ def decode_all(
     beside the model's forward pass instead of waiting for it.
     """
     workers = workers or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kstory-decode") as pool:
+    with strict_decoding(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kstory-decode") as pool:
         pending: deque[Future[Decoded | Skipped]] = deque()
         queue = iter(files)
         for path in queue:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from kstory.atomic import atomic_path
 from kstory.errors import KstoryError
+from kstory.images import strict_decoding
 from kstory.logs import get_logger
 from train.buckets import Size, fit_to, target_size
 from train.dataset import Sample
@@ -68,7 +69,7 @@ def text_key(text: str) -> str:
 def open_rgb(path: Path) -> Image.Image:
     """Decode an image fully (so a truncated file fails here, naming the file)."""
     try:
-        with Image.open(path) as image:
+        with strict_decoding(), Image.open(path) as image:
             image.load()
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
