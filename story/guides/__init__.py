@@ -1,0 +1,1 @@
+"""Guide images for the ControlNets: OpenPose renders, canny edges, depth maps, or ready images."""
