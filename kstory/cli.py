@@ -20,6 +20,7 @@ kstory: a Kolors LoRA style story, from dataset to published submission.
 Stages talk through files in a run directory (runs/<name>/):
   data/          cleaned dataset in DiffSynth-Studio's layout + report of every drop
   lora/          lora.safetensors, checkpoints, loss.csv, validation images
+  story/         frames/, guides/, story.yaml, manifest.json (seeds, hashes, everything to regenerate)
   scores.json    aesthetic score per frame, the gate, CLIP-T and CLIP-I
   kstory.log     everything that happened in the run, with details
 
@@ -33,7 +34,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     outcomes = run_demo(Path(args.out), model=args.model, images=args.images)
     _print_outcomes(outcomes)
-    print(f"demo finished: see {Path(args.out) / 'data' / 'report.md'} for what was kept and dropped")
+    out = Path(args.out)
+    print(f"demo finished: {out / 'data' / 'report.md'} explains the dataset, {out / 'story' / 'frames'} holds the "
+          f"frames, {out / 'scores.json'} their scores (random weights: the pictures and scores mean nothing)")
     return 0
 
 
@@ -80,6 +83,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train_lora(Path(args.data), out, settings, model=args.model,
                         cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     print(f"LoRA: {result.lora_path} ({result.steps} steps, final loss {result.final_loss:.4f})")
+    return 0
+
+
+def _controlnet_args(pairs: list[str] | None) -> dict[str, str]:
+    mapping = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value:
+            raise KstoryError(f"--controlnet {pair!r} is not NAME=PATH", fix="e.g. --controlnet pose=models/Kolors-ControlNet-Pose")
+        mapping[name] = value
+    return mapping
+
+
+def _cmd_story(args: argparse.Namespace) -> int:
+    from story import generate_story
+
+    from kstory.stages import controlnet_paths
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    frames = [int(part) for part in args.frames.split(",")] if args.frames else None
+    result = generate_story(
+        Path(args.spec), Path(args.out), model=args.model, lora=Path(args.lora) if args.lora else None,
+        lora_scale=args.lora_scale, controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir),
+        cache_dir=cache_dir, frames=frames,
+    )
+    print(f"{len(result.generated)} frame(s) in {Path(args.out) / 'frames'} "
+          f"({result.seconds_per_frame:.1f} s/frame); manifest: {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+def _cmd_reroll(args: argparse.Namespace) -> int:
+    from story import reroll
+
+    from kstory.stages import controlnet_paths
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    reroll(Path(args.story), args.frame, seed=args.seed, prompt=args.prompt,
+           controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None, cache_dir=cache_dir)
+    print(f"frame {args.frame} regenerated; tried seeds are in {Path(args.story) / 'manifest.json'} (seed_history)")
     return 0
 
 
@@ -191,6 +233,35 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fresh", action="store_true", help="move an existing OUT aside and start over")
     train.add_argument("--cache-dir", help="model and latent cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     train.set_defaults(func=_cmd_train)
+
+    story = commands.add_parser(
+        "story", help="generate the story's frames from a spec, with the LoRA and ControlNet guides",
+        description="Generate every frame of SPEC (docs/story.md) into OUT: frames/NN.png, guides/, story.yaml and "
+        "manifest.json with everything needed to regenerate each frame bit for bit.",
+    )
+    story.add_argument("spec", help="story spec YAML")
+    story.add_argument("--out", required=True, help="output folder (e.g. runs/mine/story)")
+    story.add_argument("--model", default="tiny", help="base model: tiny (default, offline), kolors, or a local folder")
+    story.add_argument("--lora", help="lora.safetensors from `kstory train`")
+    story.add_argument("--lora-scale", type=float, help="LoRA strength (default: as trained, 1.0)")
+    story.add_argument("--controlnet", action="append", metavar="NAME=PATH",
+                       help="ControlNet weights for the spec's guides (repeatable); PATH may be 'tiny' (offline, random)")
+    story.add_argument("--frames", help="only these frames, e.g. 1,3 (the others are kept)")
+    story.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
+    story.set_defaults(func=_cmd_story)
+
+    reroll = commands.add_parser(
+        "reroll", help="regenerate one frame with a new seed or prompt, keeping the other frames",
+        description="Regenerate frame FRAME of the story in STORY (a `kstory story` output) with --seed, --prompt, "
+        "or neither (a fresh seed). The other frames are not touched; every tried seed stays in the manifest.",
+    )
+    reroll.add_argument("story", help="story folder (holds manifest.json)")
+    reroll.add_argument("frame", type=int, help="frame number, 1-based")
+    reroll.add_argument("--seed", type=int, help="new seed")
+    reroll.add_argument("--prompt", help="new prompt for this frame")
+    reroll.add_argument("--controlnet", action="append", metavar="NAME=PATH", help="moved ControlNet weights")
+    reroll.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
+    reroll.set_defaults(func=_cmd_reroll)
 
     score = commands.add_parser(
         "score", help="the challenge's aesthetic gate (exit 0 pass, 3 fail), plus coherence and prompt fit",

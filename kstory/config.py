@@ -33,6 +33,31 @@ class PrepSettings(Section):
     num_proc: int = Field(default=1, ge=1, description="Worker processes for Data-Juicer.")
 
 
+class StorySettings(Section):
+    """Settings of the story stage (``kstory story``, docs/story.md)."""
+
+    spec: Path = Field(description="Story spec YAML: the frames, prompts, seeds and guides.")
+    lora_scale: float | None = Field(default=None, description="LoRA strength; default: as trained (1.0).")
+    controlnets: dict[str, str] = Field(
+        default_factory=dict,
+        description="ControlNet name -> weights path, or 'tiny' for the offline random ControlNet of that name.",
+    )
+
+
+class ScoreSettings(Section):
+    """Settings of the scoring stage (``kstory score``, docs/scoring.md)."""
+
+    aesthetic_model: str | None = Field(
+        default=None, description="kolors-challenge, a predictor folder or LAION .pth; default: tiny for the tiny model, else kolors-challenge."
+    )
+    clip_model: str | None = Field(default="auto", description="open_clip model for CLIP-T/CLIP-I; null skips them.")
+    threshold: float = Field(default=6.0, description="Gate on the mean aesthetic score.")
+    batch_size: int = Field(default=8, ge=1)
+
+    def aesthetic_for(self, model: str) -> str:
+        return self.aesthetic_model or ("tiny" if model == "tiny" else "kolors-challenge")
+
+
 class RunConfig(Section):
     """A whole run: where it lives, which base model, and each stage's settings."""
 
@@ -43,6 +68,8 @@ class RunConfig(Section):
     seed: int = Field(default=0, description="Seed for everything random in the run.")
     prep: PrepSettings
     train: TrainSettings = Field(default_factory=TrainSettings, description="LoRA training (docs/train.md).")
+    story: StorySettings | None = Field(default=None, description="Story generation; without it the run ends after train.")
+    score: ScoreSettings = Field(default_factory=ScoreSettings, description="Scoring of the story's frames.")
 
     @field_validator("name")
     @classmethod
@@ -90,5 +117,10 @@ def load_config(path: str | Path) -> RunConfig:
         "prep": config.prep.model_copy(update={
             "source": _anchor_source(config.prep.source, base),
             "recipe": _anchor(config.prep.recipe, base),
+        }),
+        "story": None if config.story is None else config.story.model_copy(update={
+            "spec": _anchor(config.story.spec, base),
+            "controlnets": {name: value if value == "tiny" else str(_anchor(Path(value), base))
+                            for name, value in config.story.controlnets.items()},
         }),
     })

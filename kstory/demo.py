@@ -15,6 +15,7 @@ log = get_logger("demo")
 
 DEMO_TRIGGER = "kstory style"
 DATASET_FOLDER = "style-dataset"
+STORY_SPEC = "story.yaml"
 
 
 def demo_config(run_dir: Path, *, model: str = "tiny", images: int = 24) -> dict:
@@ -42,18 +43,29 @@ def demo_config(run_dir: Path, *, model: str = "tiny", images: int = 24) -> dict
             ],
             "validation_steps": 4,
         },
+        # Eight 128 px frames with the built-in poses and a canny guide, through
+        # tiny random ControlNets of both kinds (official Kolors and SDXL Union).
+        "story": {
+            "spec": f"inputs/{STORY_SPEC}",
+            "controlnets": {"pose": "tiny", "union": "tiny"},
+        },
+        "score": {"aesthetic_model": "tiny", "clip_model": "tiny"},
     }
 
 
 def run_demo(out: Path = Path("runs/demo"), *, model: str = "tiny", images: int = 24) -> list[StageOutcome]:
     """Generate the demo dataset and config under ``out`` (once), then run every stage."""
     from data_prep.synthetic import make_style_dataset
+    from story import make_demo_spec
 
     run = RunDir(Path(out).resolve()).ensure()
     dataset = run.inputs / DATASET_FOLDER
     if not dataset.exists():
         log.info("demo: generating a %d-image style dataset in %s", images, dataset)
         make_style_dataset(dataset, n=images, seed=0)
+    spec = run.inputs / STORY_SPEC
+    if not spec.exists():
+        make_demo_spec(spec, DEMO_TRIGGER)
     if run.config.exists():
         log.info("demo: using the existing config %s (delete it to start from the defaults)", run.config)
     else:

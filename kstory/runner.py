@@ -19,7 +19,7 @@ log = get_logger("run")
 @dataclass(frozen=True)
 class StageOutcome:
     stage: str
-    status: str  # "ran" or "skipped"
+    status: str  # "ran", "skipped" (up to date) or "not configured"
     output: Path
     seconds: float
 
@@ -73,7 +73,11 @@ def _run_stages(config: RunConfig, run: RunDir, stages: tuple[Stage, ...], outco
     for stage in stages:
         started = time.monotonic()
         output = stage.output(run)
-        digest = fingerprint(upstream, stage.digest(config))
+        if not stage.enabled(config):
+            log.info("%s: not configured, skipped (add a `%s:` section to the config)", stage.name, stage.name)
+            outcomes.append(StageOutcome(stage.name, "not configured", output, 0.0))
+            continue
+        digest = fingerprint(upstream, stage.digest(config, run))
         upstream = digest
         stamp = read_stamp(output) or {}
         same_inputs = stamp.get("fingerprint") == digest

@@ -21,9 +21,10 @@ class Stage:
     name: str
     summary: str
     output: Callable[[RunDir], Path]
-    digest: Callable[[RunConfig], str]
+    digest: Callable[[RunConfig, RunDir], str]
     run: Callable[[RunConfig, RunDir], None]
     resumable: bool = False  # an unfinished output is continued, not moved aside
+    enabled: Callable[[RunConfig], bool] = lambda config: True  # False: not configured, skipped
 
 
 def _file_digest(path: Path | None) -> str | None:
@@ -32,7 +33,7 @@ def _file_digest(path: Path | None) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else f"missing:{path}"
 
 
-def _prep_digest(config: RunConfig) -> str:
+def _prep_digest(config: RunConfig, run: RunDir) -> str:
     from data_prep.recipe import DEFAULT_RECIPE
 
     source = Path(config.prep.source)
@@ -53,7 +54,7 @@ def _prep_run(config: RunConfig, run: RunDir) -> None:
     )
 
 
-def _train_digest(config: RunConfig) -> str:
+def _train_digest(config: RunConfig, run: RunDir) -> str:
     return fingerprint("train", config.train_settings().model_dump(mode="json"), str(config.cache_dir))
 
 
@@ -61,6 +62,58 @@ def _train_run(config: RunConfig, run: RunDir) -> None:
     from train import train_lora
 
     train_lora(run.data, run.lora, config.train_settings(), model=config.model, cache_dir=config.cache_dir)
+
+
+def controlnet_paths(controlnets: dict[str, str], cache_dir: Path | None) -> dict[str, Path]:
+    """Turn name -> path-or-'tiny' into name -> weights path, building the tiny ones offline."""
+    if not controlnets:
+        return {}
+    tiny = {}
+    if "tiny" in controlnets.values():
+        from story import build_tiny_controlnets
+
+        tiny = build_tiny_controlnets(cache_dir)
+    return {name: Path(tiny[name]) if value == "tiny" else Path(value) for name, value in controlnets.items()}
+
+
+def _story_digest(config: RunConfig, run: RunDir) -> str:
+    story = config.story
+    return fingerprint("story", story.model_dump(mode="json"), _file_digest(story.spec),
+                       folder_fingerprint(story.spec.parent) if story.spec.parent.is_dir() else None)
+
+
+def _story_run(config: RunConfig, run: RunDir) -> None:
+    from story import generate_story
+
+    lora = run.lora / "lora.safetensors"
+    generate_story(
+        config.story.spec, run.story, model=config.model, lora=lora if lora.is_file() else None,
+        lora_scale=config.story.lora_scale, controlnets=controlnet_paths(config.story.controlnets, config.cache_dir),
+        cache_dir=config.cache_dir,
+    )
+
+
+def _score_digest(config: RunConfig, run: RunDir) -> str:
+    # The story folder changes under a reroll without its stamp changing, so its manifest is part of the key.
+    return fingerprint("score", config.score.model_dump(mode="json"), _file_digest(run.story / "manifest.json"))
+
+
+def _score_run(config: RunConfig, run: RunDir) -> None:
+    import json
+
+    from scoring import render_table, score_images
+
+    from kstory.logs import get_logger
+
+    manifest = json.loads((run.story / "manifest.json").read_text(encoding="utf-8"))
+    frames = [run.story / frame["file"] for _, frame in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0]))]
+    prompts = {Path(frame["file"]).name: frame["prompt"] for frame in manifest["frames"].values()}
+    report = score_images(
+        frames, aesthetic_model=config.score.aesthetic_for(config.model), clip_model=config.score.clip_model,
+        prompts=prompts, threshold=config.score.threshold, batch_size=config.score.batch_size,
+        out=run.scores, cache_dir=config.cache_dir,
+    )
+    get_logger("score").info("%s", render_table(report))
 
 
 STAGES: tuple[Stage, ...] = (
@@ -78,5 +131,21 @@ STAGES: tuple[Stage, ...] = (
         digest=_train_digest,
         run=_train_run,
         resumable=True,
+    ),
+    Stage(
+        name="story",
+        summary="generate the story's frames with the LoRA and ControlNet guides -> story/",
+        output=lambda run: run.story,
+        digest=_story_digest,
+        run=_story_run,
+        enabled=lambda config: config.story is not None,
+    ),
+    Stage(
+        name="score",
+        summary="score the frames: the aesthetic gate, CLIP-T and CLIP-I -> scores.json",
+        output=lambda run: run.scores,
+        digest=_score_digest,
+        run=_score_run,
+        enabled=lambda config: config.story is not None,
     ),
 )

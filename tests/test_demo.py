@@ -34,6 +34,30 @@ def test_demo_produces_every_documented_file(demo_run: Path) -> None:
     assert (lora / "lora.safetensors").is_file() and (lora / "loss.csv").is_file()
     assert read_stamp(lora)["finished"] is True
     assert sorted(p.name for p in (lora / "validation").iterdir())
+    manifest = json.loads((demo_run / "story" / "manifest.json").read_text())
+    assert len(manifest["frames"]) == 8
+    assert all((demo_run / "story" / frame["file"]).is_file() for frame in manifest["frames"].values())
+    assert manifest["lora"]["sha256"]
+    scores = json.loads((demo_run / "scores.json").read_text())
+    assert scores["summary"]["count"] == 8 and scores["summary"]["gate"] in ("pass", "fail")
+
+
+@pytest.mark.slow
+def test_reroll_keeps_story_and_rescores(demo_run: Path, capsys: pytest.CaptureFixture) -> None:
+    frames = demo_run / "story" / "frames"
+    before = {p.name: p.read_bytes() for p in frames.iterdir()}
+    assert main(["reroll", str(demo_run / "story"), "3", "--seed", "4242"]) == 0
+    after = {p.name: p.read_bytes() for p in frames.iterdir()}
+    assert [name for name in before if before[name] != after[name]] == ["03.png"]
+    capsys.readouterr()
+    assert main(["run", str(demo_run / "kstory.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "story    skipped" in out and "score    ran" in out
+    rescored = json.loads((demo_run / "scores.json").read_text())
+    sha = {Path(image["file"]).name: image["sha256"] for image in rescored["images"]}
+    import hashlib
+
+    assert sha["03.png"] == hashlib.sha256(after["03.png"]).hexdigest()
 
 
 @pytest.mark.slow

@@ -28,4 +28,6 @@ def test_walkthrough_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert (run / "data" / "train" / "metadata.csv").is_file()
     assert (run / "data" / ".kstory-stage.json").is_file()
     assert namespace["image"].size == (128, 128)
+    assert len(namespace["frames"]) == 8
+    assert (run / "scores.json").is_file() and namespace["scores"]["summary"]["count"] == 8
     assert os.environ.get("HF_HUB_OFFLINE") == "1"

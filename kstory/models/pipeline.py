@@ -7,6 +7,8 @@ same ``SDXLImagePipeline.from_model_manager``, so everything downstream
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +21,11 @@ from diffsynth.pipelines.sdxl_image import SDXLImagePipeline
 from transformers.utils import logging as transformers_logging
 
 from kstory.errors import KstoryError
+from kstory.logs import get_logger
 from kstory.models.resolve import KolorsWeights
 from kstory.models.tiny import load_tiny_models
+
+log = get_logger("models")
 
 # ModelManager names that SDXLImagePipeline.fetch_models looks up, and the file each comes from.
 _REQUIRED = {
@@ -41,10 +46,24 @@ class KolorsModels:
     vae_decoder: SDXLVAEDecoder
 
 
+class _PrintsToLog(io.TextIOBase):
+    """DiffSynth narrates model loading with print(); keep that in the log file, off the terminal."""
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            log.debug("%s", text.rstrip())
+        return len(text)
+
+
 def load_kolors_model_manager(
     weights: KolorsWeights, device: str = "cpu", torch_dtype: torch.dtype = torch.float32
 ) -> ModelManager:
     """A DiffSynth ``ModelManager`` holding the Kolors text encoder, UNet and VAE."""
+    with contextlib.redirect_stdout(_PrintsToLog()):
+        return _load_manager(weights, device, torch_dtype)
+
+
+def _load_manager(weights: KolorsWeights, device: str, torch_dtype: torch.dtype) -> ModelManager:
     manager = ModelManager(torch_dtype=torch_dtype, device=device)
     # DiffSynth passes transformers' deprecated ``torch_dtype``; the warning is not the user's to fix.
     transformers_logging.set_verbosity_error()
@@ -89,4 +108,6 @@ def load_kolors_pipeline(
     ``pipe.vae_encoder`` and ``pipe.vae_decoder``; ``pipe.prompter`` is
     DiffSynth's ``KolorsPrompter`` (bundled ChatGLM tokenizer).
     """
-    return SDXLImagePipeline.from_model_manager(load_kolors_model_manager(weights, device, torch_dtype))
+    manager = load_kolors_model_manager(weights, device, torch_dtype)
+    with contextlib.redirect_stdout(_PrintsToLog()):
+        return SDXLImagePipeline.from_model_manager(manager)
