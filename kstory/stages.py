@@ -7,12 +7,12 @@ here as they land; each one reads only documented files of earlier stages.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kstory.config import RunConfig
+from kstory.hashing import sha256_file
 from kstory.rundir import RunDir, fingerprint, folder_fingerprint
 
 
@@ -30,7 +30,7 @@ class Stage:
 def _file_digest(path: Path | None) -> str | None:
     if path is None:
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else f"missing:{path}"
+    return sha256_file(path) if path.is_file() else f"missing:{path}"
 
 
 def _prep_digest(config: RunConfig, run: RunDir) -> str:

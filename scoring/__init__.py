@@ -7,8 +7,9 @@ this package is cheap.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from kstory.lazy import lazy_attributes
 
 PASS_EXIT = 0
 GATE_FAILED_EXIT = 3  # distinct from 1 (unexpected error) and 2 (a problem the user must fix)
@@ -30,7 +31,4 @@ def exit_status(report: Any) -> int:
     return PASS_EXIT if report.passed else GATE_FAILED_EXIT
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

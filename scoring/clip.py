@@ -13,7 +13,6 @@ setting is applied, and callers that know their weights are OpenAI's force it.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from kstory.errors import KstoryError
+from kstory.hashing import sha256_file
 from scoring.report import ModelInfo
 from scoring.tiny import cached_tiny, is_tiny
 
@@ -44,14 +44,6 @@ class OpenClip:
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], device: torch.device) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer(texts).to(device))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _parse(spec: str | Path, cache_dir: Path | None) -> tuple[str, str | None, list[Path], str, bool]:

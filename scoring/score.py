@@ -13,8 +13,9 @@ import kstory
 from kstory.atomic import write_json
 from kstory.logs import get_logger
 from kstory.models import default_cache_dir
+from kstory.hashing import sha256_file
 from scoring.aesthetic import DEFAULT_LAION_CLIP, load_aesthetic_model
-from scoring.clip import OpenClip, load_open_clip, sha256_file
+from scoring.clip import OpenClip, load_open_clip
 from scoring.coherence import clip_i_to_others, clip_t, mean_to_others
 from scoring.dreamsim import DreamSim, load_dreamsim
 from scoring.images import Decoded, Skipped, collect_files, decode_all

@@ -5,10 +5,8 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 import kstory  # noqa: F401  (installs the torchvision import fix before DiffSynth loads)
+from kstory.lazy import lazy_attributes
 
 _LAZY = {
     "load_spec": "story.spec",
@@ -25,7 +23,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

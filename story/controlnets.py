@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from kstory.errors import KstoryError
+from kstory.hashing import sha256_file
 from story.controlnet_kolors import WEIGHTS_NAME, load_kolors_controlnet
 from story.controlnet_union import TASKS, is_union_file, load_union_controlnet
 
@@ -31,14 +32,6 @@ class ControlNetWeights:
     path: Path
     kind: str  # "kolors" (diffusers ControlNetModel folder) or "union" (DiffSynth SDXLControlNetUnion)
     sha256: str
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def identify(name: str, path: Path) -> ControlNetWeights:

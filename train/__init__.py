@@ -7,10 +7,8 @@ is cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 import kstory  # noqa: F401  (installs the torchvision import fix before Lightning/DiffSynth load)
+from kstory.lazy import lazy_attributes
 from train.settings import TrainSettings, ValidationPrompt
 
 _LAZY = {
@@ -23,7 +21,4 @@ _LAZY = {
 __all__ = ["TrainSettings", "ValidationPrompt", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -6,9 +6,7 @@ DiffSynth (seconds to import) are loaded on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from kstory.lazy import lazy_attributes
 from kstory.models.resolve import KolorsWeights, default_cache_dir, resolve_model
 
 _LAZY = {
@@ -23,7 +21,4 @@ _LAZY = {
 __all__ = ["KolorsWeights", "default_cache_dir", "resolve_model", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 
 from kstory.atomic import atomic_directory, write_json
 from kstory.models.resolve import SPEC_FILE, KolorsWeights
+from kstory.hashing import sha256_file as _sha256
 
 TINY_FORMAT = 1
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -359,14 +360,6 @@ def _materialise(model: torch.nn.Module, seed: int, component: str) -> torch.nn.
 
 
 # --- build / load -----------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_round_trip(
