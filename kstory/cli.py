@@ -22,10 +22,12 @@ Stages talk through files in a run directory (runs/<name>/):
   lora/          lora.safetensors, checkpoints, loss.csv, validation images
   story/         frames/, guides/, story.yaml, manifest.json (seeds, hashes, everything to regenerate)
   scores.json    aesthetic score per frame, the gate, CLIP-T and CLIP-I
+  submission/    the ModelScope model repo built by `kstory package`
   kstory.log     everything that happened in the run, with details
 
 Start with `kstory demo` (offline, tiny random-weight model, a few minutes on CPU),
-then copy runs/demo/kstory.yaml, point it at your data and use `kstory run`.
+then copy runs/demo/kstory.yaml, point it at your data and use `kstory run`;
+finish with `kstory package`, `kstory verify` and `kstory upload`.
 """
 
 
@@ -143,6 +145,42 @@ def _cmd_score(args: argparse.Namespace) -> int:
     )
     print(render_table(report))
     return exit_status(report)
+
+
+def _cmd_package(args: argparse.Namespace) -> int:
+    from submissions import build_package
+
+    out = build_package(
+        Path(args.run), team=args.team, suffix=args.suffix, allow_failed_gate=args.allow_failed_gate,
+        out=Path(args.out) if args.out else None, description=args.description, owner=args.owner,
+    )
+    print(f"package: {out} (check it with `kstory verify {out}`, then `kstory upload {out} --model-id OWNER/NAME`)")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from submissions import verify_package
+
+    from kstory.stages import controlnet_paths
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    report = verify_package(
+        Path(args.submission), model=args.model, cache_dir=cache_dir,
+        controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None, rescore=not args.no_rescore,
+    )
+    print(report.render())
+    return 0 if report.passed else 4
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from submissions import upload_package
+
+    result = upload_package(
+        Path(args.submission), args.model_id, visibility=args.visibility, dry_run=args.dry_run,
+        endpoint=args.endpoint, retries=args.retries, commit_message=args.message,
+    )
+    print(result.render())
+    return 0
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -286,6 +324,49 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     score.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     score.set_defaults(func=_cmd_score)
+
+    package = commands.add_parser(
+        "package", help="build the ModelScope model repo: model card, LoRA in 3 formats, frames, manifest, scores",
+        description="Build RUN/submission/ (docs/submissions.md): README.md model card, configuration.json, the LoRA "
+        "in DiffSynth, diffusers and kohya formats, the frames and guides, story.yaml, manifest.json, scores.json "
+        "and forum_post.md. The model name is <team>-可图Kolors训练-<suffix>. Refuses a failed gate unless told.",
+    )
+    package.add_argument("run", help="run directory (e.g. runs/mine)")
+    package.add_argument("--team", required=True, help="team name (first part of the model name)")
+    package.add_argument("--suffix", required=True, help="last part of the model name")
+    package.add_argument("--description", help="style description for the model card")
+    package.add_argument("--owner", help="ModelScope owner, for the snippets in the model card")
+    package.add_argument("--out", help="package folder (default: RUN/submission)")
+    package.add_argument("--allow-failed-gate", action="store_true", help="package even if the mean score is below the gate")
+    package.set_defaults(func=_cmd_package)
+
+    verify = commands.add_parser(
+        "verify", help="regenerate every frame from the package alone and compare (exit 4 when not identical)",
+        description="Check every file's hash, regenerate each frame from the package (manifest, LoRA, guides, base "
+        "model) and report identical or the PSNR/SSIM difference, then re-score and compare with scores.json.",
+    )
+    verify.add_argument("submission", help="package folder (e.g. runs/mine/submission)")
+    verify.add_argument("--model", default="tiny", help="base model the story was made with: tiny, kolors, or a folder")
+    verify.add_argument("--controlnet", action="append", metavar="NAME=PATH", help="ControlNet weights (found by hash)")
+    verify.add_argument("--no-rescore", action="store_true", help="skip re-scoring")
+    verify.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
+    verify.set_defaults(func=_cmd_verify)
+
+    upload = commands.add_parser(
+        "upload", help="upload a package to ModelScope (token from $MODELSCOPE_API_TOKEN or a hidden prompt)",
+        description="Create the model if missing and upload the package folder with the modelscope client. The "
+        "token is read from $MODELSCOPE_API_TOKEN or asked for without echo; it is never written anywhere. "
+        "Running it again after an interruption completes the upload without duplicates.",
+    )
+    upload.add_argument("submission", help="package folder")
+    upload.add_argument("--model-id", required=True, help="OWNER/<team>-可图Kolors训练-<suffix>")
+    upload.add_argument("--visibility", default="public", choices=["public", "private", "internal"],
+                        help="visibility of a newly created model (default: public)")
+    upload.add_argument("--dry-run", action="store_true", help="list what would be sent, send nothing")
+    upload.add_argument("--message", help="commit message")
+    upload.add_argument("--retries", type=int, default=3, help="retries on transient failures (default: 3)")
+    upload.add_argument("--endpoint", help="hub endpoint (default: ModelScope's)")
+    upload.set_defaults(func=_cmd_upload)
 
     model = commands.add_parser(
         "model", help="resolve a base model (download, build or check it) and print its files",

@@ -1,0 +1,156 @@
+"""``kstory upload SUBMISSION --model-id owner/name``: publish a package with the ``modelscope`` client.
+
+The token comes from ``token=``, ``$MODELSCOPE_API_TOKEN`` or an interactive
+prompt. It only ever lives in memory: this module does not call
+``HubApi.login`` (which stores cookies and a git token under
+``~/.modelscope/credentials``) but hands the token to ``HubApi(token=...)``,
+which authenticates each request with it; error messages are scrubbed of it
+before they are raised or logged.
+
+Steps: refuse a package whose files changed since packaging, create the model
+(with the chosen visibility) when it does not exist, then ``upload_folder``
+with a commit message. The client's upload tracker lives in kstory's cache,
+not in the package, so a second run after an interruption skips what was
+already committed (no duplicate files or commits). Transient failures
+(network, timeouts, 5xx, rate limits, failed batches) are retried with
+exponential backoff.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from kstory.errors import KstoryError
+from kstory.logs import get_logger
+from submissions.naming import validate_model_name
+from submissions.package import check_files, read_package
+
+log = get_logger("package")
+TOKEN_ENV = "MODELSCOPE_API_TOKEN"
+VISIBILITY = {"public": 5, "internal": 3, "private": 1}  # ModelScope's Visibility codes
+IGNORE = [".*", "**/.*"]  # trackers, editor files: never part of the repo
+
+
+@dataclass
+class UploadResult:
+    model_id: str
+    endpoint: str | None
+    dry_run: bool
+    created: bool = False
+    attempts: int = 0
+    files: list[tuple[str, int]] = field(default_factory=list)  # (path in repo, bytes)
+    commit_message: str = ""
+    visibility: str = "public"
+    url: str | None = None
+
+    def render(self) -> str:
+        head = "would upload" if self.dry_run else "uploaded"
+        total = sum(size for _, size in self.files)
+        lines = [f"{head} {len(self.files)} files ({total / 1e6:.1f} MB) to {self.model_id} "
+                 f"({self.visibility}) at {self.endpoint or 'the default ModelScope endpoint'}",
+                 f"commit message: {self.commit_message}"]
+        if self.dry_run:
+            lines.append("create the model if missing, then upload:")
+            lines += [f"  {path}  {size} bytes" for path, size in self.files]
+        return "\n".join(lines)
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _resolve_token(token: str | None) -> str:
+    token = token or os.environ.get(TOKEN_ENV)
+    if not token and sys.stdin is not None and sys.stdin.isatty():
+        token = getpass.getpass("ModelScope access token (not stored): ")
+    if not token or not token.strip():
+        raise KstoryError(
+            "no ModelScope token",
+            fix=f"set {TOKEN_ENV} (an access token from modelscope.cn/my/myaccesstoken) or run interactively",
+        )
+    return token.strip()
+
+
+def _tracker(submission: Path, model_id: str) -> Path:
+    from kstory.models import default_cache_dir
+
+    key = hashlib.sha256(f"{submission.resolve()}\n{model_id}".encode()).hexdigest()[:24]
+    path = default_cache_dir() / "uploads" / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _is_transient(error: BaseException) -> bool:
+    from modelscope_hub import errors as e
+
+    if isinstance(error, (e.AuthenticationError, e.PermissionDeniedError, e.InvalidParameter, e.QuotaExceededError)):
+        return False
+    if isinstance(error, (e.NetworkError, e.ServerError, e.RateLimitError, e.StorageError, ConnectionError,
+                          TimeoutError)):
+        return True
+    status = getattr(error, "status_code", None)
+    return isinstance(status, int) and (status >= 500 or status == 429)
+
+
+def upload_package(
+    submission_dir: str | Path, model_id: str, *, token: str | None = None, visibility: str = "public",
+    dry_run: bool = False, endpoint: str | None = None, retries: int = 3, commit_message: str | None = None,
+    backoff: float = 1.0,
+) -> UploadResult:
+    """Upload the package to ``model_id`` (``owner/<team>-可图Kolors训练-<suffix>``); see the module docstring."""
+    submission = Path(submission_dir).resolve()
+    if "/" not in model_id or model_id.count("/") != 1 or not all(model_id.split("/")):
+        raise KstoryError(f"model id {model_id!r} is not owner/name", fix="pass --model-id owner/name")
+    validate_model_name(model_id)
+    if visibility not in VISIBILITY:
+        raise KstoryError(f"unknown visibility {visibility!r}", fix=f"use one of {', '.join(VISIBILITY)}")
+    index = read_package(submission)
+    problems = check_files(submission)
+    if problems:
+        raise KstoryError("the package changed after packaging: " + "; ".join(problems[:5]), path=submission,
+                          fix="run `kstory package` again")
+    name = model_id.split("/")[1]
+    if index.get("model_name") != name:
+        raise KstoryError(f"the package was built as {index.get('model_name')!r}, not {name!r}", path=submission,
+                          fix="upload to owner/" + str(index.get("model_name")) + " or package again with that name")
+    files = [(rel, (submission / rel).stat().st_size) for rel in sorted([*index["files"], "kstory_package.json"])]
+    message = commit_message or f"kstory submission {name} ({len(files)} files)"
+    result = UploadResult(model_id, endpoint, dry_run, files=files, commit_message=message, visibility=visibility)
+    if dry_run:
+        log.info("%s", result.render())
+        return result
+
+    secret = _resolve_token(token)
+    from modelscope.hub.api import HubApi
+
+    api = HubApi(endpoint=endpoint, token=secret)
+    result.endpoint = api.endpoint
+    delay = backoff
+    for attempt in range(1, retries + 2):  # bounded: 1 try + `retries` retries
+        result.attempts = attempt
+        try:
+            if not api.repo_exists(model_id):
+                api.create_model(model_id, visibility=VISIBILITY[visibility], license="Apache License 2.0")
+                result.created = True
+                log.info("created model %s (%s)", model_id, visibility)
+            api.upload_folder(repo_id=model_id, folder_path=str(submission), commit_message=message,
+                              ignore_patterns=IGNORE, tracker_path=str(_tracker(submission, model_id)),
+                              disable_tqdm=True)
+            break
+        except Exception as error:  # noqa: BLE001 - classified below, re-raised without the token
+            text = _scrub(f"{type(error).__name__}: {error}", secret)
+            if attempt > retries or not _is_transient(error):
+                raise KstoryError(f"upload to {model_id} failed after {attempt} attempt(s): {text}",
+                                  fix="check the token's write permission and the network, then run it again "
+                                      "(finished files are skipped)") from None
+            log.warning("upload attempt %d failed (%s); retrying in %.1f s", attempt, text, delay)
+            time.sleep(delay)
+            delay *= 2
+    result.url = f"{result.endpoint.rstrip('/')}/models/{model_id}"
+    log.info("uploaded %s in %d attempt(s)", model_id, result.attempts)
+    return result

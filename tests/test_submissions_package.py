@@ -1,0 +1,183 @@
+"""Packaging a demo run, verifying it by regeneration, and the bad inputs of both."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import kstory  # noqa: F401
+from kstory.errors import KstoryError
+from submissions import build_package, validate_model_name, verify_package
+from submissions.naming import MIDDLE
+from submissions.package import PACKAGE_FILE, check_files
+
+TEAM, SUFFIX = "kteam", "watercolour-fox"
+
+
+def make_quick_run(run: Path) -> Path:
+    """A run directory as the pipeline writes it, minus prep and training (the slow part of ``run_demo``).
+
+    The LoRA is the tiny UNet's peft factors with random values (written by
+    kstory's own ``save_lora``); the story and scores come from the real
+    ``generate_story`` (the demo's spec, tiny ControlNets) and ``score_images``.
+    """
+    import torch
+
+    from kstory.demo import DEMO_TRIGGER
+    from kstory.models import resolve_model
+    from kstory.models.tiny import load_tiny_models
+    from scoring import score_images
+    from story import build_tiny_controlnets, generate_story, make_demo_spec
+    from train.lora_io import build_metadata, inject_lora, lora_state_dict, save_lora
+
+    weights = resolve_model("tiny")
+    unet = load_tiny_models(weights)["sdxl_unet"]
+    targets = ["to_q", "to_k", "to_v", "to_out"]
+    inject_lora(unet, 4, 4.0, targets, seed=0)
+    g = torch.Generator().manual_seed(3)
+    state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in lora_state_dict(unet).items()}
+    lora = save_lora(run / "lora" / "lora.safetensors", state, build_metadata(
+        rank=4, alpha=4.0, target_modules=targets, base_model=weights.identity,
+        base_fingerprint=weights.fingerprint, trigger_word=DEMO_TRIGGER, training_config="{}", step=12))
+    spec = make_demo_spec(run / "inputs" / "story.yaml", DEMO_TRIGGER)
+    tiny = build_tiny_controlnets()
+    result = generate_story(spec, run / "story", model="tiny", lora=lora,
+                            controlnets={"pose": tiny["pose"], "union": tiny["union"]}, device="cpu")
+    manifest = json.loads(result.manifest_path.read_text())
+    prompts = {Path(f["file"]).name: f["prompt"] for f in manifest["frames"].values()}
+    score_images([result.frames[i] for i in sorted(result.frames)], aesthetic_model="tiny", clip_model="tiny",
+                 prompts=prompts, out=run / "scores.json")
+    return run
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """Set KSTORY_FULL_DEMO=1 to package a complete ``run_demo`` run instead (minutes on a small CPU)."""
+    run = tmp_path_factory.mktemp("runs") / "demo"
+    if os.environ.get("KSTORY_FULL_DEMO") == "1":
+        from kstory.demo import run_demo
+
+        run_demo(run)
+        return run
+    return make_quick_run(run)
+
+
+@pytest.fixture(scope="module")
+def package(demo) -> Path:
+    # The tiny scorer has random weights, so the demo's gate fails: packaging needs the override.
+    return build_package(demo, team=TEAM, suffix=SUFFIX, allow_failed_gate=True)
+
+
+def _copy_run(demo: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for part in ("lora/lora.safetensors", "story", "scores.json"):
+        source, dest = demo / part, target / part
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, dest)
+    if (demo / "lora" / "train.json").is_file():
+        (target / "lora" / "train.json").write_text((demo / "lora" / "train.json").read_text())
+    return target
+
+
+def test_package_is_a_modelscope_model_repo(package: Path, demo: Path):
+    assert package == demo / "submission"
+    for name in ("README.md", "configuration.json", "lora.safetensors", "pytorch_lora_weights.safetensors",
+                 "lora_kohya.safetensors", "story.yaml", "manifest.json", "scores.json", "forum_post.md", PACKAGE_FILE):
+        assert (package / name).is_file(), name
+    assert len(list((package / "frames").glob("*.png"))) == 8
+    assert len(list((package / "guides").glob("*.png"))) == 8
+    readme = (package / "README.md").read_text(encoding="utf-8")
+    front = readme.split("---")[1]
+    for needle in ("frameworks:", "license:", "tags:", "- text-to-image-synthesis", "- Kwai-Kolors/Kolors"):
+        assert needle in front, needle
+    assert "kstory style" in readme and "lora_alpha=" in readme and "KolorsImagePipeline" in readme
+    manifest = json.loads((package / "manifest.json").read_text())
+    table = [line for line in readme.splitlines() if line.startswith("| ") and "frames/" in line]
+    assert len(table) == 8
+    for line, frame in zip(table, sorted(manifest["frames"].values(), key=lambda f: f["file"])):
+        assert str(frame["seed"]) in line and frame["frame_prompt"] in line
+    config = json.loads((package / "configuration.json").read_text())
+    assert config["task"] == "text-to-image-synthesis"
+    index = json.loads((package / PACKAGE_FILE).read_text())
+    assert index["model_name"] == f"{TEAM}-{MIDDLE}-{SUFFIX}"
+    assert f"{TEAM}-{MIDDLE}-{SUFFIX}" in (package / "forum_post.md").read_text(encoding="utf-8").splitlines()[0]
+    assert check_files(package) == []
+
+
+def test_packaged_lora_exports_load_in_diffusers_and_kohya_reader(package: Path):
+    from kstory.models import resolve_model
+    from submissions.lora_export import FILE_NAMES
+    from submissions.parity import export_parity
+
+    exports = {fmt: package / name for fmt, name in FILE_NAMES.items()}
+    result = export_parity(package / "lora.safetensors", exports, resolve_model("tiny"))
+    for fmt in ("diffusers", "kohya"):
+        assert result.injected[fmt] == result.modules
+        assert not [m for m in result.warnings[fmt] if "led to unexpected keys" in m or "led to missing keys" in m]
+        assert result.max_abs_diff[fmt] < 1e-4
+
+
+def test_demo_package_verifies_as_identical(package: Path):
+    report = verify_package(package)
+    assert report.verdict == "identical", report.render()
+    assert report.passed and len(report.frames) == 8 and all(f.identical for f in report.frames)
+    assert report.scores_match is True
+
+
+def test_edited_package_is_caught(package: Path, tmp_path: Path):
+    copy = shutil.copytree(package, tmp_path / "submission")
+    frame = copy / "frames" / "03.png"
+    with Image.open(frame) as image:
+        edited = image.convert("RGB")
+    edited.putpixel((0, 0), (255, 0, 0))
+    edited.save(frame)
+    report = verify_package(copy, rescore=False)
+    assert report.verdict == "modified" and not report.passed
+    assert any("frames/03.png" in p and "sha256" in p for p in report.file_problems)
+    third = report.frames[2]
+    assert not third.identical and third.psnr is not None and third.psnr > 30 and 0.9 < third.ssim < 1.0
+    assert all(f.identical for f in report.frames if f.index != 3)
+
+
+def test_gate_failure_refuses_without_override(demo: Path, tmp_path: Path):
+    run = _copy_run(demo, tmp_path / "failed")
+    scores = json.loads((run / "scores.json").read_text())
+    scores["summary"]["gate"] = "fail"
+    (run / "scores.json").write_text(json.dumps(scores))
+    with pytest.raises(KstoryError, match="gate"):
+        build_package(run, team=TEAM, suffix=SUFFIX)
+    assert not (run / "submission").exists()
+    scores["summary"]["gate"] = "pass"
+    (run / "scores.json").write_text(json.dumps(scores))
+    assert (build_package(run, team=TEAM, suffix=SUFFIX) / PACKAGE_FILE).is_file()
+
+
+def test_bad_runs_are_refused(demo: Path, tmp_path: Path):
+    short = _copy_run(demo, tmp_path / "short")
+    (short / "story" / "frames" / "08.png").unlink()
+    with pytest.raises(KstoryError, match="at least 8"):
+        build_package(short, team=TEAM, suffix=SUFFIX, allow_failed_gate=True)
+    no_lora = _copy_run(demo, tmp_path / "nolora")
+    (no_lora / "lora" / "lora.safetensors").unlink()
+    with pytest.raises(KstoryError, match="no LoRA"):
+        build_package(no_lora, team=TEAM, suffix=SUFFIX, allow_failed_gate=True)
+    with pytest.raises(KstoryError, match="naming rule"):
+        build_package(_copy_run(demo, tmp_path / "ok"), team="bad team", suffix=SUFFIX, allow_failed_gate=True)
+    assert not (tmp_path / "ok" / "submission").exists()
+
+
+@pytest.mark.parametrize("name", [f"t-{MIDDLE}-s", f"队伍_1-{MIDDLE}-v1.0", f"me/a-b-{MIDDLE}-x-y"])
+def test_valid_names(name: str):
+    assert validate_model_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["team-kolors-x", f"-{MIDDLE}-x", f"t-{MIDDLE}-", f"t t-{MIDDLE}-x",
+                                  f"t-{MIDDLE}-x--y", f"{'t' * 60}-{MIDDLE}-x"])
+def test_invalid_names(name: str):
+    with pytest.raises(KstoryError):
+        validate_model_name(name)
