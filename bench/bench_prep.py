@@ -13,8 +13,8 @@ side by side:
 - per picture: from two set sizes, (N2 - N1) / (t2 - t1), i.e. the cost of
   each additional picture with the fixed start-up cost taken out.
 
-    /tmp/v1/bin/python bench/bench_prep.py                  # 500 and 1500 pictures, 512-640 px
-    /tmp/v1/bin/python bench/bench_prep.py --scale 2        # ~1024 px, Kolors' training size
+    .venv/bin/python bench/bench_prep.py                  # 500 and 1500 pictures, 512-640 px
+    .venv/bin/python bench/bench_prep.py --scale 2        # ~1024 px, Kolors' training size
 
 The sets have no defects: with Data-Juicer's default skip_op_error, one
 unreadable file makes the baseline silently drop the whole batch it is in

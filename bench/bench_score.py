@@ -12,8 +12,8 @@ the published format), in the same process, each loading the model once:
 It prints both rates (images per second, load included and scoring only),
 their ratio, and the largest score difference (must stay within 1e-4).
 
-    /tmp/v1/bin/python bench/bench_score.py                 # 64 images, batch 8
-    /tmp/v1/bin/python bench/bench_score.py --images 128 --batch-size 16
+    .venv/bin/python bench/bench_score.py                 # 64 images, batch 8
+    .venv/bin/python bench/bench_score.py --images 128 --batch-size 16
 
 The predictor (1.2 GB) is built once under $KSTORY_CACHE/bench-vit-l14-aesthetic.
 """
