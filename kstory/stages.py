@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kstory.config import RunConfig
+from kstory.errors import KstoryError
 from kstory.hashing import sha256_file
 from kstory.rundir import RunDir, fingerprint, folder_fingerprint
 
@@ -73,6 +74,10 @@ def controlnet_paths(controlnets: dict[str, str], cache_dir: Path | None) -> dic
         from story import build_tiny_controlnets
 
         tiny = build_tiny_controlnets(cache_dir)
+        unknown = sorted(name for name, value in controlnets.items() if value == "tiny" and name not in tiny)
+        if unknown:
+            raise KstoryError(f"no tiny ControlNet named {', '.join(unknown)}",
+                              fix=f"'tiny' works for the names {', '.join(sorted(tiny))}; give other names a weights path")
     return {name: Path(tiny[name]) if value == "tiny" else Path(value) for name, value in controlnets.items()}
 
 

@@ -137,3 +137,11 @@ def test_atomic_files_get_ordinary_permissions(tmp_path: Path) -> None:
     finally:
         os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_unknown_tiny_controlnet_name_is_a_clear_error() -> None:
+    from kstory.stages import controlnet_paths
+
+    with pytest.raises(KstoryError, match="no tiny ControlNet named openpose") as caught:
+        controlnet_paths({"openpose": "tiny"}, None)
+    assert "pose" in caught.value.fix
