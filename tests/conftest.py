@@ -24,3 +24,15 @@ def private_model_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("KSTORY_CACHE", None)
     else:
         os.environ["KSTORY_CACHE"] = previous
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of many tiny forward passes: threads gain nothing there, and OpenMP spinning on a busy
+    2-core machine makes them up to 10x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -22,13 +22,7 @@ from story.tiny import build_tiny_controlnets, tiny_kolors_controlnet_config
 
 diffusers = pytest.importorskip("diffusers")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP spinning costs 10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = tiny_kolors_controlnet_config()

@@ -23,13 +23,7 @@ from story.generate import Session
 from train import TrainSettings, read_lora, train_lora
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP spinning costs 10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_spec(path: Path, items: list[dict], **top) -> Path:
