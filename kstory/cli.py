@@ -23,6 +23,8 @@ Stages talk through files in a run directory (runs/<name>/):
   story/         frames/, guides/, story.yaml, manifest.json (seeds, hashes, everything to regenerate)
   scores.json    aesthetic score per frame, the gate, CLIP-T and CLIP-I
   submission/    the ModelScope model repo built by `kstory package`
+
+`kstory app` opens a dashboard over the same files.
   kstory.log     everything that happened in the run, with details
 
 Start with `kstory demo` (offline, tiny random-weight model, a few minutes on CPU),
@@ -181,6 +183,12 @@ def _cmd_upload(args: argparse.Namespace) -> int:
     )
     print(result.render())
     return 0
+
+
+def _cmd_app(args: argparse.Namespace) -> int:
+    from app.launch import launch
+
+    return launch(Path(args.run) if args.run else None, Path(args.runs_root), args.port)
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -367,6 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--retries", type=int, default=3, help="retries on transient failures (default: 3)")
     upload.add_argument("--endpoint", help="hub endpoint (default: ModelScope's)")
     upload.set_defaults(func=_cmd_upload)
+
+    app = commands.add_parser(
+        "app", help="the review dashboard: data, training, story, scores, package and upload (localhost only)",
+        description="Start the Streamlit dashboard on 127.0.0.1 (docs/app.md). It reads and writes the run "
+        "directory only through the stages' documented files; typed paths stay inside the runs root.",
+    )
+    app.add_argument("run", nargs="?", help="run directory to open (e.g. runs/demo)")
+    app.add_argument("--runs-root", default="runs", help="folder holding run directories (default: runs)")
+    app.add_argument("--port", type=int, help="port (default: Streamlit's, 8501)")
+    app.set_defaults(func=_cmd_app)
 
     model = commands.add_parser(
         "model", help="resolve a base model (download, build or check it) and print its files",

@@ -1,0 +1,64 @@
+"""The dashboard's long actions, each a call into a stage package (never stage logic of its own)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kstory.errors import KstoryError
+from kstory.rundir import RunDir
+
+
+def reroll_frame(run_root: Path, frame: str, *, seed: int | None, prompt: str | None) -> None:
+    """Regenerate one frame with ``story.reroll`` (as ``kstory reroll`` does); the manifest keeps the seed history."""
+    from story import reroll
+
+    run = RunDir(run_root)
+    controlnets, cache_dir = None, None
+    if run.config.is_file():  # like `kstory run`: the config's ControlNets ('tiny' ones are rebuilt offline)
+        from kstory.config import load_config
+        from kstory.stages import controlnet_paths
+
+        config = load_config(run.config)
+        cache_dir = config.cache_dir
+        controlnets = controlnet_paths(config.story.controlnets, cache_dir) if config.story else None
+    reroll(run.story, int(frame), seed=seed, prompt=prompt, controlnets=controlnets or None, cache_dir=cache_dir)
+
+
+def rescore(run_root: Path) -> None:
+    """Score the story again: ``kstory run`` up to the score stage (only stale stages run; a re-roll makes score stale).
+
+    Without a run config the frames are scored directly with the tiny models into ``scores.json``.
+    """
+    run = RunDir(run_root)
+    if run.config.is_file():
+        from kstory.runner import run_config
+
+        run_config(run.config, until="score")
+        return
+    from scoring import score_images
+
+    manifest = json.loads((run.story / "manifest.json").read_text(encoding="utf-8"))
+    frames = [run.story / f["file"] for _, f in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0]))]
+    prompts = {Path(f["file"]).name: f["prompt"] for f in manifest["frames"].values()}
+    score_images(frames, aesthetic_model="tiny", clip_model="tiny", prompts=prompts, out=run.scores)
+
+
+def build(run_root: Path, *, team: str, suffix: str, description: str, allow_failed_gate: bool) -> Path:
+    """``submissions.build_package`` into ``RUN/submission``."""
+    from submissions import build_package
+
+    return build_package(run_root, team=team, suffix=suffix, description=description or None,
+                         allow_failed_gate=allow_failed_gate)
+
+
+def upload(submission: Path, model_id: str, *, token: str, dry_run: bool, endpoint: str | None) -> str:
+    """``submissions.upload_package``; returns its report. The token is only passed through, never kept."""
+    from submissions import upload_package
+
+    if not dry_run and not token.strip():
+        raise KstoryError("no ModelScope token typed", fix="paste an access token from modelscope.cn/my/myaccesstoken")
+    result: Any = upload_package(submission, model_id, token=token or None, dry_run=dry_run, endpoint=endpoint or None)
+    text = result.render()
+    return text.replace(token, "***") if token else text

@@ -1,0 +1,116 @@
+"""Package page: the model name with live validation, build the package, preview its model card, upload it."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import streamlit as st
+
+from app import actions, run_access
+from app.ui import Context, run_long
+from kstory.errors import KstoryError
+from kstory.rundir import RunDir
+
+_IMAGE_LINK = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\))")
+_SECRET = "_upload_secret"
+_FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.S)
+
+
+def card_preview(submission: Path, text: str) -> tuple[str | None, str]:
+    """The card's front matter and its body with relative images inlined, as ModelScope would show them."""
+    front = _FRONT_MATTER.match(text)
+    body = text[front.end():] if front else text
+
+    def inline(match: re.Match) -> str:
+        target = run_access.inside(submission, match.group(2))
+        if target is None or not target.is_file() or target.suffix.lower() not in {".png", ".jpg", ".jpeg"}:
+            return match.group(0)
+        kind = "jpeg" if target.suffix.lower() in {".jpg", ".jpeg"} else "png"
+        data = base64.b64encode(target.read_bytes()).decode()
+        return f"{match.group(1)}data:image/{kind};base64,{data}{match.group(3)}"
+
+    return (front.group(1) if front else None), _IMAGE_LINK.sub(inline, body)
+
+
+def _name(team: str, suffix: str) -> str | None:
+    from submissions.naming import RULE, model_name
+
+    if not team.strip() and not suffix.strip():
+        st.caption(f"naming rule: {RULE}")
+        return None
+    try:
+        name = model_name(team, suffix)
+    except KstoryError as error:
+        st.error(error.render())
+        return None
+    st.success(f"model name: {name}")
+    return name
+
+
+def _take_token() -> None:
+    """On submit: move the token out of its widget (cleared now) into a slot the next run pops at once."""
+    st.session_state[_SECRET] = st.session_state.get("upload_token", "")
+    st.session_state["upload_token"] = ""
+
+
+def _upload(submission: Path, name: str) -> None:
+    st.subheader("Upload to ModelScope")
+    with st.form("upload", clear_on_submit=True):
+        owner = st.text_input("ModelScope owner (user or organisation)", key="upload_owner")
+        token = st.text_input("Access token (never stored)", type="password", key="upload_token")
+        dry_run = st.checkbox("Dry run (list what would be uploaded)", value=True, key="upload_dry")
+        endpoint = st.text_input("Endpoint (empty: ModelScope)", key="upload_endpoint")
+        submitted = st.form_submit_button("Upload", on_click=_take_token)
+    secret = st.session_state.pop(_SECRET, "")  # never left in the session, whatever happens next
+    del token
+    if submitted:
+        model_id = f"{owner.strip()}/{name}"
+        report = run_long(f"Uploading to {model_id}" + (" (dry run)" if dry_run else ""),
+                          lambda: actions.upload(submission, model_id, token=secret, dry_run=dry_run,
+                                                 endpoint=endpoint.strip() or None),
+                          "dry run done" if dry_run else f"uploaded to {model_id}")
+        del secret
+        if report:
+            st.code(report, language=None)
+
+
+def render(ctx: Context) -> None:
+    st.header("Package")
+    run = RunDir(ctx.run)
+    team = st.text_input("Team name", key="pkg_team")
+    suffix = st.text_input("Suffix", key="pkg_suffix")
+    name = _name(team, suffix)
+    description = st.text_area("Description (the model card's text)", key="pkg_description")
+    scores = run_access.read_json(run.scores, "the scores", "kstory score")
+    gate = (scores.data or {}).get("summary", {}).get("gate") if scores.ok else None
+    if not scores.ok:
+        st.warning(scores.problem)
+    elif gate != "pass":
+        st.warning(f"the score gate did not pass (gate: {gate}); tick the box below to package anyway")
+    allow = st.checkbox("Package even though the gate failed", value=False, key="pkg_allow_failed")
+    if st.button("Build package", key="pkg_build", type="primary", disabled=name is None):
+        built = run_long("Building the package (exporting the LoRA, copying frames, hashing)",
+                         lambda: actions.build(run.root, team=team, suffix=suffix, description=description,
+                                               allow_failed_gate=allow),
+                         "package built")
+        if built:
+            st.success(f"package written to {built}")
+    card = run.submission / "README.md"
+    if card.is_file():
+        st.subheader("Model card preview")
+        front, body = card_preview(run.submission, card.read_text(encoding="utf-8", errors="replace"))
+        if front:
+            with st.expander("front matter"):
+                st.code(front, language="yaml")
+        with st.container(border=True):
+            st.markdown(body, unsafe_allow_html=False)
+        index = run_access.read_json(run.submission / "kstory_package.json", "the package index", "kstory package")
+        built_name = (index.data or {}).get("model_name") if index.ok else None
+        if built_name:
+            _upload(run.submission, built_name)
+        else:
+            st.warning(index.problem or "the package index names no model")
+    else:
+        st.info("no package yet: build it above")

