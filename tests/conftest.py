@@ -36,3 +36,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory: pytest.TempPathFactory):
+    """One complete demo run (tiny models) shared by the dashboard tests; returns its runs root.
+
+    ``KSTORY_APP_TEST_RUNS`` reuses (and modifies!) an existing runs root, a debugging aid.
+    """
+    from pathlib import Path
+
+    from kstory.demo import run_demo
+
+    if os.environ.get("KSTORY_APP_TEST_RUNS"):
+        return Path(os.environ["KSTORY_APP_TEST_RUNS"])
+    root = tmp_path_factory.mktemp("app-runs")
+    run_demo(root / "demo")
+    return root

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 from pathlib import Path
@@ -21,17 +20,6 @@ from app.main import RUN_ENV, RUNS_ROOT_ENV
 MAIN = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
 TIMEOUT = 240
 
-
-@pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One complete demo run (tiny models, ~1-3 min) shared by every app test; returns the runs root."""
-    from kstory.demo import run_demo
-
-    if os.environ.get("KSTORY_APP_TEST_RUNS"):  # debugging aid: reuse (and modify!) an existing demo runs root
-        return Path(os.environ["KSTORY_APP_TEST_RUNS"])
-    root = tmp_path_factory.mktemp("app-runs")
-    run_demo(root / "demo")
-    return root
 
 
 def _app(monkeypatch: pytest.MonkeyPatch, runs_root: Path, run: str | None = "demo") -> AppTest:

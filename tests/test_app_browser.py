@@ -29,16 +29,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kstory.demo import run_demo
-
-    if os.environ.get("KSTORY_APP_TEST_RUNS"):  # debugging aid: reuse (and modify!) an existing demo runs root
-        return Path(os.environ["KSTORY_APP_TEST_RUNS"])
-    root = tmp_path_factory.mktemp("browser-runs")
-    run_demo(root / "demo")
-    return root
-
 
 def test_browser_loads_run_rerolls_and_packages(demo_runs: Path) -> None:
     from app.launch import start
