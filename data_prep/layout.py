@@ -32,12 +32,11 @@ COPY_THREADS = 8
 
 
 @dataclass(frozen=True)
-class TrainItem:
-    """A kept sample: where it comes from, its final caption, and whether it must be re-encoded."""
+class Picture:
+    """A picture that passed the pre-checks: where it comes from and whether it must be re-encoded."""
 
     id: str
     source: Path
-    caption: str
     reencode: bool
 
 
@@ -53,47 +52,68 @@ def with_trigger(caption: str, trigger_word: str | None) -> str:
     return f"{trigger_word}, {caption}"
 
 
-def write_training_set(items: Sequence[TrainItem], staging: Path, *, show_progress: bool = True) -> dict[str, str]:
-    """Copy (or, when needed, re-encode) the pictures into ``staging/train`` and write its metadata.csv.
+class TrainingSetWriter:
+    """Copies pictures into ``staging/train`` in background threads, then writes metadata.csv for the kept ones.
 
-    Returns sample id -> path of its picture relative to ``staging``.  Names
-    are the original file names, unique because validation drops stem clashes.
+    The copies start before Data-Juicer runs, so they overlap its work (which
+    uses one core) instead of following it; the few pictures Data-Juicer then
+    drops are deleted again.  Use it as a context manager: leaving without
+    :meth:`finish` (no sample kept, or an error) removes ``staging/train``.
     """
-    train = staging / TRAIN_DIR
-    train.mkdir(parents=True, exist_ok=True)
-    written: dict[str, str] = {}
-    rows = io.StringIO()
-    writer = csv.writer(rows, lineterminator="\n")
-    writer.writerow(["file_name", "text"])
-    # threads overlap the file system waits (copyfile copies in the kernel, without the GIL)
-    with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
-        names = pool.map(lambda item: _place(item, train), items)
-        for item, name in tqdm(
-            zip(items, names, strict=True),
-            total=len(items),
-            desc="writing training set",
-            unit="img",
-            disable=not show_progress,
-        ):
-            writer.writerow([name, item.caption])
-            written[item.id] = f"{TRAIN_DIR}/{name}"
-    write_text(train / "metadata.csv", rows.getvalue())
-    return written
+
+    def __init__(self, pictures: Sequence[Picture], staging: Path) -> None:
+        self.train = staging / TRAIN_DIR
+        self.train.mkdir(parents=True, exist_ok=True)
+        # threads overlap the file system waits (copyfile copies in the kernel, without the GIL)
+        self._pool = ThreadPoolExecutor(max_workers=COPY_THREADS, thread_name_prefix="kstory-copy")
+        self._placed = {picture.id: self._pool.submit(_place, picture, self.train) for picture in pictures}
+        self._finished = False
+
+    def __enter__(self) -> TrainingSetWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if not self._finished:
+            shutil.rmtree(self.train, ignore_errors=True)
+
+    def finish(self, kept: Sequence[tuple[str, str]], *, show_progress: bool = True) -> dict[str, str]:
+        """Keep the pictures of ``kept`` ((sample id, final caption), in training order); delete the others.
+
+        Returns sample id -> path of its picture relative to the staging folder.
+        """
+        rows = io.StringIO()
+        writer = csv.writer(rows, lineterminator="\n")
+        writer.writerow(["file_name", "text"])
+        written: dict[str, str] = {}
+        bar = tqdm(kept, desc="writing training set", unit="img", disable=not show_progress)
+        for sample_id, caption in bar:
+            name = self._placed[sample_id].result()
+            writer.writerow([name, caption])
+            written[sample_id] = f"{TRAIN_DIR}/{name}"
+        for sample_id in self._placed.keys() - written.keys():
+            placed = self._placed[sample_id]
+            if placed.exception() is None:  # a dropped picture that could not be copied needs no cleaning up
+                (self.train / placed.result()).unlink()
+        write_text(self.train / "metadata.csv", rows.getvalue())
+        self._finished = True
+        return written
 
 
-def _place(item: TrainItem, train: Path) -> str:
-    """Copy the picture byte for byte, or re-encode it to an upright PNG when needed.
+def _place(picture: Picture, train: Path) -> str:
+    """Copy the picture byte for byte, or re-encode it to an upright PNG when needed; returns its file name.
 
     Plain writes: ``train`` lies in the staging folder, which is published
     as a whole (see :func:`publish`), so a file cut short by an interrupted
     run is never seen and a per-file atomic write would only add a temporary
-    file, an fsync and a rename per picture.
+    file, an fsync and a rename per picture.  Names are the original file
+    names, unique because the pre-checks drop stem clashes.
     """
-    if not item.reencode:
-        shutil.copyfile(item.source, train / item.source.name)
-        return item.source.name
-    name = f"{item.source.stem}.png"
-    with Image.open(item.source) as image:
+    if not picture.reencode:
+        shutil.copyfile(picture.source, train / picture.source.name)
+        return picture.source.name
+    name = f"{picture.source.stem}.png"
+    with Image.open(picture.source) as image:
         ImageOps.exif_transpose(image).convert("RGB").save(train / name, format="PNG")
     return name
 

@@ -14,7 +14,7 @@ from data_prep.juicer import JuicerRun, run_juicer
 from data_prep.recipe import IMAGE_KEY, TEXT_KEY, Recipe, juicer_config, load_recipe, no_auto_install
 from data_prep.report import build_report, write_reports
 from data_prep.sources import export_modelscope, is_modelscope_id, scan_folder
-from data_prep.validate import Check, check_samples, pre_measured_ops
+from data_prep.validate import Check, checking_samples, measuring_ops
 from kstory.errors import KstoryError
 from kstory.logs import route_loguru
 
@@ -108,16 +108,12 @@ def _build(
         "%d samples in %s (captions from %s), recipe %s", len(scan.samples), folder, scan.captions_from, recipe.path
     )
 
-    from data_juicer.ops import load_ops
-
-    cfg = juicer_config(recipe, work_dir=work_dir, num_samples=len(scan.samples))
-    checks = check_samples(
-        scan.samples,
-        pre_measured_ops(load_ops(cfg.process)),
-        max_pixels=recipe.max_image_pixels,
-        num_proc=num_proc,
-        show_progress=show_progress,
-    )
+    with checking_samples(
+        scan.samples, measuring_ops(recipe), max_pixels=recipe.max_image_pixels, num_proc=num_proc, show_progress=show_progress
+    ) as checked:
+        # parsing the config takes a second or two: let it overlap the workers' decoding
+        cfg = juicer_config(recipe, work_dir=work_dir, num_samples=len(scan.samples))
+        checks = checked()
     failed = Counter(check.reason for check in checks if check.reason)
     log.info(
         "pre-checks: %d passed, dropped %s (%.1fs)",
@@ -126,19 +122,19 @@ def _build(
         time.perf_counter() - started,
     )
 
-    rows = [_row(check) for check in checks if check.reason is None]
-    run = run_juicer(cfg, recipe, rows, work_dir / "data_juicer.log") if rows else None
-    if run is not None:
-        log.info(
-            "data-juicer: %d of %d kept, dropped %s (%.1fs)",
-            len(run.kept),
-            len(rows),
-            dict(Counter(d.op for d in run.drops.values())),
-            time.perf_counter() - started,
-        )
-
-    items = _train_items(run, checks, trigger_word)
-    placed = layout.write_training_set(items, staging, show_progress=show_progress) if items else {}
+    passed = [check for check in checks if check.reason is None]
+    with layout.TrainingSetWriter([_picture(check) for check in passed], staging) as training_set:
+        run = run_juicer(cfg, recipe, [_row(check) for check in passed], work_dir / "data_juicer.log") if passed else None
+        if run is not None:
+            log.info(
+                "data-juicer: %d of %d kept, dropped %s (%.1fs)",
+                len(run.kept),
+                len(passed),
+                dict(Counter(d.op for d in run.drops.values())),
+                time.perf_counter() - started,
+            )
+        captions = _final_captions(run, trigger_word)
+        placed = training_set.finish(list(captions.items()), show_progress=show_progress) if captions else {}
     report = build_report(
         source=source,
         scan=scan,
@@ -147,7 +143,7 @@ def _build(
         checks=checks,
         run=run,
         placed=placed,
-        final_captions={item.id: item.caption for item in items},
+        final_captions=captions,
     )
     write_reports(report, staging)
     log.info(
@@ -192,18 +188,16 @@ def _row(check: Check) -> dict:
     }
 
 
-def _train_items(run: JuicerRun | None, checks: list[Check], trigger_word: str | None) -> list[layout.TrainItem]:
+def _picture(check: Check) -> layout.Picture:
+    reencode = layout.needs_reencode(check.measured["format"], check.measured.get("exif_orientation", 1))
+    return layout.Picture(check.sample.id, check.sample.path, reencode)
+
+
+def _final_captions(run: JuicerRun | None, trigger_word: str | None) -> dict[str, str]:
+    """Sample id -> training caption (cleaned by the recipe, trigger added), in Data-Juicer's output order."""
     if run is None:
-        return []
-    by_id = {check.sample.id: check for check in checks}
-    items = []
-    for row in run.kept:
-        check = by_id[row["id"]]
-        reencode = layout.needs_reencode(check.measured["format"], check.measured.get("exif_orientation", 1))
-        items.append(
-            layout.TrainItem(row["id"], check.sample.path, layout.with_trigger(row[TEXT_KEY], trigger_word), reencode)
-        )
-    return items
+        return {}
+    return {row["id"]: layout.with_trigger(row[TEXT_KEY], trigger_word) for row in run.kept}
 
 
 def _log_to(path: Path) -> logging.Handler:

@@ -95,6 +95,7 @@ def check_ops_runnable(recipe: Recipe) -> None:
             top = module_name.split(".")[0]
             if importlib.util.find_spec(top) is None:
                 missing.setdefault(LazyLoader.get_package_name(top), set()).add(name)
+    _check_op_arguments(recipe)
     if missing:
         needs = ", ".join(f"{package} (for {', '.join(sorted(ops))})" for package, ops in sorted(missing.items()))
         raise KstoryError(
@@ -102,6 +103,25 @@ def check_ops_runnable(recipe: Recipe) -> None:
             path=recipe.path,
             fix=f"pip install {' '.join(sorted(missing))}, or remove those ops from the recipe",
         )
+
+
+def _check_op_arguments(recipe: Recipe) -> None:
+    """Argument names and types, with Data-Juicer's own pre-flight check, before anything runs.
+
+    The executor would make the same check only after the pictures were
+    decoded, and its error would end the run with a traceback.
+    """
+    from data_juicer.core.preflight import PipelineConfigError, pre_instantiation_check
+
+    try:
+        pre_instantiation_check(recipe.juicer["process"])
+    except PipelineConfigError as error:
+        problems = "; ".join(str(problem) for problem in error.errors)
+        raise KstoryError(
+            f"recipe op arguments are wrong: {problems}",
+            path=recipe.path,
+            fix="fix those arguments (every op's arguments are listed in Data-Juicer's config_all.yaml)",
+        ) from None
 
 
 def _lazy_imports(module: types.ModuleType, lazy_loader: type) -> set[str]:

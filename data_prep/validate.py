@@ -5,24 +5,27 @@ cut-off JPEG comes back grey-padded instead of failing) and decodes without a
 pixel limit, so files are checked here first: missing, not a picture,
 truncated, too many pixels, no caption, a name another sample already uses.
 
-The decode done for the truncation check uses Data-Juicer's own loader, and
-the file-only ops of the recipe (shape, aspect ratio, file size, perceptual hash) take
-their measurements from that decoded picture through Data-Juicer's context
+The decode done for the truncation check gives the pixels Data-Juicer's own
+loader would (see :func:`decode_like_data_juicer`), and the file-only ops of
+the recipe (shape, aspect ratio, file size, perceptual hash) take their
+measurements from that decoded picture through Data-Juicer's context
 mechanism.  The executor then finds those stats already computed and only
 applies thresholds, so each picture is decoded once instead of once per op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from data_prep.recipe import IMAGE_KEY, TEXT_KEY
+from data_prep.recipe import IMAGE_KEY, TEXT_KEY, Recipe
 from data_prep.sources import Sample
 from kstory.images import strict_decoding
 
@@ -46,6 +49,23 @@ class Check:
     hashes: dict[str, Any] = field(default_factory=dict)
 
 
+def measuring_ops(recipe: Recipe) -> list[Any]:
+    """The recipe's ops whose measurements the pre-check takes, built straight from the recipe file.
+
+    Parsing the whole Data-Juicer config would hand them the same arguments
+    (their own plus the data keys kstory sets); building them without it
+    lets the pre-check start before the parse.
+    """
+    from data_juicer.ops import load_ops
+
+    entries = [
+        {name: {**args, "text_key": TEXT_KEY, "image_key": IMAGE_KEY}}
+        for name, args in recipe.ops
+        if name in PRE_MEASURED_OPS
+    ]
+    return pre_measured_ops(load_ops(entries))
+
+
 def pre_measured_ops(ops: Sequence[Any]) -> list[Any]:
     """The recipe ops whose measurements can be taken during the pre-check decode."""
     return [op for op in ops if op._name in PRE_MEASURED_OPS and not getattr(op, "consider_text", False)]
@@ -55,16 +75,37 @@ def check_samples(
     samples: Sequence[Sample], ops: Sequence[Any], *, max_pixels: int, num_proc: int = 1, show_progress: bool = True
 ) -> list[Check]:
     """Check every sample (in parallel when ``num_proc`` > 1) and keep the input order."""
+    with checking_samples(samples, ops, max_pixels=max_pixels, num_proc=num_proc, show_progress=show_progress) as done:
+        return done()
+
+
+@contextlib.contextmanager
+def checking_samples(
+    samples: Sequence[Sample], ops: Sequence[Any], *, max_pixels: int, num_proc: int = 1, show_progress: bool = True
+) -> Iterator[Callable[[], list[Check]]]:
+    """Start checking in ``num_proc`` worker processes and yield the function that waits for the checks.
+
+    The caller can do other work in between (prep parses the Data-Juicer
+    config while the workers decode).  With one process the checks run when
+    the function is called.
+    """
     work = [(sample, max_pixels) for sample in samples]
     bar = dict(total=len(work), desc="checking pictures", unit="img", disable=not show_progress)
+
+    def finished(results: Iterator[Check]) -> list[Check]:
+        checks = list(tqdm(results, **bar))
+        _drop_duplicate_names(checks)
+        return checks
+
     if num_proc > 1 and len(work) > 1:
+        # fork: the workers inherit the ops (and imagededup) instead of importing them again.  Nothing in
+        # them may reconfigure OpenCV's threads: that waits forever in a child of a process that used them.
         with multiprocessing.get_context("fork").Pool(num_proc, initializer=_set_worker_ops, initargs=(ops,)) as pool:
-            checks = list(tqdm(pool.imap(_check_in_worker, work, chunksize=8), **bar))
+            pending = pool.imap(_check_in_worker, work, chunksize=8)
+            yield lambda: finished(pending)
     else:
         _set_worker_ops(ops)
-        checks = [_check_in_worker(item) for item in tqdm(work, **bar)]
-    _drop_duplicate_names(checks)
-    return checks
+        yield lambda: finished(_check_in_worker(item) for item in work)
 
 
 _WORKER_OPS: Sequence[Any] = ()
@@ -90,35 +131,50 @@ def check_sample(sample: Sample, ops: Sequence[Any], *, max_pixels: int) -> Chec
     if not sample.caption.strip():
         return _drop(check, "empty_caption", "the caption is empty", measured={"caption_chars": len(sample.caption)})
     size = sample.path.stat().st_size
-    with strict_decoding(max_pixels=None):  # the pixel limit is checked above, from the header
+    with strict_decoding(max_pixels=None):  # the pixel limit is checked below, from the header
         try:
-            with Image.open(sample.path) as header:
-                width, height, fmt = header.width, header.height, header.format
-                # only EXIF found while reading the header: Pillow decodes a PNG to look further
-                orientation = header.getexif().get(EXIF_ORIENTATION, 1) if "exif" in header.info else 1
+            opened = Image.open(sample.path)
         except UnidentifiedImageError:
             return _drop(check, "not_an_image", "not a picture format Pillow can read", measured={"bytes": size})
         except Exception as error:  # Pillow's plugins raise many types on damaged headers
             return _drop(check, "corrupt_image", f"unreadable header: {error}", measured={"bytes": size})
-        check.measured = {"width": width, "height": height, "format": fmt, "bytes": size}
-        if orientation != 1:
-            check.measured["exif_orientation"] = orientation
-        if width * height > max_pixels:
-            return _drop(
-                check,
-                "too_many_pixels",
-                "not decoded: the header claims more pixels than allowed",
-                measured={**check.measured, "pixels": width * height},
-                threshold={"max_image_pixels": max_pixels},
-            )
-        from data_juicer.utils.mm_utils import load_image
-
-        try:
-            image = load_image(str(sample.path))
-        except Exception as error:  # truncated or damaged pixel data, whatever the plugin raises
-            return _drop(check, "corrupt_image", f"decoding failed: {error}")
-    check.stats, check.hashes = _measure(sample, image, ops)
+        with opened:
+            try:
+                width, height, fmt = opened.width, opened.height, opened.format
+                # only EXIF found while reading the header: Pillow decodes a PNG to look further
+                orientation = opened.getexif().get(EXIF_ORIENTATION, 1) if "exif" in opened.info else 1
+            except Exception as error:
+                return _drop(check, "corrupt_image", f"unreadable header: {error}", measured={"bytes": size})
+            check.measured = {"width": width, "height": height, "format": fmt, "bytes": size}
+            if orientation != 1:
+                check.measured["exif_orientation"] = orientation
+            if width * height > max_pixels:
+                return _drop(
+                    check,
+                    "too_many_pixels",
+                    "not decoded: the header claims more pixels than allowed",
+                    measured={**check.measured, "pixels": width * height},
+                    threshold={"max_image_pixels": max_pixels},
+                )
+            try:
+                image = decode_like_data_juicer(opened)
+            except Exception as error:  # truncated or damaged pixel data, whatever the plugin raises
+                return _drop(check, "corrupt_image", f"decoding failed: {error}")
+            check.stats, check.hashes = _measure(sample, image, ops)
     return check
+
+
+def decode_like_data_juicer(opened: Image.Image) -> Image.Image:
+    """The pixels Data-Juicer's ``load_image`` gives for this file: decoded, EXIF orientation applied, RGB.
+
+    Same steps as its loader (via ``datasets``' Image feature), on the file
+    already open for the header checks, and without a copy when the picture
+    is RGB already.
+    """
+    opened.load()
+    if opened.getexif().get(EXIF_ORIENTATION) is not None:
+        opened = ImageOps.exif_transpose(opened)
+    return opened if opened.mode == "RGB" else opened.convert("RGB")
 
 
 def _measure(sample: Sample, image: Image.Image, ops: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -142,19 +198,28 @@ def _measure(sample: Sample, image: Image.Image, ops: Sequence[Any]) -> tuple[di
 
 
 def _hash_input(op: Any, image: Image.Image) -> Image.Image:
-    """The picture to hand the image deduplicator: already shrunk to its hasher's working size when that is exact.
+    """The picture to hand the image deduplicator: grey and already area-averaged to its hasher's working size.
 
-    imagededup's hashers resize the picture (converted to an array and back)
-    to ``target_size`` with Lanczos before anything else; Pillow's resize of
-    a picture to the size it already has is a plain copy.  Doing that first
-    resize here on the decoded RGB picture gives the very same hash while
-    the hasher then copies a 32 x 32 picture instead of the full-size one
-    twice.
+    imagededup's hashers shrink the RGB picture to ``target_size`` with
+    Pillow's Lanczos filter and make it grey afterwards; on a 600 px picture
+    that costs more than decoding it.  Here the picture is made grey first
+    (the same ITU-R 601-2 luma) and shrunk with OpenCV's area averaging,
+    about a seventh of the work.  The hasher then resizes a picture that
+    already has its size (a plain copy) and hashes it as usual.  The hash can
+    differ from plain Data-Juicer's in a bit or two; re-encoded and resized
+    copies are found at least as often (bench/bench_dedup_hash.py).
     """
     target = getattr(getattr(op, "hasher", None), "target_size", None)
-    if image.mode != "RGB" or not (isinstance(target, tuple) and len(target) == 2):
+    if not (isinstance(target, tuple) and len(target) == 2):
         return image
-    return image.resize(target, Image.LANCZOS)
+    return Image.fromarray(grey_thumbnail(image, target))
+
+
+def grey_thumbnail(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """``image`` in grey, area-averaged to ``size`` (width, height): the deduplicator's hash input."""
+    import cv2
+
+    return cv2.resize(np.asarray(image.convert("L")), size, interpolation=cv2.INTER_AREA)
 
 
 def _drop(

@@ -136,6 +136,12 @@ def test_unknown_op_and_missing_dependency_are_refused_before_running(
     recipe.write_text("process:\n  - no_such_filter:\n      min_len: 1\n", encoding="utf-8")
     with pytest.raises(KstoryError, match="unknown Data-Juicer op 'no_such_filter'"):
         load_recipe(recipe)
+    recipe.write_text("process:\n  - image_shape_filter:\n      min_width: abc\n      min_hieght: 512\n", encoding="utf-8")
+    with pytest.raises(KstoryError) as wrong:
+        load_recipe(recipe)
+    message = str(wrong.value)
+    assert "'min_width' expects type 'int'" in message and "'min_hieght'" in message and "min_height" in message
+    assert str(recipe) in message
     import data_prep.recipe as recipe_module
 
     real_find_spec = recipe_module.importlib.util.find_spec
