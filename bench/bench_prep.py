@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs=2, default=[500, 1500], help="two set sizes, each >= 500")
     parser.add_argument("--scale", type=float, default=2.0, help="picture size: 2.0 = 1024-1280 px, 1.0 = 512-640 px")
     parser.add_argument("--num-proc", type=int, default=2, help="processes for prep and for the baseline's np")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per tool and size; the best wall time counts")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per tool and size; the best wall time counts")
     parser.add_argument("--workdir", type=Path, default=None, help="where data and outputs go (default: a temp dir)")
     args = parser.parse_args()
     small, large = sorted(args.sizes)
