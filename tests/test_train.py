@@ -225,9 +225,16 @@ def test_interrupted_then_resumed_run_is_bit_identical(tmp_path: Path, cache: Pa
     )
     straight = train_lora(data, tmp_path / "straight", settings, model="tiny", cache_dir=cache)
 
-    with pytest.raises(KeyboardInterrupt):
-        train_lora(data, tmp_path / "resumed", settings, model="tiny", cache_dir=cache, callbacks=[_Interrupt(3, 2)])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, as in a terminal (a background job starts with Ctrl-C ignored, which training keeps)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_lora(
+                data, tmp_path / "resumed", settings, model="tiny", cache_dir=cache, callbacks=[_Interrupt(3, 2)]
+            )
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert [step for step, _ in list_checkpoints(tmp_path / "resumed")] == [2, 3]
     assert not (tmp_path / "resumed" / "lora.safetensors").exists()
 
@@ -394,3 +401,20 @@ def test_buckets_keep_area_and_multiples_of_64():
     assert nearest_bucket(1600, 900, sizes)[0] > nearest_bucket(1600, 900, sizes)[1]
     assert nearest_bucket(900, 1600, sizes)[0] < nearest_bucket(900, 1600, sizes)[1]
     assert bucket_sizes(64) == [(64, 64)]
+
+
+def test_a_job_started_with_ctrl_c_ignored_keeps_ignoring_it() -> None:
+    from train.callbacks import RunRecorder
+
+    recorder = RunRecorder(
+        accumulation=1, checkpoint_every=0, validation_every=0, total_steps=1, loss_log=None,
+        save=lambda module: None, validate=None,
+    )
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        recorder.install_signal_handler()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        recorder.restore_signal_handler()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)

@@ -89,7 +89,10 @@ class RunRecorder(pl.Callback):
     def install_signal_handler(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        self._previous_handler = signal.getsignal(signal.SIGINT)
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is signal.SIG_IGN:  # started with Ctrl-C ignored (a background job): keep it so
+            return
+        self._previous_handler = previous
 
         def handler(signum: int, frame: Any) -> None:
             if self.stop_requested:  # second Ctrl-C: stop now
