@@ -30,16 +30,6 @@ from pathlib import Path
 import kstory  # noqa: F401  (installs the torchvision fix before Data-Juicer imports it)
 from PIL import Image
 
-COPIES: dict[str, Callable[[Image.Image], bytes]] = {}
-
-
-def _copy(name: str):
-    def register(make: Callable[[Image.Image], Image.Image | bytes]) -> Callable:
-        COPIES[name] = make
-        return make
-
-    return register
-
 
 def _encoded(image: Image.Image, file_format: str, **options) -> bytes:
     buffer = io.BytesIO()
@@ -47,39 +37,20 @@ def _encoded(image: Image.Image, file_format: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-@_copy("PNG re-save")
-def _png(image: Image.Image) -> bytes:
-    return _encoded(image, "PNG")
+def _scaled(image: Image.Image, factor: float, resample: int) -> Image.Image:
+    return image.resize((int(image.width * factor), int(image.height * factor)), resample)
 
 
-@_copy("JPEG q90")
-def _jpeg90(image: Image.Image) -> bytes:
-    return _encoded(image, "JPEG", quality=90)
-
-
-@_copy("JPEG q75")
-def _jpeg75(image: Image.Image) -> bytes:
-    return _encoded(image, "JPEG", quality=75)
-
-
-@_copy("x0.5 bicubic")
-def _half(image: Image.Image) -> bytes:
-    return _encoded(image.resize((image.width // 2, image.height // 2), Image.BICUBIC), "PNG")
-
-
-@_copy("x0.8 bilinear")
-def _smaller(image: Image.Image) -> bytes:
-    return _encoded(image.resize((image.width * 4 // 5, image.height * 4 // 5), Image.BILINEAR), "PNG")
-
-
-@_copy("x0.8 + JPEG q80")
-def _smaller_jpeg(image: Image.Image) -> bytes:
-    return _encoded(image.resize((image.width * 4 // 5, image.height * 4 // 5), Image.BILINEAR), "JPEG", quality=80)
-
-
-@_copy("x1.5 bicubic")
-def _larger(image: Image.Image) -> bytes:
-    return _encoded(image.resize((image.width * 3 // 2, image.height * 3 // 2), Image.BICUBIC), "PNG")
+# The copies a scraped dataset really holds: re-saved, re-encoded, resized, both.
+COPIES: dict[str, Callable[[Image.Image], bytes]] = {
+    "PNG re-save": lambda image: _encoded(image, "PNG"),
+    "JPEG q90": lambda image: _encoded(image, "JPEG", quality=90),
+    "JPEG q75": lambda image: _encoded(image, "JPEG", quality=75),
+    "x0.5 bicubic": lambda image: _encoded(_scaled(image, 0.5, Image.BICUBIC), "PNG"),
+    "x0.8 bilinear": lambda image: _encoded(_scaled(image, 0.8, Image.BILINEAR), "PNG"),
+    "x0.8 + JPEG q80": lambda image: _encoded(_scaled(image, 0.8, Image.BILINEAR), "JPEG", quality=80),
+    "x1.5 bicubic": lambda image: _encoded(_scaled(image, 1.5, Image.BICUBIC), "PNG"),
+}
 
 
 def main() -> None:

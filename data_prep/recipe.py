@@ -74,10 +74,12 @@ def load_recipe(path: Path | None = None) -> Recipe:
 
 
 def check_ops_runnable(recipe: Recipe) -> None:
-    """Every op must exist and have its optional dependencies installed.
+    """Every op must exist, take the arguments the recipe gives it and have its optional dependencies installed.
 
     Data-Juicer would otherwise pip-install a missing dependency in the middle
-    of the run (or fail there); kstory refuses up front and names the package.
+    of the run (or fail there), and find a wrong argument only after the
+    pictures were decoded; kstory refuses up front and names the package or
+    argument.
     """
     from data_juicer.ops import OPERATORS
     from data_juicer.utils.lazy_loader import LazyLoader
