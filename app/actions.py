@@ -27,22 +27,33 @@ def reroll_frame(run_root: Path, frame: str, *, seed: int | None, prompt: str | 
 
 
 def rescore(run_root: Path) -> None:
-    """Score the story again: ``kstory run`` up to the score stage (only stale stages run; a re-roll makes score stale).
+    """Score the story again, and nothing else.
 
-    Without a run config the frames are scored directly with the tiny models into ``scores.json``.
+    With a run config this is the config's score stage alone (``kstory run``'s
+    stamps stay true; prep, train and story are never re-run from here).
+    Without one, the frames are scored with the models ``scores.json``
+    records; with neither, it refuses rather than guess a scorer.
     """
     run = RunDir(run_root)
     if run.config.is_file():
         from kstory.runner import run_config
 
-        run_config(run.config, until="score")
+        run_config(run.config, until="score", only={"score"})
         return
+    if not run.scores.is_file():
+        raise KstoryError("this run has no config and no scores.json, so the scorer to use is unknown", path=run.root,
+                          fix="score it once with `kstory score` and the aesthetic model you want")
     from scoring import score_images
+    from scoring.recorded import recorded_models
 
+    scores = json.loads(run.scores.read_text(encoding="utf-8"))
+    aesthetic, clip = recorded_models(scores, run.scores)
     manifest = json.loads((run.story / "manifest.json").read_text(encoding="utf-8"))
     frames = [run.story / f["file"] for _, f in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0]))]
     prompts = {Path(f["file"]).name: f["prompt"] for f in manifest["frames"].values()}
-    score_images(frames, aesthetic_model="tiny", clip_model="tiny", prompts=prompts, out=run.scores)
+    threshold = (scores.get("summary") or {}).get("threshold", 6.0)
+    score_images(frames, aesthetic_model=aesthetic, clip_model=clip, prompts=prompts, threshold=threshold,
+                 out=run.scores)
 
 
 def build(run_root: Path, *, team: str, suffix: str, description: str, allow_failed_gate: bool) -> Path:

@@ -19,7 +19,7 @@ log = get_logger("run")
 @dataclass(frozen=True)
 class StageOutcome:
     stage: str
-    status: str  # "ran", "skipped" (up to date) or "not configured"
+    status: str  # "ran", "skipped" (up to date), "not configured" or "out of date" (left alone: not in ``only``)
     output: Path
     seconds: float
 
@@ -35,11 +35,14 @@ def _keep_config_copy(config_path: Path, run: RunDir) -> None:
     atomic.write_text(run.config, text)
 
 
-def run_config(config_path: str | Path, *, model: str | None = None, until: str | None = None) -> list[StageOutcome]:
+def run_config(config_path: str | Path, *, model: str | None = None, until: str | None = None,
+               only: set[str] | None = None) -> list[StageOutcome]:
     """Run the stages of the config at ``config_path`` in order; return what ran and what was skipped.
 
     ``until`` stops after the named stage, so a notebook can walk the run one
     stage per cell with the same stamps and skipping as ``kstory run``.
+    ``only`` runs just the named stages when they are out of date and leaves
+    the others as they are (the dashboard re-scores without touching the story).
     """
     config_path = Path(config_path)
     stages = _stages_until(until)
@@ -52,7 +55,7 @@ def run_config(config_path: str | Path, *, model: str | None = None, until: str 
         log.info("run %s in %s (model: %s)", config.name, run.root, config.model)
         _keep_config_copy(config_path, run)
         try:
-            _run_stages(config, run, stages, outcomes)
+            _run_stages(config, run, stages, outcomes, only)
         except BaseException as exc:
             log.error("run stopped: %s", exc, exc_info=not isinstance(exc, KstoryError))
             raise
@@ -68,7 +71,8 @@ def _stages_until(until: str | None) -> tuple[Stage, ...]:
     return STAGES[: names.index(until) + 1]
 
 
-def _run_stages(config: RunConfig, run: RunDir, stages: tuple[Stage, ...], outcomes: list[StageOutcome]) -> None:
+def _run_stages(config: RunConfig, run: RunDir, stages: tuple[Stage, ...], outcomes: list[StageOutcome],
+                only: set[str] | None = None) -> None:
     upstream = fingerprint(config.model, config.seed)
     for stage in stages:
         started = time.monotonic()
@@ -85,8 +89,15 @@ def _run_stages(config: RunConfig, run: RunDir, stages: tuple[Stage, ...], outco
             log.info("%s: up to date, skipped (%s)", stage.name, output)
             outcomes.append(StageOutcome(stage.name, "skipped", output, 0.0))
             continue
+        if only is not None and stage.name not in only:
+            log.warning("%s: out of date, not run here (run `kstory run` to update it)", stage.name)
+            outcomes.append(StageOutcome(stage.name, "out of date", output, 0.0))
+            continue
         if same_inputs and stage.resumable:
             log.info("%s: resuming the unfinished output in %s", stage.name, output)
+        elif stage.staged:
+            log.info("%s: updating %s (unchanged parts are kept, the previous version goes to .history/)",
+                     stage.name, output)
         elif output.exists():
             moved = move_to_history(run, output)
             reason = "settings or inputs changed" if stamp and not same_inputs else "it never finished"

@@ -25,6 +25,7 @@ class Stage:
     digest: Callable[[RunConfig, RunDir], str]
     run: Callable[[RunConfig, RunDir], None]
     resumable: bool = False  # an unfinished output is continued, not moved aside
+    staged: bool = False  # the stage swaps its output in itself and keeps the previous one in .history/
     enabled: Callable[[RunConfig], bool] = lambda config: True  # False: not configured, skipped
 
 
@@ -143,6 +144,7 @@ STAGES: tuple[Stage, ...] = (
         output=lambda run: run.story,
         digest=_story_digest,
         run=_story_run,
+        staged=True,
         enabled=lambda config: config.story is not None,
     ),
     Stage(

@@ -23,7 +23,9 @@ from kstory.models import resolve_model
 from story.controlnets import identify
 from story.generate import FramePlan, GuidePlan, Session
 from story.manifest import read_manifest, sha256_bytes
-from story.run import SPEC_COPY, StoryResult, result_of, run_plans
+from story.build import StoryBuild
+from story.run import StoryResult, build_story, frame_work, spec_values
+from story.spec_copy import SPEC_COPY
 from story.spec import load_spec
 
 log = get_logger("story")
@@ -49,6 +51,16 @@ def _plan_from_record(out_dir: Path, index: int, record: dict[str, Any]) -> Fram
                      height=record["height"], steps=record["steps"], cfg_scale=record["cfg_scale"], guides=guides)
 
 
+def _lora_file(out_dir: Path, lora: dict[str, Any]) -> Path:
+    """The LoRA the story was made with: at its recorded path, or in the run's lora/ folder after a move."""
+    recorded = Path(lora["path"])
+    moved = Path(out_dir).resolve().parent / "lora" / "lora.safetensors"
+    for candidate in (recorded, moved):
+        if candidate.is_file() and sha256_bytes(candidate.read_bytes()) == lora["sha256"]:
+            return candidate
+    return _verified(recorded, lora["sha256"], "LoRA")
+
+
 def reroll(
     out_dir: Path,
     frame: int,
@@ -63,7 +75,10 @@ def reroll(
     With neither ``seed`` nor ``prompt`` a fresh random seed is drawn; with
     only ``prompt`` the seed stays. Weights, LoRA and ControlNets are the
     ones the manifest records (checked by hash; ``controlnets`` may point at
-    moved copies). Returns the folder's state; ``generated`` is ``[frame]``.
+    moved copies). The new frame is built in staging and swapped in with the
+    rest of the story; the previous story goes to the run's ``.history/``, the
+    manifest and ``story.yaml`` record the new seed and prompt. Returns the
+    folder's state; ``generated`` is ``[frame]``.
     """
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
@@ -78,6 +93,7 @@ def reroll(
     tried = {entry["seed"] for entry in record.get("seed_history", [])}
     if seed is None and prompt is None:
         seed = next(s for s in iter(lambda: secrets.randbelow(2**31), None) if s not in tried)
+    spec_text = (out_dir / SPEC_COPY).read_text(encoding="utf-8")
     spec = load_spec(out_dir / SPEC_COPY)
 
     companions = [i for i in record.get("batch", [frame]) if str(i) in records]
@@ -95,7 +111,7 @@ def reroll(
         raise KstoryError(f"the base model {manifest['model']['spec']!r} changed since the story was generated",
                           path=weights.root, fix="restore those weights, or generate the whole story again")
     lora = manifest["lora"]
-    lora_path = _verified(Path(lora["path"]), lora["sha256"], "LoRA") if lora else None
+    lora_path = _lora_file(out_dir, lora) if lora else None
     paths = {name: Path(cn["path"]) for name, cn in manifest["controlnets"].items()}
     paths.update({name: Path(p) for name, p in (controlnets or {}).items()})
     needed = {guide.controlnet for plan in plans for guide in plan.guides}
@@ -108,9 +124,21 @@ def reroll(
     if device == "cuda" and not torch.cuda.is_available():
         raise KstoryError("this story was generated on a GPU; re-rolling on the CPU would not match its frames",
                           path=out_dir, fix="re-roll on a machine with a GPU, or generate the whole story again")
-    session = Session.load(weights, lora=lora_path, lora_scale=lora["scale"] if lora else None, controlnets=found,
-                      device=device, torch_dtype=getattr(torch, manifest["dtype"]))
+
+    spec_value = {i: spec_values(records[str(i)]) for i in companions}
+    origin = {frame: "reroll" if (target.seed, target.frame_prompt) != spec_value[frame] else "spec"}
+    work = frame_work([plans], manifest["setup_id"], origin, spec_value)
+    new = {**manifest, "frames": {}}
+    build = StoryBuild(out_dir, manifest)
+    build.open()
+    for key, other in records.items():
+        if int(key) != frame:
+            build.take(out_dir, int(key), other, new)
+
+    def load_session() -> Session:
+        return Session.load(weights, lora=lora_path, lora_scale=lora["scale"] if lora else None, controlnets=found,
+                            device=device, torch_dtype=getattr(torch, manifest["dtype"]))
+
     log.info("re-rolling frame %d with seed %d (batch %s)", frame, target.seed, companions)
-    generated, seconds, peak = run_plans(out_dir, [plans], {frame}, session=session, manifest=manifest,
-                                         earlier=records.copy(), release=spec.generation.release_text_encoder)
-    return result_of(out_dir, manifest, generated, seconds, peak, device)
+    return build_story(build, new, [plans], {frame}, work, load_session=load_session, spec_text=spec_text,
+                       release=spec.generation.release_text_encoder, device=device)

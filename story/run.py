@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,20 +17,19 @@ from typing import Any
 
 import torch
 
-from kstory.atomic import copy_file
+from kstory.atomic import write_bytes, write_text
 from kstory.errors import KstoryError
 from kstory.logs import get_logger
 from kstory.models import KolorsWeights, resolve_model
 from story.controlnets import ControlNetWeights, identify
 from story.generate import SAMPLER, FramePlan, GuidePlan, Session, batches, default_device, default_dtype
 from story.guides.render import render_guide
-from story.manifest import (
-    FORMAT, frame_name, package_versions, read_manifest, save_png, sha256_bytes, write_manifest,
-)
+from story.build import StoryBuild, plan_key
+from story.manifest import FORMAT, frame_name, package_versions, png_bytes, read_manifest, save_png, sha256_bytes
 from story.spec import StorySpec, load_spec
+from story.spec_copy import SPEC_COPY, derive_spec_text
 
 log = get_logger("story")
-SPEC_COPY = "story.yaml"
 
 
 @dataclass(frozen=True)
@@ -120,15 +119,17 @@ def plan_frames(spec: StorySpec, indices: list[int], spec_dir: Path, trigger_wor
 
 
 def setup_record(
-    model: str, weights: KolorsWeights, lora: LoraChoice | None, lora_info: dict[str, Any] | None,
+    model: str, weights: KolorsWeights, lora: LoraChoice | None,
     controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype, batch_size: int,
 ) -> dict[str, Any]:
     """The manifest's description of the networks and runtime; frames are only comparable within one setup."""
+    from train.lora_io import lora_strength
+
     return {
         "model": {"spec": model, "identity": weights.identity, "fingerprint": weights.fingerprint, "tiny": weights.is_tiny},
         "lora": None if lora is None else {
             "path": str(lora.path), "sha256": lora.sha256, "scale": 1.0 if lora.scale is None else lora.scale,
-            "strength": lora_info["strength"] if lora_info else None,
+            "strength": lora_strength(lora.metadata, lora.scale),
             "rank": int(lora.metadata.get("kstory.rank", 0)), "alpha": float(lora.metadata.get("kstory.alpha", 0)),
             "trigger_word": lora.metadata.get("kstory.trigger_word", ""),
             "base_model": lora.metadata.get("kstory.base_model", ""),
@@ -149,8 +150,12 @@ def setup_id(setup: dict[str, Any]) -> str:
 
 
 def frame_record(plan: FramePlan, sha256: str, batch: list[int], previous: dict[str, Any] | None,
-                 guide_hashes: list[str], seconds: float) -> dict[str, Any]:
-    """One frame of the manifest; the seed history carries over from ``previous``."""
+                 guide_hashes: list[str], seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
+    """One frame of the manifest; the seed history carries over from ``previous``.
+
+    ``extra`` holds the frame's key, its origin (spec or reroll) and the seed and prompt the user's spec
+    gave it (``spec_seed``, ``spec_frame_prompt``), which decide whether a re-roll still stands.
+    """
     history = list(previous.get("seed_history", [])) if previous else []
     attempt = {"seed": plan.seed, "prompt": plan.frame_prompt, "sha256": sha256,
                "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -177,26 +182,87 @@ def frame_record(plan: FramePlan, sha256: str, batch: list[int], previous: dict[
             for g, digest in zip(plan.guides, guide_hashes)
         ],
         "seconds": round(seconds, 3),
+        **extra,
         "seed_history": history,
     }
 
 
+def spec_values(record: dict[str, Any]) -> tuple[int, str]:
+    """The seed and frame prompt the user's spec gave a frame when its current picture was made.
+
+    Manifests written before these were recorded fall back to the first attempt in the seed history.
+    """
+    history = record.get("seed_history") or [{"seed": record["seed"], "prompt": record["frame_prompt"]}]
+    return (int(record.get("spec_seed", history[0]["seed"])),
+            str(record.get("spec_frame_prompt", history[0]["prompt"])))
+
+
+def is_rerolled(record: dict[str, Any]) -> bool:
+    return (int(record["seed"]), str(record["frame_prompt"])) != spec_values(record)
+
+
+def carry_rerolls(spec: StorySpec, plans: list[FramePlan], records: Mapping[str, Any], trigger_word: str) -> list[int]:
+    """Keep re-rolled frames re-rolled: a frame whose spec entry is unchanged since its re-roll takes the re-roll's
+    seed and prompt; a frame the user edited in the spec since then follows the spec. Returns the carried frames."""
+    carried = []
+    for plan in plans:
+        record = records.get(str(plan.index))
+        if not record or not is_rerolled(record) or spec_values(record) != (plan.seed, plan.frame_prompt):
+            continue
+        plan.seed, plan.frame_prompt = int(record["seed"]), str(record["frame_prompt"])
+        frame = spec.frames[plan.index - 1]
+        original, frame.prompt = frame.prompt, plan.frame_prompt
+        plan.prompt = spec.prompt(plan.index, trigger_word)
+        frame.prompt = original
+        carried.append(plan.index)
+    return carried
+
+
+@dataclass(frozen=True)
+class FrameWork:
+    """What to do with one frame of a build: its plan, key, record extras, and the guide images as PNG bytes."""
+
+    plan: FramePlan
+    key: str
+    extra: dict[str, Any]
+    guide_pngs: list[bytes]
+
+
+def frame_work(groups: list[list[FramePlan]], setup: str, origin: Mapping[int, str],
+               spec_value: Mapping[int, tuple[int, str]]) -> dict[int, FrameWork]:
+    """Key and record extras of every planned frame (guide images encoded once)."""
+    work = {}
+    for batch in groups:
+        members = [plan.index for plan in batch]
+        for plan in batch:
+            pngs = [png_bytes(g.image) for g in plan.guides]
+            key = plan_key(plan, members, setup, SAMPLER, [sha256_bytes(data) for data in pngs])
+            seed, prompt = spec_value[plan.index]
+            extra = {"key": key, "origin": origin.get(plan.index, "spec"), "spec_seed": seed,
+                     "spec_frame_prompt": prompt}
+            work[plan.index] = FrameWork(plan, key, extra, pngs)
+    return work
+
+
 def run_plans(
     out_dir: Path, groups: list[list[FramePlan]], keep: set[int], *, session: Session, manifest: dict[str, Any],
-    earlier: dict[str, Any], release: str,
+    earlier: dict[str, Any], release: str, work: Mapping[int, FrameWork], save: Callable[[dict[str, Any]], None],
 ) -> tuple[list[int], float, int | None]:
     """Generate the batches ``groups`` into ``out_dir``, writing only frames in ``keep``.
 
-    The manifest is rewritten after every batch (so a crash keeps finished
-    frames); ``earlier`` holds the previous manifest's frames, whose seed
-    histories continue.
+    ``save`` writes the manifest after every batch (so an interrupted run keeps finished frames);
+    ``earlier`` holds the previous manifest's frames, whose seed histories continue.
     """
     cuda = str(session.device).startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     plans = [plan for batch in groups for plan in batch]
-    guide_hashes = {plan.index: [save_png(g.image, out_dir / g.file) for g in plan.guides]
-                    for plan in plans if plan.index in keep}
+    guide_hashes = {}
+    for plan in plans:
+        if plan.index in keep:
+            guide_hashes[plan.index] = [sha256_bytes(data) for data in work[plan.index].guide_pngs]
+            for guide, data in zip(plan.guides, work[plan.index].guide_pngs):
+                write_bytes(out_dir / guide.file, data)
     session.encode(plans, release)
     generated, seconds = [], 0.0
     for batch, images, batch_seconds in session.generate(groups):
@@ -207,11 +273,10 @@ def run_plans(
                 continue
             digest = save_png(image, out_dir / "frames" / f"{frame_name(plan.index)}.png")
             key = str(plan.index)
-            manifest["frames"][key] = frame_record(plan, digest, members, earlier.get(key),
-                                                   guide_hashes[plan.index], batch_seconds / len(batch))
+            manifest["frames"][key] = frame_record(plan, digest, members, earlier.get(key), guide_hashes[plan.index],
+                                                   batch_seconds / len(batch), work[plan.index].extra)
             generated.append(plan.index)
-        manifest["frames"] = dict(sorted(manifest["frames"].items(), key=lambda item: int(item[0])))
-        write_manifest(out_dir, manifest)
+        save(manifest)
         log.info("frames %s done in %.1f s", ", ".join(str(i) for i in members if i in keep), batch_seconds)
     peak = torch.cuda.max_memory_allocated() if cuda else None
     return generated, seconds, peak
@@ -222,7 +287,7 @@ def new_manifest(spec: StorySpec, setup: dict[str, Any], spec_sha256: str, trigg
         "format": FORMAT,
         "title": spec.title,
         "frame_count": spec.frame_count,
-        "spec": {"file": SPEC_COPY, "sha256": spec_sha256},
+        "spec": {"file": SPEC_COPY, "source_sha256": spec_sha256},
         "trigger_word": trigger_word,
         "setup_id": setup_id(setup),
         **setup,
@@ -237,6 +302,41 @@ def result_of(out_dir: Path, manifest: dict[str, Any], generated: list[int], sec
     hashes = {int(k): v["sha256"] for k, v in manifest["frames"].items()}
     per_frame = seconds / len(generated) if generated else 0.0
     return StoryResult(out_dir, out_dir / "manifest.json", frames, hashes, sorted(generated), seconds, per_frame, peak, device)
+
+
+def build_story(
+    build: StoryBuild, manifest: dict[str, Any], groups: list[list[FramePlan]], wanted: set[int],
+    work: Mapping[int, FrameWork], *, load_session: Callable[[], Session], spec_text: str, release: str, device: str,
+) -> StoryResult:
+    """Make the frames ``wanted`` in ``build``'s staging folder (reusing unchanged ones) and swap it in.
+
+    Frames outside ``wanted`` must already be in ``manifest`` (taken from the story folder).
+    """
+    to_make = set()
+    for index in sorted(wanted):
+        found = build.reusable(index, work[index].key)
+        if found is None:
+            to_make.add(index)
+        else:
+            build.take(found[0], index, found[1], manifest)
+    if len(wanted) - len(to_make):
+        log.info("%d frame(s) unchanged and kept, %d to generate", len(wanted) - len(to_make), len(to_make))
+    build.save(manifest)
+    spec_copy_text = derive_spec_text(spec_text, manifest) if not to_make else None
+    if not to_make and build.unchanged(manifest, spec_copy_text, SPEC_COPY):
+        build.abandon(manifest)
+        log.info("story up to date: every frame matches its inputs, nothing generated (%s)", build.out_dir)
+        return result_of(build.out_dir, manifest, [], 0.0, None, device)
+    generated, seconds, peak = [], 0.0, None
+    if to_make:
+        session = load_session()
+        groups = [batch for batch in groups if any(plan.index in to_make for plan in batch)]
+        earlier = dict((build.current or {}).get("frames", {}))
+        generated, seconds, peak = run_plans(build.staging, groups, to_make, session=session, manifest=manifest,
+                                             earlier=earlier, release=release, work=work, save=build.save)
+    text = derive_spec_text(spec_text, manifest)
+    build.finish(manifest, lambda folder: write_text(folder / SPEC_COPY, text))
+    return result_of(build.out_dir, manifest, generated, seconds, peak, device)
 
 
 def generate_story(
@@ -255,9 +355,12 @@ def generate_story(
     """Generate the story of ``spec_path`` (or only ``frames``, 1-based) into ``out_dir``.
 
     Writes ``frames/NN.png``, ``guides/NN-<kind>.png``, ``story.yaml`` (the
-    spec as given) and ``manifest.json``. Same spec, weights, device and
-    dtype give bit-identical frames. With ``frames``, the other frames of an
-    existing folder stay as they are (they must come from the same weights).
+    spec as last generated) and ``manifest.json``, all through a staging folder
+    swapped in at the end (the previous story goes to the run's ``.history/``).
+    Frames whose inputs are unchanged are kept, not regenerated; a full run
+    keeps re-rolled frames whose spec entry is unchanged. Same spec, weights,
+    device and dtype give bit-identical frames. With ``frames``, the other
+    frames of an existing folder stay as they are (same weights required).
     """
     spec_path, out_dir = Path(spec_path).resolve(), Path(out_dir)
     spec = load_spec(spec_path)
@@ -272,28 +375,43 @@ def generate_story(
     if lora_trigger and trigger != lora_trigger:
         log.warning("the spec's trigger word %r differs from the LoRA's %r", trigger, lora_trigger)
     plans = plan_frames(spec, list(range(1, spec.frame_count + 1)), spec_path.parent, trigger)
-    groups = [batch for batch in batches(plans, spec.generation.batch_size) if any(p.index in indices for p in batch)]
+    from_spec = {plan.index: (plan.seed, plan.frame_prompt) for plan in plans}
+    current = read_manifest(out_dir)
+    origin: dict[int, str] = {}
+    if frames is None and current is not None:
+        carried = carry_rerolls(spec, plans, current.get("frames", {}), trigger)
+        origin = {index: "reroll" for index in carried}
+        if carried:
+            log.info("keeping the re-rolled seed or prompt of frame(s) %s", ", ".join(map(str, carried)))
+    groups = batches(plans, spec.generation.batch_size)
+    if frames:
+        groups = [batch for batch in groups if any(plan.index in indices for plan in batch)]
     needed = {guide.controlnet for batch in groups for plan in batch for guide in plan.guides}
     controlnet_weights = resolve_controlnets(spec, spec_path.parent, controlnets, needed)
     device = device or default_device()
     torch_dtype = torch_dtype or default_dtype(device)
-
-    session = Session.load(weights, lora=lora_choice.path if lora_choice else None, lora_scale=lora_scale,
-                      controlnets=controlnet_weights, device=device, torch_dtype=torch_dtype)
-    setup = setup_record(model, weights, lora_choice, session.lora_info, controlnet_weights, device, torch_dtype,
+    setup = setup_record(model, weights, lora_choice, controlnet_weights, device, torch_dtype,
                          spec.generation.batch_size)
     spec_bytes = spec_path.read_bytes()
     manifest = new_manifest(spec, setup, sha256_bytes(spec_bytes), trigger)
-    previous = read_manifest(out_dir)
-    if previous is not None and frames:
-        if previous.get("setup_id") != manifest["setup_id"]:
+    if current is not None and frames:
+        if current.get("setup_id") != manifest["setup_id"]:
             raise KstoryError(
                 "this story folder was generated with other weights, LoRA, ControlNets, device or dtype",
                 path=out_dir, fix="regenerate all frames (leave out the frame selection) or use another folder",
             )
-        manifest["frames"] = {k: v for k, v in previous["frames"].items() if int(k) not in indices}
-    copy_file(spec_path, out_dir / SPEC_COPY)
-    generated, seconds, peak = run_plans(out_dir, groups, set(indices), session=session, manifest=manifest,
-                                         earlier=previous["frames"] if previous else {},
-                                         release=spec.generation.release_text_encoder)
-    return result_of(out_dir, manifest, generated, seconds, peak, device)
+    work = frame_work(groups, manifest["setup_id"], origin, from_spec)
+    build = StoryBuild(out_dir, current)
+    build.open()
+    if current is not None and frames:
+        for key, record in current["frames"].items():
+            if int(key) not in indices:
+                build.take(out_dir, int(key), record, manifest)
+
+    def load_session() -> Session:
+        return Session.load(weights, lora=lora_choice.path if lora_choice else None, lora_scale=lora_scale,
+                            controlnets=controlnet_weights, device=device, torch_dtype=torch_dtype)
+
+    return build_story(build, manifest, groups, set(indices), work, load_session=load_session,
+                       spec_text=spec_bytes.decode("utf-8"), release=spec.generation.release_text_encoder,
+                       device=device)

@@ -75,6 +75,7 @@ def _check_run(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any], Pat
         for guide in frame.get("guides", []):
             if not (story / guide["file"]).is_file():
                 raise KstoryError("guide image missing", path=story / guide["file"], fix="regenerate the story")
+    _check_spec_copy(story, manifest)
     lora_sha = sha256_file(lora)
     used = (manifest.get("lora") or {}).get("sha256")
     if used != lora_sha:
@@ -90,6 +91,21 @@ def _check_run(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any], Pat
             raise KstoryError(f"scores.json scored another version of frame {key}", path=run_dir / "scores.json",
                               fix="run `kstory score` again")
     return lora, manifest, scores, story, lora_meta
+
+
+def _check_spec_copy(story: Path, manifest: dict[str, Any]) -> None:
+    """story.yaml ships beside manifest.json: refuse a package where they tell different stories."""
+    from story.spec_copy import SPEC_COPY, disagreements
+
+    problems = disagreements(story / SPEC_COPY, manifest)
+    if problems:
+        raise KstoryError(
+            f"{SPEC_COPY} and manifest.json disagree: " + "; ".join(problems[:3]) +
+            (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""),
+            path=story / SPEC_COPY,
+            fix="the manifest is the source of truth: re-roll the frame again (`kstory reroll`) or regenerate the "
+                "story with `kstory story`, which write both",
+        )
 
 
 def _training_summary(run_dir: Path, lora_meta: dict[str, str]) -> dict[str, Any]:

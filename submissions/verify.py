@@ -144,7 +144,8 @@ def _controlnets(manifest: dict[str, Any], given: dict[str, Path] | None, cache_
 
 
 def _package_spec(submission: Path, manifest: dict[str, Any], target: Path) -> Path:
-    """story.yaml with each frame's guides replaced by the packaged guide images."""
+    """story.yaml with each frame's seed and prompt from the manifest and its guides replaced by the packaged
+    guide images."""
     spec = yaml.safe_load((submission / "story.yaml").read_text(encoding="utf-8")) or {}
     spec.pop("controlnets", None)  # given explicitly, found by hash
     frames = spec.get("frames") or []
@@ -153,6 +154,8 @@ def _package_spec(submission: Path, manifest: dict[str, Any], target: Path) -> P
         if not 0 <= index < len(frames):
             raise KstoryError(f"manifest frame {key} is not in story.yaml", path=submission / "story.yaml",
                               fix="repackage the run")
+        frames[index]["seed"] = frame["seed"]  # the manifest is the source of truth for each frame
+        frames[index]["prompt"] = frame["frame_prompt"]
         frames[index]["guides"] = [
             {"type": "image", "image": str((submission / g["file"]).resolve()), "controlnet": g["controlnet"],
              "task": g.get("task"), "scale": g["scale"], "start": g["start"], "end": g["end"]}
