@@ -128,6 +128,7 @@ def score_images(
             report = _report(decoded, skipped, scores, clip, clip_embeds, dreamsim_embeds, prompts, dev,
                              threshold, models, complete, Timing(load_s=loaded - started, score_s=scored - loaded))
             if out is not None:
+                _keep_previous(Path(out))
                 write_json(out, report.to_json())
                 log.info("scores written to %s", out)
     return report
@@ -180,3 +181,12 @@ def _report(
         summary=summary, images=entries, skipped=[SkippedFile(file=str(s.path), reason=s.reason) for s in skipped],
         warnings=warnings, complete=complete, timing=timing, kstory_version=kstory.__version__,
     )
+
+
+def _keep_previous(out: Path) -> None:
+    """A scores.json about to be replaced goes to the run's .history/ (scores are never just overwritten)."""
+    from kstory.rundir import RunDir, move_to_history
+
+    if out.is_file():
+        moved = move_to_history(RunDir(out.parent), out)
+        log.info("previous scores kept at %s", moved)

@@ -156,6 +156,12 @@ def test_story_reroll_keeps_seed_history_and_rescores(demo_runs: Path, monkeypat
     frame2 = next(i for i in scores["images"] if Path(i["file"]).name == "02.png")
     assert frame2["sha256"] == after["sha256"]
     assert "seed **4242**" in _texts(at)
+    # The re-roll is part of the story's state: a later `kstory run` keeps it and has nothing left to do.
+    from kstory.runner import run_config
+
+    outcomes = {o.stage: o.status for o in run_config(run / "kstory.yaml")}
+    assert outcomes == {"prep": "skipped", "train": "skipped", "story": "skipped", "score": "skipped"}, outcomes
+    assert json.loads((run / "story" / "manifest.json").read_text())["frames"]["2"]["seed"] == 4242
 
 
 def test_package_name_build_preview_and_upload(demo_runs: Path, monkeypatch: pytest.MonkeyPatch,
