@@ -90,9 +90,12 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return Image.fromarray(grey, "L").convert("RGB")
 
 
+# round(v * 255 / 65535) for every 16-bit value, in integers: a lookup is ~10x faster than the arithmetic per pixel.
+_SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
 def _scale_16_bit(values: np.ndarray) -> np.ndarray:
-    wide = values.astype(np.uint32)
-    return ((wide * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535) in integers
+    return _SIXTEEN_TO_EIGHT[values.astype(np.intp, copy=False)]
 
 
 def _scale_integer(values: np.ndarray) -> np.ndarray:
