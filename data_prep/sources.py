@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from PIL import Image
+
 from kstory.errors import KstoryError
+from kstory.images import HIGH_BIT_MODES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
@@ -79,11 +82,26 @@ def export_modelscope(source: str, dest: Path) -> Path:
         writer = csv.writer(handle)
         writer.writerow(["file_name", "text"])
         for index, row in enumerate(dataset):
-            name = f"{index:06d}.png"
-            row["image"].convert("RGB").save(dest / name)
+            name = export_picture(row["image"], dest, index)
             caption = next((row[key] for key in ("text", "caption", "prompt") if row.get(key)), "")
             writer.writerow([name, caption])
     return dest
+
+
+def export_picture(image: Image.Image, dest: Path, index: int) -> str:
+    """Write one dataset picture as ``<index>.png``, or ``.tif`` when it is deeper than 8 bits; returns the name.
+
+    A deep picture is written as it is (TIFF holds every deep Pillow mode),
+    so the pre-check scales it by kstory's one rule, or refuses it, and
+    reports either, instead of ``convert("RGB")`` clamping it to white here.
+    """
+    if image.mode in HIGH_BIT_MODES:
+        name = f"{index:06d}.tif"
+        image.save(dest / name, format="TIFF")
+    else:
+        name = f"{index:06d}.png"
+        image.convert("RGB").save(dest / name, format="PNG")
+    return name
 
 
 def scan_folder(folder: Path) -> Scan:

@@ -335,3 +335,18 @@ def test_a_caption_of_invisible_characters_is_empty(tmp_path: Path) -> None:
     kept = check_sample(Sample("a.png", path, "\ufeffa cat"), [], max_pixels=10**8)
     assert kept.reason is None and kept.caption == "a cat"
     assert kept.caption_cleaned == ["U+FEFF ZERO WIDTH NO-BREAK SPACE x1"]
+
+
+def test_a_deep_dataset_picture_is_exported_as_it_is(tmp_path: Path) -> None:
+    """A ModelScope dataset's 16-bit picture reaches the pre-check unclamped (it scales and reports it)."""
+    import numpy as np
+
+    from data_prep.sources import export_picture
+
+    deep = Image.fromarray(np.array([[0, 25700, 65535]], dtype=np.uint16))
+    assert export_picture(deep, tmp_path, 3) == "000003.tif"
+    with Image.open(tmp_path / "000003.tif") as written:
+        assert written.mode == "I;16" and list(np.asarray(written)[0]) == [0, 25700, 65535]
+    assert export_picture(Image.new("P", (4, 4)), tmp_path, 4) == "000004.png"
+    with Image.open(tmp_path / "000004.png") as written:
+        assert written.mode == "RGB"
