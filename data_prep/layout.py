@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from kstory.atomic import write_text
 from kstory.errors import KstoryError
+from kstory.images import HIGH_BIT_MODES, to_rgb8
 
 TRAIN_DIR = "train"
 REPORT_NAME = "report.json"
@@ -40,9 +41,15 @@ class Picture:
     reencode: bool
 
 
-def needs_reencode(file_format: str | None, exif_orientation: int) -> bool:
-    """Unusual formats, and pictures whose EXIF says to rotate them (Data-Juicer measured them rotated)."""
-    return file_format not in PASS_THROUGH_FORMATS or exif_orientation != 1
+def needs_reencode(file_format: str | None, exif_orientation: int, scaled_from: str | None = None) -> bool:
+    """Whether the picture must be re-encoded instead of copied byte for byte.
+
+    Unusual formats; pictures whose EXIF says to rotate them (Data-Juicer
+    measured them rotated); and pictures that decode in a mode deeper than
+    8 bits, which another trainer's ``convert("RGB")`` would clamp to white
+    (a 16-bit RGB PNG stays as it is: Pillow reads it as 8-bit RGB itself).
+    """
+    return file_format not in PASS_THROUGH_FORMATS or exif_orientation != 1 or scaled_from in HIGH_BIT_MODES
 
 
 def with_trigger(caption: str, trigger_word: str | None) -> str:
@@ -101,7 +108,7 @@ class TrainingSetWriter:
 
 
 def _place(picture: Picture, train: Path) -> str:
-    """Copy the picture byte for byte, or re-encode it to an upright PNG when needed; returns its file name.
+    """Copy the picture byte for byte, or re-encode it to an upright 8-bit PNG when needed; returns its file name.
 
     Plain writes: ``train`` lies in the staging folder, which is published
     as a whole (see :func:`publish`), so a file cut short by an interrupted
@@ -114,7 +121,7 @@ def _place(picture: Picture, train: Path) -> str:
         return picture.source.name
     name = f"{picture.source.stem}.png"
     with Image.open(picture.source) as image:
-        ImageOps.exif_transpose(image).convert("RGB").save(train / name, format="PNG")
+        to_rgb8(ImageOps.exif_transpose(image)).save(train / name, format="PNG")
     return name
 
 

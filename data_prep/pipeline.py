@@ -181,7 +181,7 @@ def _row(check: Check) -> dict:
     sample = check.sample
     return {
         "id": sample.id,
-        TEXT_KEY: sample.caption,
+        TEXT_KEY: check.caption,
         IMAGE_KEY: [str(sample.path)],
         Fields.stats: check.stats,
         **check.hashes,
@@ -189,7 +189,9 @@ def _row(check: Check) -> dict:
 
 
 def _picture(check: Check) -> layout.Picture:
-    reencode = layout.needs_reencode(check.measured["format"], check.measured.get("exif_orientation", 1))
+    reencode = layout.needs_reencode(
+        check.measured["format"], check.measured.get("exif_orientation", 1), check.measured.get("scaled_from")
+    )
     return layout.Picture(check.sample.id, check.sample.path, reencode)
 
 

@@ -18,16 +18,20 @@ from data_prep.sources import Scan
 from data_prep.validate import Check
 from kstory.atomic import write_json, write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: path_outside_dataset, unsupported_pixel_values, caption_cleaned, file.scaled_from
 PRE_CHECKS = {
+    "path_outside_dataset": "the listed path (or its symlink) leads out of the dataset folder; never read",
     "file_not_found": "the listed file does not exist",
     "missing_caption": "no caption given (no metadata row / no .txt)",
     "empty_caption": "caption is empty or only whitespace",
     "not_an_image": "Pillow cannot identify the file as a picture",
     "corrupt_image": "header or pixel data is damaged or truncated",
     "too_many_pixels": "header claims more pixels than kstory.max_image_pixels",
+    "unsupported_pixel_values": "32-bit integer or float pixels outside the ranges with a known white level",
     "duplicate_name": "another sample has the same file stem",
 }
+CAPTION_CLEANING = "caption_cleaned"
+CAPTION_CLEANING_RULE = "Unicode NFC; bidi controls, BOM and non-whitespace control characters removed"
 
 
 def build_report(
@@ -60,6 +64,17 @@ def build_report(
         }
         for reason, rule in PRE_CHECKS.items()
     ]
+    cleaned = sum(bool(check.caption_cleaned) for check in checks)
+    ops.append(
+        {
+            "stage": validate.STAGE,
+            "name": CAPTION_CLEANING,
+            "rule": CAPTION_CLEANING_RULE,
+            "threshold": {},
+            "dropped": 0,
+            "captions_changed": cleaned,
+        }
+    )
     seen: set[str] = set()
     for name, args in recipe.ops:  # a repeated op's counts go to its first entry
         counts = {"dropped": 0} if name in seen else {"dropped": dropped_by[name], "captions_changed": edited[name]}
@@ -103,8 +118,7 @@ def _entry(
         )
         if check.duplicate_of:
             entry["duplicate_of"] = check.duplicate_of
-        entry["caption"] = caption
-        return entry
+        return _with_caption(entry, caption, check)
     entry["file"] = check.measured
     edits = run.caption_edits.get(sample.id, []) if run else []
     drop = run.drops.get(sample.id) if run else None
@@ -119,7 +133,13 @@ def _entry(
         entry.update(status="kept", output=placed[sample.id])
         caption.update(final=final_captions[sample.id], changed_by=edits)
         entry["measured"] = _measurements(kept_rows[sample.id])
+    return _with_caption(entry, caption, check)
+
+
+def _with_caption(entry: dict[str, Any], caption: dict[str, Any], check: Check) -> dict[str, Any]:
     entry["caption"] = caption
+    if check.caption_cleaned:
+        entry[CAPTION_CLEANING] = check.caption_cleaned
     return entry
 
 
@@ -172,6 +192,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"## Kept ({len(kept)})", "", "| sample | file | caption |", "|---|---|---|"]
     for entry in kept:
         lines.append(f"| `{entry['id']}` | `{entry['output']}` | {_cell(entry['caption']['final'])} |")
+    cleaned = [entry for entry in report["samples"] if entry.get(CAPTION_CLEANING)]
+    if cleaned:
+        lines += ["", f"## Captions cleaned ({len(cleaned)})", "", "| sample | removed or changed |", "|---|---|"]
+        lines += [f"| `{entry['id']}` | {_cell(', '.join(entry[CAPTION_CLEANING]))} |" for entry in cleaned]
     if report["ignored_files"]:
         lines += ["", "## Files that are not samples", ""] + [f"- `{name}`" for name in report["ignored_files"]]
     return "\n".join(lines) + "\n"

@@ -5,7 +5,9 @@ one simple character next to a tree or a house) with a caption that describes
 it; the look is consistent enough to stand in for a LoRA style set.  With
 ``defects=True`` the folder also holds one sample for every problem the recipe
 and the pre-checks must catch; :data:`DEFECTS` says which file is which and
-what should drop it.
+what should drop it, and :data:`KEPT_FAITHFULLY` lists the unusual inputs
+that must be kept but read with care (16-bit pictures, invisible characters
+in a caption).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from kstory.errors import KstoryError
@@ -61,7 +64,19 @@ DEFECTS: dict[str, str] = {
     "no_caption.png": "missing_caption",
     "empty_caption.png": "empty_caption",
     "extra/sample_0002.png": "duplicate_name",
+    "../outside.png": "path_outside_dataset",
+    "/absolute/outside.png": "path_outside_dataset",
+    "invisible_caption.png": "empty_caption",
 }
+# file name -> how prep must read it to keep it as it is meant.
+KEPT_FAITHFULLY: dict[str, str] = {
+    "deep_grey.png": "16-bit grey PNG (Pillow mode I;16): scaled to 8 bits as round(v * 255 / 65535)",
+    "deep_rgb.png": "16-bit RGB PNG: Pillow reads it as 8-bit RGB, keeping the high byte (v >> 8)",
+    "bidi_caption.png": "caption wrapped in a BOM and a right-to-left override: both removed, noted in caption_cleaned",
+}
+# Invisible characters around the caption of bidi_caption.png, and the whole caption of invisible_caption.png.
+BIDI_WRAP = ("\ufeff\u202e", "\u202c")
+INVISIBLE_CAPTION = "\u202e\ufeff\u200f"
 # defect file name -> the clean sample it duplicates.
 DUPLICATE_OF = {
     "copy_of_0000.png": "sample_0000.png",
@@ -302,6 +317,41 @@ def _write_defects(folder: Path, rng: random.Random) -> list[tuple[str, str]]:
     image, caption = scene()
     _save(image, folder / "extra" / "sample_0002.png")
     rows.append(("extra/sample_0002.png", caption))
+    rows += [
+        ("../outside.png", "a picture outside the dataset folder, never to be read"),
+        ("/absolute/outside.png", "a picture named by an absolute path, never to be read"),
+    ]
+    image, _ = scene()
+    _save(image, folder / "invisible_caption.png")
+    rows.append(("invisible_caption.png", INVISIBLE_CAPTION))
+    return rows + _write_faithful(folder, rng)
+
+
+def _write_faithful(folder: Path, rng: random.Random) -> list[tuple[str, str]]:
+    """Write the :data:`KEPT_FAITHFULLY` files; return their metadata rows.
+
+    The 16-bit pictures are 8-bit scenes times 257 plus noise of at most
+    +-128, so every low byte is used and rounding back to 8 bits gives the
+    scene again (for grey) while clamping would give white.
+    """
+    import cv2  # OpenCV writes 16-bit RGB PNGs, which Pillow cannot
+
+    noise = np.random.default_rng(rng.randrange(2**32))
+    rows = []
+    image, caption = _scene(rng)
+    grey = np.asarray(image.convert("L")).astype(np.int32) * 257
+    deep = np.clip(grey + noise.integers(-128, 129, grey.shape), 0, 65535).astype(np.uint16)
+    Image.fromarray(deep).save(folder / "deep_grey.png", format="PNG")  # Pillow writes uint16 as I;16
+    rows.append(("deep_grey.png", f"{caption}, in grey"))
+    image, caption = _scene(rng)
+    rgb = np.asarray(image).astype(np.int32) * 257
+    deep = np.clip(rgb + noise.integers(-128, 129, rgb.shape), 0, 65535).astype(np.uint16)
+    if not cv2.imwrite(str(folder / "deep_rgb.png"), np.ascontiguousarray(deep[:, :, ::-1])):  # OpenCV wants BGR
+        raise KstoryError("OpenCV could not write a 16-bit PNG", path=folder / "deep_rgb.png", fix="check the disk")
+    rows.append(("deep_rgb.png", caption))
+    image, caption = _scene(rng)
+    _save(image, folder / "bidi_caption.png")
+    rows.append(("bidi_caption.png", f"{BIDI_WRAP[0]}{caption}{BIDI_WRAP[1]}"))
     return rows
 
 
@@ -313,7 +363,6 @@ def _near_duplicate(original: Image.Image) -> bytes:
     enlargements/encodings in a fixed order and keep the first whose hash
     matches: the defect is then a near-duplicate that op is meant to catch.
     """
-    import numpy as np
     from imagededup.methods import PHash  # torch-heavy; only the defect set needs it
 
     hasher = PHash()

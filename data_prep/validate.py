@@ -2,11 +2,14 @@
 
 Data-Juicer loads pictures leniently (it sets ``LOAD_TRUNCATED_IMAGES``, so a
 cut-off JPEG comes back grey-padded instead of failing) and decodes without a
-pixel limit, so files are checked here first: missing, not a picture,
-truncated, too many pixels, no caption, a name another sample already uses.
+pixel limit, so files are checked here first: outside the dataset, missing,
+not a picture, truncated, too many pixels, pixel values without a known
+white level, no caption, a name another sample already uses.  Captions are
+normalised here too (:mod:`data_prep.captions`).
 
 The decode done for the truncation check gives the pixels Data-Juicer's own
-loader would (see :func:`decode_like_data_juicer`), and the file-only ops of
+loader would, except that pictures with more than 8 bits per channel are
+scaled instead of clamped (see :func:`decode_like_data_juicer`), and the file-only ops of
 the recipe (shape, aspect ratio, file size, perceptual hash) take their
 measurements from that decoded picture through Data-Juicer's context
 mechanism.  The executor then finds those stats already computed and only
@@ -25,9 +28,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from data_prep.captions import normalise_caption
 from data_prep.recipe import IMAGE_KEY, TEXT_KEY, Recipe
 from data_prep.sources import Sample
-from kstory.images import strict_decoding
+from kstory.images import UnsupportedPixels, high_bit_source, strict_decoding, to_rgb8
 
 # Ops whose stats depend on the picture file alone, so they can be measured before the caption mappers run.
 PRE_MEASURED_OPS = {"image_shape_filter", "image_aspect_ratio_filter", "image_size_filter", "image_deduplicator"}
@@ -37,9 +41,15 @@ EXIF_ORIENTATION = 0x0112
 
 @dataclass
 class Check:
-    """The outcome of the pre-checks for one sample; ``reason`` is None when it goes on to Data-Juicer."""
+    """The outcome of the pre-checks for one sample; ``reason`` is None when it goes on to Data-Juicer.
+
+    ``caption`` is the normalised caption that goes on to the recipe, and
+    ``caption_cleaned`` what normalising it changed (empty when nothing).
+    """
 
     sample: Sample
+    caption: str | None = None
+    caption_cleaned: list[str] = field(default_factory=list)
     reason: str | None = None
     detail: str = ""
     measured: dict[str, Any] = field(default_factory=dict)
@@ -124,12 +134,22 @@ def _check_in_worker(item: tuple[Sample, int]) -> Check:
 def check_sample(sample: Sample, ops: Sequence[Any], *, max_pixels: int) -> Check:
     """Run the pre-checks on one sample and, if it passes, take the ``ops``' measurements."""
     check = Check(sample)
+    if sample.outside_dataset:
+        return _drop(
+            check,
+            "path_outside_dataset",
+            "not read: the path leads out of the dataset folder (../, absolute, or a symlink)",
+            measured={"path": str(sample.path)},
+        )
+    if sample.caption is not None:
+        check.caption, check.caption_cleaned = normalise_caption(sample.caption)
     if not sample.path.is_file():
         return _drop(check, "file_not_found", "the file does not exist", measured={"exists": False})
-    if sample.caption is None:
+    if check.caption is None:
         return _drop(check, "missing_caption", "no caption was given for this picture", measured={"caption": None})
-    if not sample.caption.strip():
-        return _drop(check, "empty_caption", "the caption is empty", measured={"caption_chars": len(sample.caption)})
+    if not check.caption.strip():
+        detail = "the caption is empty" + (" once invisible characters are removed" if check.caption_cleaned else "")
+        return _drop(check, "empty_caption", detail, measured={"caption_chars": len(check.caption)})
     size = sample.path.stat().st_size
     with strict_decoding(max_pixels=None):  # the pixel limit is checked below, from the header
         try:
@@ -148,6 +168,9 @@ def check_sample(sample: Sample, ops: Sequence[Any], *, max_pixels: int) -> Chec
             check.measured = {"width": width, "height": height, "format": fmt, "bytes": size}
             if orientation != 1:
                 check.measured["exif_orientation"] = orientation
+            deep = high_bit_source(opened)  # only the header knows: Pillow reduces 16-bit RGB while decoding
+            if deep is not None:
+                check.measured["scaled_from"] = deep
             if width * height > max_pixels:
                 return _drop(
                     check,
@@ -158,9 +181,11 @@ def check_sample(sample: Sample, ops: Sequence[Any], *, max_pixels: int) -> Chec
                 )
             try:
                 image = decode_like_data_juicer(opened)
+            except UnsupportedPixels as error:
+                return _drop(check, "unsupported_pixel_values", f"not scaled to 8 bits: {error}")
             except Exception as error:  # truncated or damaged pixel data, whatever the plugin raises
                 return _drop(check, "corrupt_image", f"decoding failed: {error}")
-            check.stats, check.hashes = _measure(sample, image, ops)
+            check.stats, check.hashes = _measure(sample, check.caption, image, ops)
     return check
 
 
@@ -169,21 +194,27 @@ def decode_like_data_juicer(opened: Image.Image) -> Image.Image:
 
     Same steps as its loader (via ``datasets``' Image feature), on the file
     already open for the header checks, and without a copy when the picture
-    is RGB already.
+    is RGB already.  One deliberate difference: a picture with more than 8
+    bits per channel is scaled to 8 bits by :func:`kstory.images.to_rgb8`
+    (the rule the training cache uses too), where Data-Juicer's
+    ``convert("RGB")`` clamps it to white.  Raises
+    :class:`~kstory.images.UnsupportedPixels` for values without a known white level.
     """
     opened.load()
     if opened.getexif().get(EXIF_ORIENTATION) is not None:
         opened = ImageOps.exif_transpose(opened)
-    return opened if opened.mode == "RGB" else opened.convert("RGB")
+    return to_rgb8(opened)
 
 
-def _measure(sample: Sample, image: Image.Image, ops: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _measure(
+    sample: Sample, caption: str, image: Image.Image, ops: Sequence[Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Let each op compute its stats (or hash) from the already-decoded picture, as a fused op would."""
     from data_juicer.ops.base_op import Filter
     from data_juicer.utils.constant import Fields
 
     key = str(sample.path)
-    row = {"id": sample.id, TEXT_KEY: sample.caption, IMAGE_KEY: [key], Fields.stats: {}, Fields.context: {key: image}}
+    row = {"id": sample.id, TEXT_KEY: caption, IMAGE_KEY: [key], Fields.stats: {}, Fields.context: {key: image}}
     for op in ops:
         if isinstance(op, Filter):
             batch = op.compute_stats_batched({name: [value] for name, value in row.items()}, context=True)

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -15,7 +16,7 @@ from PIL import Image
 import kstory  # noqa: F401  (installs the torchvision fix before Data-Juicer imports it)
 from data_prep import prep
 from data_prep.recipe import DEFAULT_RECIPE
-from data_prep.synthetic import DEFECTS, DUPLICATE_OF, clean_name, make_style_dataset
+from data_prep.synthetic import BIDI_WRAP, DEFECTS, DUPLICATE_OF, KEPT_FAITHFULLY, clean_name, make_style_dataset
 from kstory.errors import KstoryError
 
 N_CLEAN = 6
@@ -60,10 +61,10 @@ def by_id(report: dict) -> dict[str, dict]:
 def test_keeps_exactly_the_clean_samples(run) -> None:
     result, report = run
     kept = {entry["id"] for entry in report["samples"] if entry["status"] == "kept"}
-    assert kept == {clean_name(i) for i in range(N_CLEAN)}
-    assert result.kept == N_CLEAN
+    assert kept == {clean_name(i) for i in range(N_CLEAN)} | set(KEPT_FAITHFULLY)
+    assert result.kept == N_CLEAN + len(KEPT_FAITHFULLY)
     assert result.dropped == len(DEFECTS) + 1 == report["counts"]["dropped"]
-    assert report["counts"]["input"] == N_CLEAN + len(DEFECTS) + 1
+    assert report["counts"]["input"] == N_CLEAN + len(KEPT_FAITHFULLY) + len(DEFECTS) + 1
 
 
 def test_every_drop_names_its_op_measurements_and_threshold(run) -> None:
@@ -85,6 +86,10 @@ def test_every_drop_names_its_op_measurements_and_threshold(run) -> None:
     assert entries["huge.png"]["measured"]["pixels"] == 20_000 * 20_000
     assert entries["huge.png"]["threshold"] == {"max_image_pixels": 64_000_000}
     assert "truncated" in entries["truncated.jpg"]["reason"]
+    for outside in ("../outside.png", "/absolute/outside.png"):
+        assert entries[outside]["stage"] == "pre-check" and "file" not in entries[outside]
+        assert entries[outside]["reason"].startswith("not read: the path leads out of the dataset folder")
+    assert entries["invisible_caption.png"]["measured"] == {"caption_chars": 0}
     assert result_counts_match(report)
 
 
@@ -114,7 +119,8 @@ def test_captions_are_cleaned_and_carry_the_trigger(run, tmp_path: Path) -> None
     result, report = run
     intended = read_captions(make_style_dataset(tmp_path / "clean", n=N_CLEAN, seed=0, defects=False) / "metadata.csv")
     captions = read_captions(result.metadata_csv)
-    assert captions == {name: f"{TRIGGER}, {text}" for name, text in intended.items()}
+    expected = {name: f"{TRIGGER}, {text}" for name, text in intended.items()}
+    assert {name: captions[name] for name in intended} == expected
     messy = by_id(report)[clean_name(1)]["caption"]
     assert "<a href" in messy["original"] and "http" in messy["original"]
     assert messy["changed_by"] == ["clean_html_mapper", "clean_links_mapper", "whitespace_normalization_mapper"]
@@ -128,7 +134,7 @@ def test_metadata_csv_is_a_valid_diffsynth_training_folder(run) -> None:
         assert next(reader) == ["file_name", "text"]
         rows = list(reader)
     names = [name for name, _ in rows]
-    assert len(names) == len(set(names)) == N_CLEAN
+    assert len(names) == len(set(names)) == N_CLEAN + len(KEPT_FAITHFULLY)
     assert sorted(path.name for path in train.iterdir()) == sorted(names + ["metadata.csv"])
     for name in names:
         with Image.open(train / name) as image:
@@ -140,10 +146,59 @@ def test_metadata_csv_is_a_valid_diffsynth_training_folder(run) -> None:
     assert dataset[0]["image"].shape == (3, 256, 256) and dataset[0]["text"].startswith(TRIGGER)
 
 
+def test_16_bit_pictures_train_as_what_they_show(run, dataset: Path) -> None:
+    """Scaled to 8 bits, never clamped to white; the grey one is re-encoded so any trainer reads it right."""
+    import cv2
+
+    from kstory.images import to_rgb8
+    from train.cache import open_rgb
+
+    result, report = run
+    entries = by_id(report)
+    assert entries["deep_grey.png"]["file"]["scaled_from"] == "I;16"
+    assert entries["deep_rgb.png"]["file"]["scaled_from"] == "RGB;16B"
+    train = result.metadata_csv.parent
+    source = cv2.imread(str(dataset / "deep_grey.png"), cv2.IMREAD_UNCHANGED)
+    assert source.dtype == np.uint16
+    with Image.open(train / "deep_grey.png") as written:
+        assert written.mode == "RGB"  # 8 bits now: DiffSynth's own reader gets the same pixels
+        pixels = np.asarray(written)
+    assert np.array_equal(pixels[:, :, 0], np.rint(source / 257).astype(np.uint8))
+    assert pixels.min() < 200 and len(np.unique(pixels)) > 4
+    source = cv2.imread(str(dataset / "deep_rgb.png"), cv2.IMREAD_UNCHANGED)[:, :, ::-1]
+    assert (train / "deep_rgb.png").read_bytes() == (dataset / "deep_rgb.png").read_bytes()
+    assert np.array_equal(np.asarray(open_rgb(train / "deep_rgb.png")), (source >> 8).astype(np.uint8))
+    with Image.open(dataset / "deep_grey.png") as original:
+        original.load()
+        assert np.array_equal(np.asarray(open_rgb(dataset / "deep_grey.png")), np.asarray(to_rgb8(original)))
+    hashes = {entry["measured"]["__dj__imagehash"] for entry in report["samples"] if entry["status"] == "kept"}
+    assert len(hashes) == result.kept
+
+
+def test_invisible_characters_leave_captions_and_are_reported(run) -> None:
+    result, report = run
+    entries = by_id(report)
+    bidi = entries["bidi_caption.png"]
+    assert bidi["caption"]["original"].startswith(BIDI_WRAP[0]) and bidi["caption"]["original"].endswith(BIDI_WRAP[1])
+    assert bidi["caption_cleaned"] == [
+        "U+202C POP DIRECTIONAL FORMATTING x1",
+        "U+202E RIGHT-TO-LEFT OVERRIDE x1",
+        "U+FEFF ZERO WIDTH NO-BREAK SPACE x1",
+    ]
+    plain = bidi["caption"]["original"].removeprefix(BIDI_WRAP[0]).removesuffix(BIDI_WRAP[1])
+    assert bidi["caption"]["final"] == f"{TRIGGER}, {plain}" == read_captions(result.metadata_csv)["bidi_caption.png"]
+    assert len(entries["invisible_caption.png"]["caption_cleaned"]) == 3
+    ops = {op["name"]: op for op in report["ops"]}
+    assert ops["caption_cleaned"]["captions_changed"] == 2 and ops["caption_cleaned"]["dropped"] == 0
+    markdown = result.report_md.read_text(encoding="utf-8")
+    assert "## Captions cleaned (2)" in markdown and "| `bidi_caption.png` | U+202C" in markdown
+
+
 def test_writes_report_md_and_log(run) -> None:
     result, report = run
     markdown = result.report_md.read_text(encoding="utf-8")
-    for op in ("image_shape_filter", "image_deduplicator", "too_many_pixels", "missing_caption"):
+    ops = ("image_shape_filter", "image_deduplicator", "too_many_pixels", "missing_caption", "path_outside_dataset")
+    for op in ops:
         assert f"`{op}`" in markdown
     assert "data-juicer:" in (result.out / "prep.log").read_text(encoding="utf-8")
     assert (result.out / "juicer" / "run" / "trace").is_dir()

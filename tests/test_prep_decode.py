@@ -43,6 +43,7 @@ def _files(folder: Path) -> list[Path]:
 
 
 def test_decode_gives_data_juicers_pixels(tmp_path: Path) -> None:
+    """The same pixels as Data-Juicer's loader, except for 16-bit grey, which its loader clamps to white."""
     from data_juicer.utils.mm_utils import load_image
 
     for path in _files(tmp_path):
@@ -51,7 +52,12 @@ def test_decode_gives_data_juicers_pixels(tmp_path: Path) -> None:
             theirs = load_image(str(path))
             assert ours.mode == theirs.mode == "RGB", path.name
             assert ours.size == theirs.size, path.name
-            assert np.array_equal(np.asarray(ours), np.asarray(theirs)), path.name
+            if path.name == "deep.png":  # written as grey * 257: scaling gives the grey back exactly
+                grey = np.asarray(_gradient((96, 64)).convert("L"))
+                assert np.array_equal(np.asarray(ours), np.repeat(grey[:, :, None], 3, axis=2))
+                assert np.asarray(theirs).min() == 255  # what kstory no longer does
+            else:
+                assert np.array_equal(np.asarray(ours), np.asarray(theirs)), path.name
     with Image.open(tmp_path / "rotated.jpg") as opened:
         assert decode_like_data_juicer(opened).size == (64, 96)  # measured upright, as Data-Juicer does
 
@@ -130,3 +136,109 @@ def test_parallel_pre_check_after_opencv_used_its_threads(tmp_path: Path) -> Non
         assert all(check.hashes for check in checks)
     finally:
         cv2.setNumThreads(threads)
+
+
+def _deep_files(folder: Path) -> dict[str, tuple[Path, np.ndarray]]:
+    """16-bit and wider pictures written by Pillow and OpenCV, with the 8-bit pixels the decode rule promises."""
+    import cv2
+
+    rng = np.random.default_rng(4)
+    grey16 = rng.integers(0, 65536, (40, 56), dtype=np.uint16)
+    grey16[0, :6] = [0, 128, 129, 25700, 65407, 65535]  # round(v / 257): 0, 0, 1, 100, 254, 255
+    rounded = np.rint(grey16 / 257).astype(np.uint8)
+    rgb16 = rng.integers(0, 65536, (40, 56, 3), dtype=np.uint16)
+    rgba16 = rng.integers(0, 65536, (40, 56, 4), dtype=np.uint16)
+    small = rng.integers(0, 256, (40, 56)).astype(np.int32)
+    floats = rng.random((40, 56), dtype=np.float32)
+    floats[0, :3] = [0.0, 0.5, 1.0]
+    files = {
+        "grey16.png": (lambda p: Image.fromarray(grey16).save(p), rounded),
+        "grey16b.tif": (lambda p: Image.fromarray(grey16.astype(">u2")).save(p), rounded),
+        "int16range.tif": (lambda p: Image.fromarray(grey16.astype(np.int32)).save(p), rounded),
+        "int8range.tif": (lambda p: Image.fromarray(small).save(p), small.astype(np.uint8)),
+        "float01.tif": (lambda p: Image.fromarray(floats).save(p), np.rint(floats * 255.0).astype(np.uint8)),
+        "float255.tif": (lambda p: Image.fromarray(floats * 200).save(p), np.rint(floats * 200).astype(np.uint8)),
+        "rgb16.png": (lambda p: cv2.imwrite(str(p), rgb16[:, :, ::-1]), (rgb16 >> 8).astype(np.uint8)),
+        "rgba16.png": (
+            lambda p: cv2.imwrite(str(p), rgba16[:, :, [2, 1, 0, 3]]),
+            (rgba16[:, :, :3] >> 8).astype(np.uint8),
+        ),
+    }
+    made = {}
+    for name, (write, expected) in files.items():
+        write(folder / name)
+        made[name] = (folder / name, expected if expected.ndim == 3 else np.repeat(expected[:, :, None], 3, axis=2))
+    return made
+
+
+def test_deep_pictures_are_scaled_to_8_bits_not_clamped(tmp_path: Path) -> None:
+    modes = {}
+    for name, (path, expected) in _deep_files(tmp_path).items():
+        with Image.open(path) as opened:
+            modes[name] = opened.mode
+            check = check_sample(Sample(name, path, "a caption"), [], max_pixels=10**8)
+            assert check.reason is None, (name, check.detail)
+            decoded = decode_like_data_juicer(opened)
+        assert decoded.mode == "RGB", name
+        assert np.array_equal(np.asarray(decoded), expected), name
+    # what Pillow makes of them: 16-bit RGB(A) PNGs have no 16-bit mode and arrive as 8-bit already
+    assert modes == {
+        "grey16.png": "I;16", "grey16b.tif": "I;16B", "int16range.tif": "I", "int8range.tif": "I",
+        "float01.tif": "F", "float255.tif": "F", "rgb16.png": "RGB", "rgba16.png": "RGBA",
+    }
+
+
+def test_the_report_names_the_deep_source_format(tmp_path: Path) -> None:
+    made = _deep_files(tmp_path)
+    scaled = {
+        name: check_sample(Sample(name, path, "a caption"), [], max_pixels=10**8).measured.get("scaled_from")
+        for name, (path, _) in made.items()
+    }
+    assert scaled == {
+        "grey16.png": "I;16", "grey16b.tif": "I;16B", "int16range.tif": "I", "int8range.tif": "I",
+        "float01.tif": "F", "float255.tif": "F", "rgb16.png": "RGB;16B", "rgba16.png": "RGBA;16B",
+    }
+    plain = tmp_path / "plain.png"
+    _gradient((32, 32)).save(plain)
+    assert "scaled_from" not in check_sample(Sample("plain.png", plain, "a caption"), [], max_pixels=10**8).measured
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.array([[-5, 300]], dtype=np.int32), "values -5..300"),
+        (np.array([[0, 70000]], dtype=np.int32), "values 0..70000"),
+        (np.array([[0.0, 300.0]], dtype=np.float32), "values 0..300"),
+        (np.array([[0.0, np.nan]], dtype=np.float32), "NaN"),
+    ],
+)
+def test_values_without_a_white_level_are_refused(tmp_path: Path, values: np.ndarray, message: str) -> None:
+    path = tmp_path / "odd.tif"
+    Image.fromarray(values).save(path)
+    check = check_sample(Sample("odd.tif", path, "a caption"), [], max_pixels=10**8)
+    assert check.reason == "unsupported_pixel_values"
+    assert message in check.detail and check.detail.startswith("not scaled to 8 bits")
+
+
+def test_deep_pictures_get_their_own_dedup_hash(tmp_path: Path) -> None:
+    """Clamped to white, every 16-bit picture had the same hash; scaled, each has its 8-bit twin's."""
+    from data_juicer.ops import load_ops
+    from data_juicer.utils.constant import HashKeys
+
+    op = load_ops([{"image_deduplicator": {"method": "phash"}}])[0]
+    folder = make_style_dataset(tmp_path / "set", 3, seed=5, defects=False)
+    hashes = {}
+    for original in sorted(folder.glob("sample_*")):
+        with Image.open(original) as image:
+            grey = np.asarray(image.convert("L"))
+        deep = tmp_path / f"deep_{original.stem}.png"
+        Image.fromarray(grey.astype(np.uint16) * 257).save(deep)
+        eight = tmp_path / f"eight_{original.stem}.png"
+        Image.fromarray(grey).save(eight)
+        pair = [
+            check_sample(Sample(p.name, p, "a caption"), [op], max_pixels=10**8).hashes[HashKeys.imagehash]
+            for p in (deep, eight)
+        ]
+        assert pair[0] == pair[1], original.name
+        hashes[original.name] = pair[0]
+    assert len(set(hashes.values())) == len(hashes)

@@ -274,6 +274,38 @@ def test_cache_is_keyed_by_content_and_bucket(tmp_path: Path, cache: Path):
         build_cache(read_samples(data), None, root, center_crop=False, **options)
 
 
+def test_a_16_bit_picture_is_cached_as_what_it_shows(tmp_path: Path, cache: Path):
+    """Decoded by prep's rule: the latent of a 16-bit grey PNG is its 8-bit twin's, not a white square's."""
+    from kstory.models import kolors_models, load_kolors_model_manager
+    from train.cache import Encoders
+
+    folder = tmp_path / "data" / "train"
+    folder.mkdir(parents=True)
+    grey = np.random.default_rng(1).integers(0, 256, (64, 64)).astype(np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "deep.png")  # Pillow writes it as I;16
+    Image.fromarray(grey).convert("RGB").save(folder / "eight.png")
+    Image.new("RGB", (64, 64), "white").save(folder / "white.png")
+    (folder / "metadata.csv").write_text("file_name,text\ndeep.png,a\neight.png,b\nwhite.png,c\n", encoding="utf-8")
+    with Image.open(folder / "deep.png") as deep:
+        assert deep.mode == "I;16"
+    nets = kolors_models(load_kolors_model_manager(resolve_model("tiny", cache)))
+    encoders = Encoders(nets.text_encoder, nets.vae_encoder, torch.device("cpu"))
+    options = dict(resolution=64, center_crop=True, random_flip=False)
+    built = build_cache(read_samples(tmp_path / "data"), encoders, tmp_path / "cache", **options)
+    deep, eight, white = (load_file(str(sample.latent))["latent"] for sample in built.samples)
+    assert torch.equal(deep, eight) and not torch.allclose(deep, white)
+
+
+def test_pixels_without_a_white_level_are_named(tmp_path: Path):
+    from train.cache import open_rgb
+
+    path = tmp_path / "odd.tif"
+    Image.fromarray(np.array([[0.0, 300.0]], dtype=np.float32)).save(path)
+    with pytest.raises(KstoryError, match="float picture with values 0..300") as error:
+        open_rgb(path)
+    assert error.value.path == path and error.value.fix
+
+
 def test_encoders_are_freed_before_the_unet_trains(tmp_path: Path, data: Path, cache: Path, monkeypatch):
     import train.prepare as prepare_module
 

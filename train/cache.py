@@ -21,12 +21,12 @@ from safetensors.torch import save_file
 
 from kstory.atomic import atomic_path
 from kstory.errors import KstoryError
-from kstory.images import strict_decoding
+from kstory.images import strict_decoding, to_rgb8
 from kstory.logs import get_logger
 from train.buckets import Size, fit_to, target_size
 from train.dataset import Sample
 
-CACHE_FORMAT = "v1"
+CACHE_FORMAT = "v2"  # v2: pictures deeper than 8 bits are scaled (kstory.images.to_rgb8), not clamped
 PROMPT_LENGTH = 256  # DiffSynth's KolorsPrompter pads every prompt to 256 tokens
 
 log = get_logger("train")
@@ -67,11 +67,17 @@ def text_key(text: str) -> str:
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Decode an image fully (so a truncated file fails here, naming the file)."""
+    """Decode an image fully (so a truncated file fails here, naming the file) to 8-bit RGB.
+
+    Uses the decode rule prep uses (:func:`kstory.images.to_rgb8`), so a
+    16-bit picture trains as what it shows, not as a white square; values
+    without a known white level fail here like a broken file.
+    """
     try:
         with strict_decoding(), Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            rgb = to_rgb8(image)
+            return rgb.copy() if rgb is image else rgb  # closing the file closes an image returned as is
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise KstoryError(
             f"cannot decode image: {error}", path=path,
