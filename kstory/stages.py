@@ -37,7 +37,11 @@ class Stage:
 
 def model_digest(config: RunConfig) -> str:
     """The base model: its name for kolors/tiny, the content fingerprint of a local folder (not its path)."""
-    if config.model in ("kolors", "tiny"):
+    from kstory.models.resolve import TINY_DIR
+
+    if config.model == "tiny":
+        return f"tiny:{TINY_DIR}"  # the tiny model's build version: a new build is another model
+    if config.model == "kolors":
         return config.model
     from kstory.models import resolve_model
 
