@@ -112,7 +112,7 @@ def controlnet_paths(controlnets: dict[str, str], cache_dir: Path | None) -> dic
 
 
 def _story_references(spec_path: Path) -> list[tuple[str, str, str]]:
-    """(where in the spec, path as written, content hash) of every file the spec points at."""
+    """(where in the spec, relative path as written, content hash) of every file the spec points at."""
     from story.spec import load_spec
 
     spec_dir = spec_path.parent
@@ -121,8 +121,9 @@ def _story_references(spec_path: Path) -> list[tuple[str, str, str]]:
     def entry(where: str, path: Path | None, sampled: bool = False) -> list[tuple[str, str, str]]:
         if path is None:
             return []
-        full = path if path.is_absolute() else spec_dir / path
-        return [(where, path.as_posix(), path_digest(full, sampled=sampled))]
+        if path.is_absolute():  # a place outside the run: only its content counts
+            return [(where, "", path_digest(path, sampled=sampled))]
+        return [(where, path.as_posix(), path_digest(spec_dir / path, sampled=sampled))]
 
     found = []
     for name, ref in sorted(spec.controlnets.items()):
