@@ -335,6 +335,12 @@ def _already_finished(out_dir: Path, settings: TrainSettings, latest: Any, start
     lora_path = out_dir / "lora.safetensors"
     if summary.get("status") != "finished" or summary.get("steps") != latest.step or not lora_path.is_file():
         return None
+    try:
+        same_settings = TrainSettings.model_validate(summary.get("settings")).fingerprint() == settings.fingerprint()
+    except ValueError:  # pydantic's ValidationError: a summary from other settings
+        same_settings = False
+    if not same_settings:
+        return None  # the full path re-exports the LoRA and warns about the changed settings
     log.info("already trained: %s is at step %d of %d, nothing to do (raise max_steps to continue)",
              out_dir, latest.step, latest.step)
     validation = summary.get("validation_dir")
