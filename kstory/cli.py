@@ -86,7 +86,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"previous output moved to {set_aside(out)}")
     result = train_lora(Path(args.data), out, settings, model=args.model,
                         cache_dir=Path(args.cache_dir) if args.cache_dir else None)
-    print(f"LoRA: {result.lora_path} ({result.steps} steps, final loss {result.final_loss:.4f})")
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    if result.steps == result.resumed_from:
+        print(f"already trained to step {result.steps}: nothing left to train (raise --steps to continue)")
+    print(f"LoRA: {result.lora_path} ({result.steps} steps{loss})")
     return 0
 
 

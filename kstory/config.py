@@ -106,12 +106,20 @@ def _anchor_source(source: str, base: Path) -> str:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read ``path``, validate it, and make its relative paths absolute."""
+    """Read ``path``, validate it, and make its relative paths absolute.
+
+    Without ``runs_root``, a config inside a folder named after the run (the
+    README's ``runs/<name>/kstory.yaml``) runs in that folder, so a copied or
+    moved run folder stays one run.
+    """
     path = Path(path)
     config = load_model(RunConfig, path)
     base = path.resolve().parent
+    runs_root = _anchor(config.runs_root, base)
+    if "runs_root" not in config.model_fields_set and base.name == config.name:
+        runs_root = base.parent  # runs/<name>/kstory.yaml: the config's folder is the run, wherever it is copied
     return config.model_copy(update={
-        "runs_root": _anchor(config.runs_root, base),
+        "runs_root": runs_root,
         "cache_dir": _anchor(config.cache_dir, base),
         "model": config.model if config.model in ("kolors", "tiny") else str(_anchor(Path(config.model), base)),
         "prep": config.prep.model_copy(update={

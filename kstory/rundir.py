@@ -75,16 +75,6 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def folder_fingerprint(folder: Path) -> str:
-    """Hash a folder's file names, sizes and modification times (cheap, no reads)."""
-    entries = []
-    for item in sorted(folder.rglob("*")):
-        if item.is_file():
-            info = item.stat()
-            entries.append((item.relative_to(folder).as_posix(), info.st_size, info.st_mtime_ns))
-    return fingerprint(entries)
-
-
 def stamp_path(output: Path) -> Path:
     """Where a stage's stamp lives: inside its folder, or beside its file."""
     return output / STAMP_NAME if output.suffix == "" else output.with_name(f".{output.name}.stamp.json")

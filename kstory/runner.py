@@ -11,7 +11,7 @@ from kstory.config import RunConfig, load_config
 from kstory.errors import KstoryError
 from kstory.logs import get_logger, log_to_file
 from kstory.rundir import RunDir, fingerprint, move_to_history, read_stamp, write_stamp
-from kstory.stages import STAGES, Stage
+from kstory.stages import STAGES, Stage, run_digest
 
 log = get_logger("run")
 
@@ -73,7 +73,7 @@ def _stages_until(until: str | None) -> tuple[Stage, ...]:
 
 def _run_stages(config: RunConfig, run: RunDir, stages: tuple[Stage, ...], outcomes: list[StageOutcome],
                 only: set[str] | None = None) -> None:
-    upstream = fingerprint(config.model, config.seed)
+    upstream = run_digest(config)
     for stage in stages:
         started = time.monotonic()
         output = stage.output(run)
@@ -83,9 +83,12 @@ def _run_stages(config: RunConfig, run: RunDir, stages: tuple[Stage, ...], outco
             continue
         digest = fingerprint(upstream, stage.digest(config, run))
         upstream = digest
+        schedule = {"schedule": stage.schedule(config)} if stage.schedule is not None else {}
         stamp = read_stamp(output) or {}
         same_inputs = stamp.get("fingerprint") == digest
-        if same_inputs and stamp.get("finished", True):
+        finished = same_inputs and stamp.get("finished", True)
+        same_schedule = stamp.get("schedule", schedule.get("schedule")) == schedule.get("schedule")
+        if finished and same_schedule:
             log.info("%s: up to date, skipped (%s)", stage.name, output)
             outcomes.append(StageOutcome(stage.name, "skipped", output, 0.0))
             continue
@@ -93,7 +96,9 @@ def _run_stages(config: RunConfig, run: RunDir, stages: tuple[Stage, ...], outco
             log.warning("%s: out of date, not run here (run `kstory run` to update it)", stage.name)
             outcomes.append(StageOutcome(stage.name, "out of date", output, 0.0))
             continue
-        if same_inputs and stage.resumable:
+        if finished:
+            log.info("%s: same inputs, new schedule: continuing the finished output in %s", stage.name, output)
+        elif same_inputs and stage.resumable:
             log.info("%s: resuming the unfinished output in %s", stage.name, output)
         elif stage.staged:
             log.info("%s: updating %s (unchanged parts are kept, the previous version goes to .history/)",
@@ -104,10 +109,10 @@ def _run_stages(config: RunConfig, run: RunDir, stages: tuple[Stage, ...], outco
             log.warning("%s: previous output kept at %s (%s)", stage.name, moved, reason)
         if stage.resumable:
             output.mkdir(parents=True, exist_ok=True)
-            write_stamp(output, stage.name, digest, finished=False)
+            write_stamp(output, stage.name, digest, finished=False, **schedule)
         log.info("%s: %s", stage.name, stage.summary)
         stage.run(config, run)
-        write_stamp(output, stage.name, digest, finished=True)
+        write_stamp(output, stage.name, digest, finished=True, **schedule)
         seconds = time.monotonic() - started
         log.info("%s: done in %.1f s", stage.name, seconds)
         outcomes.append(StageOutcome(stage.name, "ran", output, seconds))

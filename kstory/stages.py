@@ -3,6 +3,11 @@
 A stage is a name, the output it owns in the run directory, a fingerprint of
 what it depends on, and a function that produces the output. Stages are added
 here as they land; each one reads only documented files of earlier stages.
+
+Fingerprints hash content, never places or times: file bytes (weights by
+sampled pages), settings, and paths only as the user wrote them relative to
+the config or spec. The run folder itself is never hashed, so a copied or
+moved run is up to date where it was (docs/run-directory.md).
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ from pathlib import Path
 
 from kstory.config import RunConfig
 from kstory.errors import KstoryError
-from kstory.hashing import sha256_file
-from kstory.rundir import RunDir, fingerprint, folder_fingerprint
+from kstory.hashing import path_digest
+from kstory.rundir import RunDir, fingerprint
 
 
 @dataclass(frozen=True)
@@ -26,22 +31,39 @@ class Stage:
     run: Callable[[RunConfig, RunDir], None]
     resumable: bool = False  # an unfinished output is continued, not moved aside
     staged: bool = False  # the stage swaps its output in itself and keeps the previous one in .history/
+    # Settings that only continue or stop a finished output (train's schedule); stored in the stamp.
+    schedule: Callable[[RunConfig], str] | None = None
     enabled: Callable[[RunConfig], bool] = lambda config: True  # False: not configured, skipped
 
 
-def _file_digest(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    return sha256_file(path) if path.is_file() else f"missing:{path}"
+def model_digest(config: RunConfig) -> str:
+    """The base model: its name for kolors/tiny, the content fingerprint of a local folder (not its path)."""
+    from kstory.models.resolve import TINY_DIR
+
+    if config.model == "tiny":
+        return f"tiny:{TINY_DIR}"  # the tiny model's build version: a new build is another model
+    if config.model == "kolors":
+        return config.model
+    from kstory.models import resolve_model
+
+    return "local:" + resolve_model(config.model, config.cache_dir).fingerprint
+
+
+def run_digest(config: RunConfig) -> str:
+    """What every stage depends on: the base model and the run's seed."""
+    return fingerprint(model_digest(config), config.seed)
 
 
 def _prep_digest(config: RunConfig, run: RunDir) -> str:
     from data_prep.recipe import DEFAULT_RECIPE
 
-    source = Path(config.prep.source)
-    source_state = folder_fingerprint(source) if source.is_dir() else config.prep.source
-    recipe = config.prep.recipe or DEFAULT_RECIPE
-    return fingerprint("prep", config.prep.model_dump(mode="json"), source_state, _file_digest(recipe))
+    prep = config.prep
+    source = Path(prep.source)
+    # A local folder by its files' bytes (names relative to it); a hub dataset by its name.
+    source_state = path_digest(source) if "://" not in prep.source and not prep.source.startswith("ms:") else prep.source
+    # num_proc only spreads the work: the same input gives the same output.
+    return fingerprint("prep", {"trigger_word": prep.trigger_word}, source_state,
+                       path_digest(prep.recipe or DEFAULT_RECIPE))
 
 
 def _prep_run(config: RunConfig, run: RunDir) -> None:
@@ -57,7 +79,15 @@ def _prep_run(config: RunConfig, run: RunDir) -> None:
 
 
 def _train_digest(config: RunConfig, run: RunDir) -> str:
-    return fingerprint("train", config.train_settings().model_dump(mode="json"), str(config.cache_dir))
+    # The LoRA's identity only: the schedule (max_steps, cadences, devices) continues or stops it.
+    return fingerprint("train", config.train_settings().fingerprint())
+
+
+def _train_schedule(config: RunConfig) -> str:
+    from train.settings import RESUME_FREE_FIELDS
+
+    settings = config.train_settings().model_dump(mode="json")
+    return fingerprint({name: settings[name] for name in RESUME_FREE_FIELDS})
 
 
 def _train_run(config: RunConfig, run: RunDir) -> None:
@@ -82,10 +112,38 @@ def controlnet_paths(controlnets: dict[str, str], cache_dir: Path | None) -> dic
     return {name: Path(tiny[name]) if value == "tiny" else Path(value) for name, value in controlnets.items()}
 
 
+def _story_references(spec_path: Path) -> list[tuple[str, str, str]]:
+    """(where in the spec, relative path as written, content hash) of every file the spec points at."""
+    from story.spec import load_spec
+
+    spec_dir = spec_path.parent
+    spec = load_spec(spec_path)
+
+    def entry(where: str, path: Path | None, sampled: bool = False) -> list[tuple[str, str, str]]:
+        if path is None:
+            return []
+        if path.is_absolute():  # a place outside the run: only its content counts
+            return [(where, "", path_digest(path, sampled=sampled))]
+        return [(where, path.as_posix(), path_digest(spec_dir / path, sampled=sampled))]
+
+    found = []
+    for name, ref in sorted(spec.controlnets.items()):
+        found += entry(f"controlnets.{name}", ref.path, sampled=True)
+    for f, frame in enumerate(spec.frames, start=1):
+        for g, guide in enumerate(frame.guides):
+            for field in ("image", "detector", "depth_model"):
+                found += entry(f"frames.{f}.guides.{g}.{field}", getattr(guide, field, None), sampled=field != "image")
+    return found
+
+
 def _story_digest(config: RunConfig, run: RunDir) -> str:
+    # The user's spec and what it references, never the story folder: a re-roll does not make the story stale.
     story = config.story
-    return fingerprint("story", story.model_dump(mode="json"), _file_digest(story.spec),
-                       folder_fingerprint(story.spec.parent) if story.spec.parent.is_dir() else None)
+    controlnets = {name: value if value == "tiny" else path_digest(Path(value), sampled=True)
+                   for name, value in sorted(story.controlnets.items())}
+    spec = story.spec
+    references = _story_references(spec) if spec.is_file() else []
+    return fingerprint("story", {"lora_scale": story.lora_scale}, controlnets, path_digest(spec), references)
 
 
 def _story_run(config: RunConfig, run: RunDir) -> None:
@@ -101,7 +159,7 @@ def _story_run(config: RunConfig, run: RunDir) -> None:
 
 def _score_digest(config: RunConfig, run: RunDir) -> str:
     # The story folder changes under a reroll without its stamp changing, so its manifest is part of the key.
-    return fingerprint("score", config.score.model_dump(mode="json"), _file_digest(run.story / "manifest.json"))
+    return fingerprint("score", config.score.model_dump(mode="json"), path_digest(run.story / "manifest.json"))
 
 
 def _score_run(config: RunConfig, run: RunDir) -> None:
@@ -137,6 +195,7 @@ STAGES: tuple[Stage, ...] = (
         digest=_train_digest,
         run=_train_run,
         resumable=True,
+        schedule=_train_schedule,
     ),
     Stage(
         name="story",

@@ -145,3 +145,59 @@ def test_unknown_tiny_controlnet_name_is_a_clear_error() -> None:
     with pytest.raises(KstoryError, match="no tiny ControlNet named openpose") as caught:
         controlnet_paths({"openpose": "tiny"}, None)
     assert "pose" in caught.value.fix
+
+
+def _readme_run(root: Path) -> Path:
+    """runs/mine/kstory.yaml with story.yaml (and its canny picture) and a small source folder beside it."""
+    from story import make_demo_spec
+
+    run = root / "runs" / "mine"
+    make_demo_spec(run / "story.yaml", "kstyle")
+    write(run / "pictures" / "a.txt", "a caption")
+    (run / "pictures" / "a.png").write_bytes(b"\x89PNG not really")
+    return write(run / "kstory.yaml", "name: mine\nprep:\n  source: pictures\nstory:\n  spec: story.yaml\n")
+
+
+def _digests(config_path: Path) -> dict[str, str]:
+    from kstory.stages import STAGES, run_digest
+
+    config = load_config(config_path)
+    run = RunDir(config.run_dir)
+    return {"run": run_digest(config), **{stage.name: stage.digest(config, run) for stage in STAGES[:3]}}
+
+
+def test_a_config_in_its_runs_folder_runs_there(tmp_path: Path) -> None:
+    config = load_config(_readme_run(tmp_path))
+    assert config.run_dir == tmp_path / "runs" / "mine"
+
+
+def test_fingerprints_hash_content_not_places_or_times(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    config = _readme_run(tmp_path / "here")
+    before = _digests(config)
+    write(config.parent / "kstory.log", "a log beside the spec\n")
+    (config.parent / "data").mkdir()
+    assert _digests(config) == before  # the run's own files never make its inputs stale
+
+    copy = Path(shutil.copytree(config.parent, tmp_path / "there" / "runs" / "mine"))
+    for path in copy.rglob("*"):
+        os.utime(path, (1_000_000, 1_000_000))
+    assert _digests(copy / "kstory.yaml") == before
+
+    (copy / "story-reference.png").write_bytes(b"another picture")  # referenced by the spec's canny guide
+    changed = _digests(copy / "kstory.yaml")
+    assert changed["story"] != before["story"] and changed["prep"] == before["prep"]
+    (copy / "pictures" / "a.png").write_bytes(b"\x89PNG other")
+    assert _digests(copy / "kstory.yaml")["prep"] != before["prep"]
+
+
+def test_train_fingerprint_leaves_out_the_schedule(tmp_path: Path) -> None:
+    config = _readme_run(tmp_path)
+    before = _digests(config)["train"]
+    text = config.read_text(encoding="utf-8")
+    write(config, text + "train:\n  max_steps: 900\n  checkpoint_every: 7\n")
+    assert _digests(config)["train"] == before
+    write(config, text + "train:\n  rank: 8\n")
+    assert _digests(config)["train"] != before

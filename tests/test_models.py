@@ -209,6 +209,43 @@ def test_local_path_resolves_like_the_published_layout(tiny, tmp_path: Path) -> 
     assert local.text_encoder == root.resolve() / "text_encoder"
 
 
+def test_a_fine_tune_with_the_same_size_and_ends_gets_another_fingerprint(tiny, tmp_path: Path) -> None:
+    """Same header, same first and last MiB, same size: only the middle tensors differ, as in a fine-tune."""
+    from safetensors.torch import save_file
+
+    edge = torch.zeros(1 << 19)  # 2 MiB of float32 at each end
+    fingerprints = []
+    for name, seed in (("base", 0), ("tuned", 1)):
+        root = Path(shutil.copytree(tiny.root, tmp_path / name))
+        middle = torch.randn(1 << 20, generator=torch.Generator().manual_seed(seed))  # 4 MiB
+        unet = root / "unet" / "diffusion_pytorch_model.safetensors"
+        save_file({"a_first": edge, "b_middle": middle, "c_last": edge.clone()}, str(unet))
+        fingerprints.append(resolve_model(str(root)).fingerprint)
+    base, tuned = tmp_path / "base" / "unet", tmp_path / "tuned" / "unet"
+    first, second = (p.joinpath("diffusion_pytorch_model.safetensors").read_bytes() for p in (base, tuned))
+    assert len(first) == len(second) and first[: 1 << 20] == second[: 1 << 20] and first[-(1 << 20):] == second[-(1 << 20):]
+    assert fingerprints[0] != fingerprints[1]
+
+
+def test_fingerprint_of_a_large_file_reads_sampled_pages_only(tmp_path: Path) -> None:
+    from kstory.hashing import PAGE_BYTES, PAGES, page_offsets, sampled_digest
+
+    big = tmp_path / "shard.bin"
+    with open(big, "wb") as handle:
+        handle.truncate(64 << 20)
+    offsets = page_offsets(64 << 20)
+    assert len(offsets) == PAGES and offsets[0] == 0 and offsets[-1] == (64 << 20) - PAGE_BYTES
+    before = sampled_digest(big)
+    with open(big, "r+b") as handle:  # one byte inside a sampled page of the middle
+        handle.seek(offsets[PAGES // 2] + 7)
+        handle.write(b"x")
+    after = sampled_digest(big)
+    assert after != before
+    moved = big.rename(tmp_path / "elsewhere.bin")
+    os.utime(moved, (0, 0))
+    assert sampled_digest(moved) == after  # content, not place or time
+
+
 def test_real_weights_path_names_a_file_diffsynth_does_not_recognise(tiny, tmp_path: Path) -> None:
     """Without kstory_tiny.json the folder takes the real-weights path: DiffSynth's ModelManager
     detects files by their key hashes, and tiny widths match no known Kolors UNet."""

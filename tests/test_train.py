@@ -248,6 +248,23 @@ def test_interrupted_then_resumed_run_is_bit_identical(tmp_path: Path, cache: Pa
         y = load_file(str(tmp_path / "resumed" / "checkpoints" / "step-000006" / name))
         assert all(torch.equal(x[k], y[k]) for k in x)
 
+    # A shorter schedule stops at its own last step: the LoRA is step 4's, the later checkpoint stays.
+    shorter = train_lora(data, tmp_path / "straight", settings.model_copy(update={"max_steps": 4}), model="tiny",
+                         cache_dir=cache)
+    assert (shorter.resumed_from, shorter.steps) == (4, 4) and shorter.final_loss is not None
+    assert [step for step, _ in list_checkpoints(tmp_path / "straight")] == [2, 4, 6]
+    c = _lora_tensors(tmp_path / "straight" / "checkpoints" / "step-000004" / "lora.safetensors")
+    d = _lora_tensors(shorter.lora_path)
+    assert c.keys() == d.keys() and all(torch.equal(c[k], d[k]) for k in c)
+
+
+def test_training_again_on_a_finished_output_is_a_no_op(trained, data: Path, cache: Path):
+    result, settings = trained
+    files = {name: (result.out_dir / name).read_bytes() for name in ("lora.safetensors", "train.json", "loss.csv")}
+    again = train_lora(data, result.out_dir, settings, model="tiny", cache_dir=cache)
+    assert (again.resumed_from, again.steps) == (8, 8) and again.final_loss == result.final_loss
+    assert {name: (result.out_dir / name).read_bytes() for name in files} == files
+
 
 def test_cache_is_keyed_by_content_and_bucket(tmp_path: Path, cache: Path):
     from kstory.models import kolors_models, load_kolors_model_manager

@@ -199,6 +199,8 @@ def train_lora(
     if resume and (found := latest_checkpoint(out_dir)) is not None:
         resumed = load_checkpoint(found)
         check_compatible(resumed, identity)  # refuse before minutes of model loading
+        if (done := _already_finished(out_dir, settings, resumed, started)) is not None:
+            return done
 
     # 1. cache every caption and image, free the encoders.
     prepared = prepare(weights, samples, settings, runtime,
@@ -211,6 +213,8 @@ def train_lora(
     identity["data_fingerprint"] = _data_fingerprint(cache)
     identity["parameter_names"] = inject_lora(unet, settings.rank, settings.lora_alpha, settings.target_modules,
                                               settings.seed)
+    if resumed is not None and resumed.step > steps_total:
+        resumed = _checkpoint_within(out_dir, resumed, steps_total)
     start_step = 0
     if resumed is not None:
         for warning in check_compatible(resumed, identity):
@@ -294,7 +298,8 @@ def train_lora(
         loss_log.close()
 
     # 4. outputs: final checkpoint (so a longer run can continue), LoRA, validation, summary.
-    last_checkpoint, validation_dir = recorder.last_checkpoint, None
+    last_checkpoint = recorder.last_checkpoint or (resumed.path if resumed is not None else None)
+    validation_dir = None
     lora_path = out_dir / "lora.safetensors"
     if trainer.is_global_zero:
         if remaining > 0:
@@ -305,13 +310,76 @@ def train_lora(
             validation_dir = outputs.validate(module)
     result = TrainResult(
         out_dir=out_dir, lora_path=lora_path, steps=final_step, resumed_from=start_step,
-        final_loss=recorder.last_loss, seconds=time.monotonic() - started, last_checkpoint=last_checkpoint,
+        final_loss=recorder.last_loss if recorder.last_loss is not None else _logged_loss(out_dir / "loss.csv", final_step),
+        seconds=time.monotonic() - started, last_checkpoint=last_checkpoint,
         validation_dir=validation_dir, device=str(runtime.device), precision=runtime.precision,
         peak_vram_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     )
     if trainer.is_global_zero:
         _write_summary(out_dir / "train.json", result, settings, weights, cache, steps_total)
     return result
+
+
+def _already_finished(out_dir: Path, settings: TrainSettings, latest: Any, started: float) -> TrainResult | None:
+    """The recorded result when ``out_dir`` already holds the finished run these settings ask for, else None.
+
+    Only a ``max_steps`` schedule is known before the dataset is loaded; with
+    ``epochs`` the run goes on to count the batches (and finds nothing to train).
+    """
+    if settings.epochs is not None or latest.step != total_steps(settings, 0):
+        return None
+    try:
+        summary = json.loads((out_dir / "train.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    lora_path = out_dir / "lora.safetensors"
+    if summary.get("status") != "finished" or summary.get("steps") != latest.step or not lora_path.is_file():
+        return None
+    try:
+        same_settings = TrainSettings.model_validate(summary.get("settings")).fingerprint() == settings.fingerprint()
+    except ValueError:  # pydantic's ValidationError: a summary from other settings
+        same_settings = False
+    if not same_settings:
+        return None  # the full path re-exports the LoRA and warns about the changed settings
+    log.info("already trained: %s is at step %d of %d, nothing to do (raise max_steps to continue)",
+             out_dir, latest.step, latest.step)
+    validation = summary.get("validation_dir")
+    return TrainResult(
+        out_dir=out_dir, lora_path=lora_path, steps=latest.step, resumed_from=latest.step,
+        final_loss=summary.get("final_loss"), seconds=time.monotonic() - started, last_checkpoint=latest.path,
+        validation_dir=Path(validation) if validation else None, device=summary.get("device", ""),
+        precision=summary.get("precision", ""), peak_vram_bytes=None,
+    )
+
+
+def _checkpoint_within(out_dir: Path, latest: Any, steps_total: int) -> Any:
+    """A shorter schedule stops at its own last step: resume from the newest checkpoint within it.
+
+    The later checkpoints stay where they are, so raising the steps again continues from them.
+    """
+    from train.checkpoint import list_checkpoints, load_checkpoint
+
+    within = [path for step, path in list_checkpoints(out_dir) if step <= steps_total]
+    chosen = load_checkpoint(within[-1]) if within else None
+    log.info("the schedule now ends at step %d, before the latest checkpoint (step %d): %s; later checkpoints are kept",
+             steps_total, latest.step,
+             f"the LoRA is taken from step {steps_total}" if chosen is not None and chosen.step == steps_total
+             else f"training continues from step {chosen.step if chosen else 0} to {steps_total}")
+    return chosen
+
+
+def _logged_loss(path: Path, step: int) -> float | None:
+    """The loss loss.csv recorded for ``step`` (a run that trained no step of its own reports it)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("step") == str(step):
+                    return float(row["loss"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return None
 
 
 def _write_summary(path: Path, result: TrainResult, settings: TrainSettings, weights: Any, cache: Any,

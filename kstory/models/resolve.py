@@ -49,7 +49,6 @@ _LAYOUT_FIX = (
     "or use 'kolors' to download it or 'tiny' for the offline test model"
 )
 _PICKLE_FIX = "convert it to .safetensors, or use the published file (its tensors load with weights_only=True)"
-_SAMPLE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -57,8 +56,9 @@ class KolorsWeights:
     """Local, validated Kolors weights.
 
     ``fingerprint`` identifies the content (a hash over each weight file's
-    name, size, and first and last MiB), so it changes when weights are
-    replaced and can key caches of latents or prompt embeddings.
+    layout name, size, safetensors header and 64 pages sampled across the
+    file), so it changes when weights are replaced or fine-tuned and can key
+    caches of latents or prompt embeddings.
     """
 
     root: Path
@@ -214,16 +214,11 @@ def _refuse_unsafe_pickle(path: Path) -> None:
 
 
 def _fingerprint(files: dict[str, Path]) -> str:
-    """Hash of each file's layout name, size, and first and last MiB: cheap on 17 GB, changes on re-save."""
+    """Hash of each file's layout name and sampled content (kstory.hashing.sampled_digest): cheap on 17 GB,
+    and a fine-tune of the same size changes it."""
+    from kstory.hashing import sampled_digest
+
     digest = hashlib.sha256()
     for name, path in sorted(files.items()):
-        size = path.stat().st_size
-        digest.update(f"{name}\0{size}\0".encode())
-        with open(path, "rb") as handle:
-            if size <= 2 * _SAMPLE_BYTES:
-                digest.update(handle.read())
-            else:
-                digest.update(handle.read(_SAMPLE_BYTES))
-                handle.seek(size - _SAMPLE_BYTES)
-                digest.update(handle.read(_SAMPLE_BYTES))
+        digest.update(f"{name}\0{sampled_digest(path)}\0".encode())
     return digest.hexdigest()
