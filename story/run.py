@@ -64,7 +64,13 @@ def check_lora(lora: Path | None, scale: float | None, weights: KolorsWeights) -
     lora = Path(lora).expanduser().resolve()
     _, metadata = read_lora(lora)
     trained_on = metadata.get("kstory.base_fingerprint", "")
-    if trained_on != weights.fingerprint:
+    if trained_on != weights.fingerprint and metadata.get("kstory.base_model") == weights.identity:
+        # Same published model or folder, other fingerprint: a LoRA from before content fingerprints, or the
+        # weights changed in place. Say so rather than refuse a LoRA that may well be right.
+        log.warning("%s was trained on %s with fingerprint %s, which differs from today's %s (LoRAs made before "
+                    "kstory hashed weights by content carry the old kind); check the base model is the same",
+                    lora.name, weights.identity, trained_on[:12] or "none", weights.fingerprint[:12])
+    elif trained_on != weights.fingerprint:
         raise KstoryError(
             f"this LoRA was trained on {metadata.get('kstory.base_model') or 'another model'} "
             f"(fingerprint {trained_on[:12] or 'none'}), the story uses {weights.identity} "
