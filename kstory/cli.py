@@ -457,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_console(verbose=args.verbose, debug=args.debug)
+    logging.raiseExceptions = bool(args.debug)  # a log file on a full disk: no traceback per record on the terminal
     try:
         return args.func(args)
     except KstoryError as exc:
@@ -470,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - last resort: no traceback for users unless asked
         if args.debug:
             traceback.print_exc()
-        fault = os_fault(exc)  # read-only, permissions, full disk, long path: the user's to fix, not a bug
+        # read-only, permissions, full disk, long path: the user's to fix, not a bug
+        fault = os_fault(exc, near=getattr(args, "out", None))
         if fault is not None:
             get_logger().debug("%s", fault.message, exc_info=True)
             print(f"error: {fault.render()}", file=sys.stderr)
