@@ -144,6 +144,11 @@ def test_reroll_seed_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixture
         build_parser().parse_args(["reroll", "story", "3", "--seed", "-5"])
     assert exited.value.code == EXIT_USER_ERROR
     assert "out of range" in capsys.readouterr().err
+    from story import reroll
+
+    for seed in (-1, SEED_LIMIT):  # the Python API (and the dashboard through it) checks too
+        with pytest.raises(KstoryError, match=f"seed {seed} is out of range"):
+            reroll(Path("story"), 3, seed=seed)
 
 
 # --- validation -----------------------------------------------------------------------------------------------
