@@ -80,9 +80,8 @@ def _cmd_prep(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from train import TrainSettings, train_lora
-
     from pydantic import ValidationError
+    from train import TrainSettings, train_lora
 
     from kstory.rundir import set_aside
     from kstory.yamlio import load_model, validation_error
@@ -92,12 +91,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "rank": args.rank, "alpha": args.alpha, "max_steps": args.steps, "resolution": args.resolution,
         "learning_rate": args.lr, "batch_size": args.batch_size, "trigger_word": args.trigger_word,
     }
-    data = {**settings.model_dump(exclude_unset=True), **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        settings = TrainSettings.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(TrainSettings, exc, {}, Path(args.settings) if args.settings else None,
-                               names=_TRAIN_OPTIONS) from None
+        settings = TrainSettings.model_validate({**settings.model_dump(exclude_unset=True), **given})
+    except ValidationError as exc:  # the file was valid on its own: an option is at fault
+        raise validation_error(TrainSettings, exc, {}, None,
+                               names={k: name for k, name in _TRAIN_OPTIONS.items() if k in given}) from None
     out = Path(args.out)
     if args.fresh and out.exists():
         print(f"previous output moved to {set_aside(out)}")

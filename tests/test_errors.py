@@ -139,6 +139,17 @@ def test_frame_selection_takes_lists_and_ranges(capsys: pytest.CaptureFixture) -
     assert err.startswith("error: --frames 'a,b'") and "unexpected" not in err
 
 
+def test_documented_exit_statuses_match_the_code() -> None:
+    import scoring
+    from kstory import cli
+
+    assert (cli.EXIT_USER_ERROR, cli.EXIT_GATE_FAILED, cli.EXIT_NOT_REPRODUCED) == (2, scoring.GATE_FAILED_EXIT, 4)
+    table = (Path(__file__).parents[1] / "docs" / "config.md").read_text(encoding="utf-8")
+    for status in (cli.EXIT_OK, cli.EXIT_BUG, cli.EXIT_USER_ERROR, cli.EXIT_GATE_FAILED, cli.EXIT_NOT_REPRODUCED,
+                   cli.EXIT_INTERRUPTED):
+        assert f"\n| {status} | " in table
+
+
 def test_reroll_seed_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["reroll", "story", "3", "--seed", "-5"])
