@@ -2,7 +2,9 @@
 
 Every file a stage publishes goes through here, so an interrupted run (Ctrl-C,
 full disk, killed job) leaves no truncated output behind that a later stage or
-a resume could mistake for finished work.
+a resume could mistake for finished work. A write the operating system refuses
+for a reason the user can fix (read-only disk, permissions, full disk, path too
+long) is raised as a ``KstoryError`` naming the target (``kstory.oserrors``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kstory.oserrors import os_faults_as_user_errors
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
@@ -25,16 +29,18 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     private 0600, so published files read like any other file the user writes.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    with os_faults_as_user_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
+        with os_faults_as_user_errors(target):
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -79,12 +85,14 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     if target.exists():
         raise FileExistsError(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    with os_faults_as_user_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        yield staging
-        os.chmod(staging, 0o777 & ~_umask())
-        os.replace(staging, target)
+        with os_faults_as_user_errors(target):
+            yield staging
+            os.chmod(staging, 0o777 & ~_umask())
+            os.replace(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

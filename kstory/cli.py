@@ -11,8 +11,18 @@ from pathlib import Path
 from kstory import __version__
 from kstory.errors import KstoryError
 from kstory.logs import get_logger, setup_console
+from kstory.oserrors import os_fault
+from kstory.seeds import check_seed
 
 log = get_logger("cli")
+
+# Exit statuses (docs/config.md, "Errors and exit statuses").
+EXIT_OK = 0
+EXIT_BUG = 1  # unexpected: a bug to report
+EXIT_USER_ERROR = 2  # bad input, settings, or an OS refusal the user can fix; also argparse's usage errors
+EXIT_GATE_FAILED = 3  # kstory score: the mean aesthetic score is below the threshold
+EXIT_NOT_REPRODUCED = 4  # kstory verify: a frame did not regenerate identically
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 DESCRIPTION = """\
 kstory: a Kolors LoRA style story, from dataset to published submission.
@@ -70,17 +80,23 @@ def _cmd_prep(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
     from train import TrainSettings, train_lora
 
     from kstory.rundir import set_aside
-    from kstory.yamlio import load_model
+    from kstory.yamlio import load_model, validation_error
 
     settings = load_model(TrainSettings, Path(args.settings)) if args.settings else TrainSettings()
     overrides = {
         "rank": args.rank, "alpha": args.alpha, "max_steps": args.steps, "resolution": args.resolution,
         "learning_rate": args.lr, "batch_size": args.batch_size, "trigger_word": args.trigger_word,
     }
-    settings = TrainSettings.model_validate({**settings.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = TrainSettings.model_validate({**settings.model_dump(exclude_unset=True), **given})
+    except ValidationError as exc:  # the file was valid on its own: an option is at fault
+        raise validation_error(TrainSettings, exc, {}, None,
+                               names={k: name for k, name in _TRAIN_OPTIONS.items() if k in given}) from None
     out = Path(args.out)
     if args.fresh and out.exists():
         print(f"previous output moved to {set_aside(out)}")
@@ -91,6 +107,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"already trained to step {result.steps}: nothing left to train (raise --steps to continue)")
     print(f"LoRA: {result.lora_path} ({result.steps} steps{loss})")
     return 0
+
+
+_TRAIN_OPTIONS = {"max_steps": "--steps", "learning_rate": "--lr", "batch_size": "--batch-size",
+                  "trigger_word": "--trigger-word", "rank": "--rank", "alpha": "--alpha", "resolution": "--resolution"}
 
 
 def _controlnet_args(pairs: list[str] | None) -> dict[str, str]:
@@ -109,7 +129,7 @@ def _cmd_story(args: argparse.Namespace) -> int:
     from kstory.stages import controlnet_paths
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
-    frames = [int(part) for part in args.frames.split(",")] if args.frames else None
+    frames = parse_frames(args.frames) if args.frames else None
     result = generate_story(
         Path(args.spec), Path(args.out), model=args.model, lora=Path(args.lora) if args.lora else None,
         lora_scale=args.lora_scale, controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir),
@@ -118,6 +138,29 @@ def _cmd_story(args: argparse.Namespace) -> int:
     print(f"{len(result.generated)} frame(s) in {Path(args.out) / 'frames'} "
           f"({result.seconds_per_frame:.1f} s/frame); manifest: {Path(args.out) / 'manifest.json'}")
     return 0
+
+
+def parse_frames(text: str) -> list[int]:
+    """Frame numbers from a selection like ``1,3`` or ``2-5,8`` (1-based, ranges inclusive)."""
+    fix = "e.g. --frames 1,3 or --frames 2-5,8 (frame numbers start at 1)"
+    frames: list[int] = []
+    for part in (piece.strip() for piece in text.split(",")):
+        first, dash, last = part.partition("-")
+        if not (first.isdigit() and (not dash or last.isdigit())):
+            raise KstoryError(f"--frames {text!r}: {part!r} is not a frame number or a range like 2-5", fix=fix)
+        low, high = int(first), int(last) if dash else int(first)
+        if low < 1 or high < low:
+            raise KstoryError(f"--frames {text!r}: {part!r} is not a frame number or a range like 2-5", fix=fix)
+        frames.extend(range(low, high + 1))
+    return sorted(set(frames))
+
+
+def _seed(text: str) -> int:
+    """argparse type of --seed: an integer in the seed range, or a usage error."""
+    try:
+        return check_seed(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if text.lstrip("-").isdigit() else f"{text!r} is not a whole number") from None
 
 
 def _cmd_reroll(args: argparse.Namespace) -> int:
@@ -174,7 +217,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None, rescore=not args.no_rescore,
     )
     print(report.render())
-    return 0 if report.passed else 4
+    return EXIT_OK if report.passed else EXIT_NOT_REPRODUCED
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
@@ -218,17 +261,25 @@ def _print_outcomes(outcomes) -> None:
         print(f"{outcome.stage:<8} {outcome.status}{took} -> {outcome.output}")
 
 
+def _add_common(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="show debug messages on the terminal")
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show tracebacks instead of short error messages")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kstory", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"kstory {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug messages on the terminal")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of short error messages")
+    _add_common(parser, default=False)
+    # every subcommand takes them too; SUPPRESS keeps the subcommand from resetting a value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common(common, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser(
-        "demo", help="run the whole pipeline offline on a generated dataset and the tiny model",
+        "demo", parents=[common], help="run the whole pipeline offline on a generated dataset and the tiny model",
         description="Generate a small style dataset, write runs/demo/kstory.yaml and run every stage on it. "
         "Running it again skips stages that are up to date.",
     )
@@ -238,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     run = commands.add_parser(
-        "run", help="run every stage of a config, resuming at the first one not up to date",
+        "run", parents=[common], help="run every stage of a config, resuming at the first one not up to date",
         description="Run the stages in order from one YAML config (see docs/config.md). A stage whose output "
         "matches the current settings and inputs is skipped; a stale output is moved to RUN/.history/, "
         "never overwritten.",
@@ -249,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     prep = commands.add_parser(
-        "prep", help="clean an image-caption dataset with Data-Juicer into DiffSynth's training layout",
+        "prep", parents=[common], help="clean an image-caption dataset with Data-Juicer into DiffSynth's training layout",
         description="Validate and clean INPUT with a Data-Juicer recipe; write OUT/train/metadata.csv with the "
         "kept images, and OUT/report.json + OUT/report.md explaining every dropped sample (see docs/data-prep.md).",
     )
@@ -263,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=_cmd_prep)
 
     train = commands.add_parser(
-        "train", help="train a Kolors LoRA on a prepared dataset (resumes an interrupted run)",
+        "train", parents=[common], help="train a Kolors LoRA on a prepared dataset (resumes an interrupted run)",
         description="Train a LoRA on DATA (the output of `kstory prep`) into OUT: lora.safetensors with its "
         "settings in the metadata, resumable checkpoints, loss.csv and validation images (see docs/train.md). "
         "Running it again on the same OUT resumes from the newest checkpoint; Ctrl-C saves one first.",
@@ -284,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     story = commands.add_parser(
-        "story", help="generate the story's frames from a spec, with the LoRA and ControlNet guides",
+        "story", parents=[common], help="generate the story's frames from a spec, with the LoRA and ControlNet guides",
         description="Generate every frame of SPEC (docs/story.md) into OUT: frames/NN.png, guides/, story.yaml and "
         "manifest.json with everything needed to regenerate each frame bit for bit.",
     )
@@ -295,25 +346,25 @@ def build_parser() -> argparse.ArgumentParser:
     story.add_argument("--lora-scale", type=float, help="LoRA strength (default: as trained, 1.0)")
     story.add_argument("--controlnet", action="append", metavar="NAME=PATH",
                        help="ControlNet weights for the spec's guides (repeatable); PATH may be 'tiny' (offline, random)")
-    story.add_argument("--frames", help="only these frames, e.g. 1,3 (the others are kept)")
+    story.add_argument("--frames", help="only these frames, e.g. 1,3 or 2-5 (the others are kept)")
     story.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     story.set_defaults(func=_cmd_story)
 
     reroll = commands.add_parser(
-        "reroll", help="regenerate one frame with a new seed or prompt, keeping the other frames",
+        "reroll", parents=[common], help="regenerate one frame with a new seed or prompt, keeping the other frames",
         description="Regenerate frame FRAME of the story in STORY (a `kstory story` output) with --seed, --prompt, "
         "or neither (a fresh seed). The other frames are not touched; every tried seed stays in the manifest.",
     )
     reroll.add_argument("story", help="story folder (holds manifest.json)")
     reroll.add_argument("frame", type=int, help="frame number, 1-based")
-    reroll.add_argument("--seed", type=int, help="new seed")
+    reroll.add_argument("--seed", type=_seed, help="new seed (0 to 2**63-1)")
     reroll.add_argument("--prompt", help="new prompt for this frame")
     reroll.add_argument("--controlnet", action="append", metavar="NAME=PATH", help="moved ControlNet weights")
     reroll.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     reroll.set_defaults(func=_cmd_reroll)
 
     score = commands.add_parser(
-        "score", help="the challenge's aesthetic gate (exit 0 pass, 3 fail), plus coherence and prompt fit",
+        "score", parents=[common], help="the challenge's aesthetic gate (exit 0 pass, 3 fail), plus coherence and prompt fit",
         description="Score images with the organisers' aesthetic predictor (same numbers, batched), CLIP-T against "
         "their prompts and CLIP-I between them; write scores.json (see docs/scoring.md). Exit status: 0 when the "
         "mean aesthetic score reaches the threshold, 3 when it does not, 2 on bad input.",
@@ -337,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(func=_cmd_score)
 
     package = commands.add_parser(
-        "package", help="build the ModelScope model repo: model card, LoRA in 3 formats, frames, manifest, scores",
+        "package", parents=[common], help="build the ModelScope model repo: model card, LoRA in 3 formats, frames, manifest, scores",
         description="Build RUN/submission/ (docs/submissions.md): README.md model card, configuration.json, the LoRA "
         "in DiffSynth, diffusers and kohya formats, the frames and guides, story.yaml, manifest.json, scores.json "
         "and forum_post.md. The model name is <team>-可图Kolors训练-<suffix>. Refuses a failed gate unless told.",
@@ -352,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     package.set_defaults(func=_cmd_package)
 
     verify = commands.add_parser(
-        "verify", help="regenerate every frame from the package alone and compare (exit 4 when not identical)",
+        "verify", parents=[common], help="regenerate every frame from the package alone and compare (exit 4 when not identical)",
         description="Check every file's hash, regenerate each frame from the package (manifest, LoRA, guides, base "
         "model) and report identical or the PSNR/SSIM difference, then re-score and compare with scores.json.",
     )
@@ -364,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=_cmd_verify)
 
     upload = commands.add_parser(
-        "upload", help="upload a package to ModelScope (token from $MODELSCOPE_API_TOKEN or a hidden prompt)",
+        "upload", parents=[common], help="upload a package to ModelScope (token from $MODELSCOPE_API_TOKEN or a hidden prompt)",
         description="Create the model if missing and upload the package folder with the modelscope client. The "
         "token is read from $MODELSCOPE_API_TOKEN or asked for without echo; it is never written anywhere. "
         "Running it again after an interruption completes the upload without duplicates.",
@@ -380,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     upload.set_defaults(func=_cmd_upload)
 
     app = commands.add_parser(
-        "app", help="the review dashboard: data, training, story, scores, package and upload (localhost only)",
+        "app", parents=[common], help="the review dashboard: data, training, story, scores, package and upload (localhost only)",
         description="Start the Streamlit dashboard on 127.0.0.1 (docs/app.md). It reads and writes the run "
         "directory only through the stages' documented files; typed paths stay inside the runs root.",
     )
@@ -390,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.set_defaults(func=_cmd_app)
 
     model = commands.add_parser(
-        "model", help="resolve a base model (download, build or check it) and print its files",
+        "model", parents=[common], help="resolve a base model (download, build or check it) and print its files",
         description="SPEC is 'kolors' (download Kwai-Kolors/Kolors from ModelScope into the cache), 'tiny' "
         "(build the tiny random-weight Kolors offline) or a local folder in the published layout.",
     )
@@ -398,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     model.set_defaults(func=_cmd_model)
 
-    doctor = commands.add_parser("doctor", help="print versions and environment facts for bug reports")
+    doctor = commands.add_parser(
+        "doctor", parents=[common], help="print versions and environment facts for bug reports")
     doctor.set_defaults(func=_cmd_doctor)
     return parser
 
@@ -406,25 +458,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_console(verbose=args.verbose)
+    setup_console(verbose=args.verbose, debug=args.debug)
+    logging.raiseExceptions = bool(args.debug)  # a log file on a full disk: no traceback per record on the terminal
     try:
         return args.func(args)
     except KstoryError as exc:
         if args.debug:
             traceback.print_exc()
         print(f"error: {exc.render()}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: finished outputs are kept; run the same command again to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - last resort: no traceback for users unless asked
-        get_logger().debug("unexpected error", exc_info=True)
         if args.debug:
             traceback.print_exc()
+        # read-only, permissions, full disk, long path: the user's to fix, not a bug
+        fault = os_fault(exc, near=getattr(args, "out", None))
+        if fault is not None:
+            get_logger().debug("%s", fault.message, exc_info=True)
+            print(f"error: {fault.render()}", file=sys.stderr)
+            logging.shutdown()
+            return EXIT_USER_ERROR
+        get_logger().debug("unexpected error", exc_info=True)
         print(f"error: unexpected {type(exc).__name__}: {exc}\n"
               "run again with --debug for the traceback, and please report it", file=sys.stderr)
         logging.shutdown()
-        return 1
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

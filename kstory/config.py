@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kstory.seeds import Seed
 from kstory.yamlio import load_model
 from train.settings import TrainSettings
 
@@ -61,11 +63,14 @@ class ScoreSettings(Section):
 class RunConfig(Section):
     """A whole run: where it lives, which base model, and each stage's settings."""
 
+    DOC_PAGE: ClassVar[str] = "docs/config.md"
+    SECTION_PAGES: ClassVar[dict[str, str]] = {"train": "docs/train.md"}
+
     name: str = Field(description="Run name; outputs go to RUNS_ROOT/NAME.")
     runs_root: Path = Field(default=Path("runs"), description="Folder that holds run directories.")
     model: str = Field(default="tiny", description="Base model: 'kolors', 'tiny', or a local folder.")
     cache_dir: Path | None = Field(default=None, description="Model cache; $KSTORY_CACHE or ~/.cache/kstory when empty.")
-    seed: int = Field(default=0, description="Seed for everything random in the run.")
+    seed: Seed = Field(default=0, description="Seed for everything random in the run (0 to 2**63-1).")
     prep: PrepSettings
     train: TrainSettings = Field(default_factory=TrainSettings, description="LoRA training (docs/train.md).")
     story: StorySettings | None = Field(default=None, description="Story generation; without it the run ends after train.")
@@ -89,7 +94,8 @@ class RunConfig(Section):
             update["seed"] = self.seed
         if self.train.trigger_word is None and self.prep.trigger_word:
             update["trigger_word"] = self.prep.trigger_word
-        return self.train.model_copy(update=update)
+        # model_validate, not model_copy(update=...): a copy would skip the checks (a negative seed would train)
+        return TrainSettings.model_validate({**self.train.model_dump(exclude_unset=True), **update})
 
 
 def _anchor(path: Path | None, base: Path) -> Path | None:
@@ -115,20 +121,15 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     config = load_model(RunConfig, path)
     base = path.resolve().parent
+    data = config.model_dump(exclude_unset=True)  # unset stays unset: train_settings() relies on it
     runs_root = _anchor(config.runs_root, base)
     if "runs_root" not in config.model_fields_set and base.name == config.name:
         runs_root = base.parent  # runs/<name>/kstory.yaml: the config's folder is the run, wherever it is copied
-    return config.model_copy(update={
-        "runs_root": runs_root,
-        "cache_dir": _anchor(config.cache_dir, base),
-        "model": config.model if config.model in ("kolors", "tiny") else str(_anchor(Path(config.model), base)),
-        "prep": config.prep.model_copy(update={
-            "source": _anchor_source(config.prep.source, base),
-            "recipe": _anchor(config.prep.recipe, base),
-        }),
-        "story": None if config.story is None else config.story.model_copy(update={
-            "spec": _anchor(config.story.spec, base),
-            "controlnets": {name: value if value == "tiny" else str(_anchor(Path(value), base))
-                            for name, value in config.story.controlnets.items()},
-        }),
-    })
+    data.update(runs_root=runs_root, cache_dir=_anchor(config.cache_dir, base),
+                model=config.model if config.model in ("kolors", "tiny") else str(_anchor(Path(config.model), base)))
+    data["prep"].update(source=_anchor_source(config.prep.source, base), recipe=_anchor(config.prep.recipe, base))
+    if config.story is not None:
+        data["story"].update(spec=_anchor(config.story.spec, base), controlnets={
+            name: value if value == "tiny" else str(_anchor(Path(value), base))
+            for name, value in config.story.controlnets.items()})
+    return RunConfig.model_validate(data)  # validated again, never a bare copy

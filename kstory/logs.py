@@ -1,5 +1,10 @@
 """Logging: short lines on the terminal, everything (with tracebacks) in the run's log file.
 
+The terminal never shows a traceback unless ``--debug``: a record logged with
+``exc_info`` prints its message only, while the log file keeps the traceback.
+A record logged with ``extra=FILE_ONLY`` goes to the log file alone (the CLI
+prints the error itself, once).
+
 Handlers sit on the root logger so the stage packages (``data_prep``,
 ``train``, ...) and libraries all end up in the run's log file. The terminal
 shows kstory's own messages and only warnings from libraries; several
@@ -16,9 +21,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from kstory.errors import KstoryError
+from kstory.oserrors import os_fault, os_faults_as_user_errors
+
 LOGGER_NAME = "kstory"
 OUR_PACKAGES = frozenset({"kstory", "data_prep", "train", "story", "scoring", "submissions", "app"})
 _FILE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+FILE_ONLY = {"kstory_file_only": True}
 
 
 def get_logger(name: str | None = None) -> logging.Logger:
@@ -34,6 +43,8 @@ class _OursOrWarnings(logging.Filter):
     """Let through our packages' messages, warnings of quiet libraries, errors of chatty ones."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "kstory_file_only", False):
+            return False
         package = record.name.split(".", 1)[0]
         if package in OUR_PACKAGES:
             return True
@@ -60,9 +71,20 @@ def route_loguru() -> None:
     logger.add(to_logging, level="DEBUG", format="{message}")
 
 
-def setup_console(verbose: bool = False) -> None:
+class _MessageOnly(logging.Formatter):
+    """The message without the traceback or stack a record may carry (those belong in the log file)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            record = logging.makeLogRecord(record.__dict__)  # the file handler still gets the original
+            record.exc_info = record.exc_text = record.stack_info = None
+        return super().format(record)
+
+
+def setup_console(verbose: bool = False, debug: bool = False) -> None:
     """Send INFO (or DEBUG) messages of kstory's packages to stderr, without timestamps.
 
+    Tracebacks attached to log records are shown only with ``debug``.
     Libraries' own progress bars (datasets' per-op bars) are turned off unless
     ``verbose``: kstory draws one bar per stage step instead.
     """
@@ -78,22 +100,37 @@ def setup_console(verbose: bool = False) -> None:
             root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(logging.Formatter("%(message)s") if debug else _MessageOnly("%(message)s"))
     handler.addFilter(_OursOrWarnings())
     handler._kstory_console = True  # type: ignore[attr-defined]
     root.addHandler(handler)
 
 
+class _RunLogHandler(logging.FileHandler):
+    """A file handler that keeps a failed write (full disk...) to report once, instead of a traceback per record."""
+
+    failure: BaseException | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if self.failure is None:
+            self.failure = sys.exc_info()[1]
+
+
 @contextlib.contextmanager
 def log_to_file(path: Path) -> Iterator[Path]:
-    """Append everything logged inside the block to ``path`` (the run's log file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Append everything logged inside the block to ``path`` (the run's log file).
+
+    A log that could not be written is an error at the end of the block (when
+    nothing else went wrong first), so a run never ends "fine" with its log lost.
+    """
+    with os_faults_as_user_errors(path, action="could not open the run's log"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = _RunLogHandler(path, encoding="utf-8")
     root = logging.getLogger()
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     for package in OUR_PACKAGES:
         logging.getLogger(package).setLevel(logging.DEBUG)
-    handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     root.addHandler(handler)
@@ -101,4 +138,12 @@ def log_to_file(path: Path) -> Iterator[Path]:
         yield path
     finally:
         root.removeHandler(handler)
-        handler.close()
+        try:
+            handler.close()
+        except OSError as error:  # the last flush
+            handler.failure = handler.failure or error
+    if handler.failure is not None:
+        action = "could not write the run's log (the outputs themselves are complete)"
+        raise os_fault(handler.failure, path, action=action) or KstoryError(
+            f"{action}: {handler.failure}", path=path, fix="check the disk holding it, then run the same command again"
+        )

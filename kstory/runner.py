@@ -9,7 +9,7 @@ from pathlib import Path
 from kstory import atomic
 from kstory.config import RunConfig, load_config
 from kstory.errors import KstoryError
-from kstory.logs import get_logger, log_to_file
+from kstory.logs import FILE_ONLY, get_logger, log_to_file
 from kstory.rundir import RunDir, fingerprint, move_to_history, read_stamp, write_stamp
 from kstory.stages import STAGES, Stage, run_digest
 
@@ -57,7 +57,7 @@ def run_config(config_path: str | Path, *, model: str | None = None, until: str 
         try:
             _run_stages(config, run, stages, outcomes, only)
         except BaseException as exc:
-            log.error("run stopped: %s", exc, exc_info=not isinstance(exc, KstoryError))
+            log.error("run stopped: %s", exc, exc_info=not isinstance(exc, KstoryError), extra=FILE_ONLY)
             raise
     return outcomes
 

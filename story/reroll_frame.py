@@ -20,6 +20,7 @@ from PIL import Image
 from kstory.errors import KstoryError
 from kstory.logs import get_logger
 from kstory.models import resolve_model
+from kstory.seeds import SEED_LIMIT
 from story.controlnets import identify
 from story.generate import FramePlan, GuidePlan, Session
 from story.manifest import read_manifest, sha256_bytes
@@ -80,6 +81,8 @@ def reroll(
     manifest and ``story.yaml`` record the new seed and prompt. Returns the
     folder's state; ``generated`` is ``[frame]``.
     """
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise KstoryError(f"seed {seed} is out of range", fix=f"use a seed from 0 to {SEED_LIMIT - 1} (see docs/story.md)")
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     if manifest is None:

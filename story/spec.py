@@ -7,11 +7,12 @@ Defaults follow Kolors' recommendations (1024x1024, CFG 5, 25-50 steps);
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kstory.errors import KstoryError
+from kstory.seeds import Seed
 from kstory.yamlio import load_yaml, validate
 from story.guides.pose_library import pose_names
 
@@ -137,7 +138,7 @@ Guide = Annotated[PoseGuide | CannyGuide | DepthGuide | ImageGuide, Field(discri
 
 class Frame(FrameSettings):
     prompt: str = Field(min_length=1)
-    seed: int = Field(ge=0, lt=2**63, description="Required: frames are reproducible only with a fixed seed.")
+    seed: Seed = Field(description="Required: frames are reproducible only with a fixed seed (0 to 2**63-1).")
     negative_prompt: str | None = None
     guides: list[Guide] = Field(default_factory=list)
 
@@ -147,6 +148,8 @@ class ControlNetRef(_Strict):
 
 
 class StorySpec(_Strict):
+    DOC_PAGE: ClassVar[str] = "docs/story.md"
+
     title: str = Field(min_length=1)
     frame_count: int = Field(default=DEFAULT_FRAME_COUNT, ge=1, le=64)
     character: Character = Field(default_factory=Character)
@@ -186,7 +189,7 @@ class StorySpec(_Strict):
 def load_spec(path: Path) -> StorySpec:
     """Load and validate a story spec; every problem is reported with its line."""
     path = Path(path)
-    data, marks = load_yaml(path)
+    data, marks = load_yaml(path, StorySpec.DOC_PAGE)
     spec = validate(StorySpec, data, marks, path)
     _check_keypoints(spec, marks, path)
     return spec

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from kstory.errors import KstoryError
+from tests.faultfs import fill, small_tmpfs
 from kstory.models import load_kolors_pipeline, resolve_model
 from train import TrainSettings, load_lora_into_pipeline, train_lora
 from train.batches import step_generator
@@ -401,25 +403,34 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, data: Pat
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
-def test_failed_save_leaves_previous_checkpoint_as_latest(tmp_path: Path, data: Path, cache: Path, monkeypatch):
-    import train.checkpoint as checkpoint_module
+class _FillDisk(pl.Callback):
+    """Fills the file system holding ``folder`` after the given step: a real full disk, not a mocked error."""
 
-    real_save = checkpoint_module.save_file
-    calls = {"n": 0}
+    def __init__(self, step: int, folder: Path):
+        self.step, self.folder, self.filler = step, folder, None
 
-    def flaky(tensors, filename, *args, **kwargs):
-        if "step-000004" in str(filename) or ".step-000004." in str(filename):
-            raise OSError(28, "No space left on device")
-        calls["n"] += 1
-        return real_save(tensors, filename, *args, **kwargs)
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if module.step == self.step and self.filler is None:
+            self.filler = fill(self.folder)
 
-    monkeypatch.setattr(checkpoint_module, "save_file", flaky)
-    out = tmp_path / "out"
-    with pytest.raises(KstoryError, match="could not save the checkpoint for step 4"):
-        train_lora(data, out, TrainSettings(**{**FAST, "checkpoint_every": 2}, max_steps=6), cache_dir=cache)
-    assert latest_checkpoint(out).name == "step-000002"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # no staging left over
-    assert not (out / "lora.safetensors").exists()
+
+def test_failed_save_on_a_full_disk_leaves_previous_checkpoint_as_latest(tmp_path: Path, data: Path, cache: Path):
+    with small_tmpfs(tmp_path / "disk", size="8m") as disk:
+        out = disk / "out"
+        full = _FillDisk(3, disk)
+        with pytest.raises(KstoryError, match="could not save the checkpoint for step 4: disk full") as raised:
+            train_lora(data, out, TrainSettings(**{**FAST, "checkpoint_every": 2}, max_steps=6), cache_dir=cache,
+                       callbacks=[full])
+        assert "free space" in raised.value.fix and "resumes from the last complete checkpoint" in raised.value.fix
+        causes, error = [], raised.value
+        while error is not None:
+            causes.append(error)
+            error = error.__cause__
+        assert isinstance(causes[-1], SafetensorError), causes  # safetensors' own type, mapped by its "(os error 28)"
+        full.filler.unlink()
+        assert latest_checkpoint(out).name == "step-000002"
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # no staging left over
+        assert not (out / "lora.safetensors").exists()
 
 
 def test_settings_are_strict():

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kstory.seeds import Seed
 
 DEFAULT_MAX_STEPS = 500  # DiffSynth's example default (1 epoch x 500 steps)
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out")  # DiffSynth's SDXL UNet attention Linear names
@@ -31,12 +33,14 @@ class ValidationPrompt(_Strict):
     """A prompt rendered at fixed seed every ``validation_every`` steps to watch the style emerge."""
 
     prompt: str
-    seed: int = 0
+    seed: Seed = 0
     negative_prompt: str = ""
 
 
 class TrainSettings(_Strict):
     """Everything that decides what a LoRA run computes and where it runs."""
+
+    DOC_PAGE: ClassVar[str] = "docs/train.md"
 
     rank: int = Field(default=4, ge=1, le=1024, description="LoRA rank r.")
     alpha: float | None = Field(default=None, gt=0, description="LoRA alpha; the update is scaled by alpha/rank. Default: rank.")
@@ -57,7 +61,7 @@ class TrainSettings(_Strict):
     center_crop: bool = Field(default=False, description="Crop everything to resolution x resolution instead of aspect-ratio buckets.")
     random_flip: bool = Field(default=False, description="Flip half the samples horizontally (both latents are cached).")
     caption_dropout: float = Field(default=0.0, ge=0, lt=1, description="Probability of training on the empty caption.")
-    seed: int = Field(default=0, ge=0)
+    seed: Seed = Field(default=0, description="Seed of the LoRA's initialisation, noise and timesteps (0 to 2**63-1).")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 on a GPU that supports it, else full float32."
     )

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from kstory.atomic import write_json
 from kstory.errors import KstoryError
+from kstory.oserrors import os_fault
 from kstory.logs import get_logger
 from train.settings import DEFAULT_MAX_STEPS, TrainSettings
 
@@ -136,10 +138,15 @@ class _Outputs:
                 optimizer=None if sharded else self.trainer.optimizers[0],  # DeepSpeed shards optimizer state
                 lr_scheduler=module.lr_scheduler, trainer=self.trainer, identity={**self.identity, "world_size": world},
             )
-        except OSError as error:
+        except (OSError, SafetensorError, KstoryError) as error:  # safetensors reports a failed write as its own type
+            action = f"could not save the checkpoint for step {step}"
+            fault = os_fault(error, self.out_dir / "checkpoints", action=action)
+            if fault is None and isinstance(error, KstoryError):
+                raise
+            then = "training resumes from the last complete checkpoint"
             raise KstoryError(
-                f"could not save the checkpoint for step {step}: {error}", path=self.out_dir / "checkpoints",
-                fix="free disk space (or fix permissions) and run again; it resumes from the last complete checkpoint",
+                fault.message if fault else f"{action}: {error}", path=self.out_dir / "checkpoints",
+                fix=f"{fault.fix}; {then}" if fault else f"free disk space (or fix permissions) and run again; {then}",
             ) from error
 
     def validate(self, module: Any) -> Path | None:
