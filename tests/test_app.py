@@ -225,6 +225,9 @@ def test_package_name_build_preview_and_upload(demo_runs: Path, monkeypatch: pyt
     at.button(key="pkg_build").click().run()  # the tiny gate fails: refused with a message
     assert any("gate did not pass" in e.value for e in at.error)
     at.checkbox(key="pkg_allow_failed").check().run()
+    at.button(key="pkg_build").click().run()  # tiny random-weight models: a test artefact, refused unless ticked
+    assert any("test artefact" in e.value for e in at.error)
+    at.checkbox(key="pkg_allow_test").check().run()
     at.button(key="pkg_build").click().run()
     assert not at.exception
     assert (run / "submission" / "README.md").is_file()
@@ -233,8 +236,11 @@ def test_package_name_build_preview_and_upload(demo_runs: Path, monkeypatch: pyt
     assert "A fox in a scarf." in _texts(at)
 
     token = "ms-" + secrets.token_hex(16)
+    assert any("TEST ARTEFACT" in w.value for w in at.warning)  # said before any upload is tried
     at.text_input(key="upload_owner").input("alice")
     at.checkbox(key="upload_dry").uncheck()
+    at.checkbox(key="upload_allow_test").check()
+    at.checkbox(key="upload_allow_gate").check()
     with StandInHub(token) as hub:
         at.text_input(key="upload_endpoint").input(hub.endpoint)
         at.text_input(key="upload_token").input(token)
