@@ -36,12 +36,17 @@ EXTRA = {
 }
 
 
-def use_commands() -> list[list[str]]:
-    """The `kstory ...` lines of the README's `## Use` block, continuations joined, comments dropped."""
+def use_lines() -> list[str]:
+    """The `kstory ...` lines of the README's `## Use` block, continuations joined."""
     section = README.read_text(encoding="utf-8").split("\n## Use\n", 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     lines = block.replace("\\\n", " ").splitlines()
-    return [shlex.split(line, comments=True) for line in lines if line.strip().startswith("kstory ")]
+    return [line.strip() for line in lines if line.strip().startswith("kstory ")]
+
+
+def use_commands() -> list[list[str]]:
+    """Those lines as argument lists (comments dropped)."""
+    return [shlex.split(line, comments=True) for line in use_lines()]
 
 
 def _inputs(root: Path) -> None:
@@ -80,14 +85,13 @@ def test_readme_use_block_runs_on_the_tiny_preset(tmp_path: Path, monkeypatch: p
     monkeypatch.delenv("MODELSCOPE_API_TOKEN", raising=False)
     _inputs(tmp_path)
     ran = []
-    for argv in use_commands():
-        command = argv[1]
+    for line in use_lines():
+        command = shlex.split(line, comments=True)[1]
         if command in SKIPPED:
             continue
-        line = " ".join(argv[1:])
         for old, new in SWAPS:
             line = line.replace(old, new)
-        args = shlex.split(line) + EXTRA.get(command, [])
+        args = shlex.split(line, comments=True)[1:] + EXTRA.get(command, [])
         if command == "run":
             _run_config(tmp_path)
         status = main(args)
