@@ -57,8 +57,9 @@ def test_app_takes_a_run_path_or_a_run_name(tmp_path: Path, monkeypatch: pytest.
     (tmp_path / "elsewhere" / "other").mkdir(parents=True)
     run, root = locate_run("runs/mine", None)  # as the README prints it: not runs/runs/mine
     assert run == (tmp_path / "runs" / "mine").resolve() and environment(run, root)[RUN_ENV] == "mine"
+    (tmp_path / "mine").mkdir()  # a same-named folder in the working directory does not shadow the run
     run, root = locate_run("mine", None)
-    assert environment(run, root)[RUN_ENV] == "mine"
+    assert run == (tmp_path / "runs" / "mine").resolve() and environment(run, root)[RUN_ENV] == "mine"
     run, root = locate_run("elsewhere/other", None)  # outside runs/: opens in its own parent
     assert root == (tmp_path / "elsewhere").resolve() and environment(run, root)[RUN_ENV] == "other"
     with pytest.raises(KstoryError, match="outside the runs root"):
