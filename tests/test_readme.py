@@ -17,6 +17,7 @@ without ``--allow-failed-verify``, which this test checks before passing the fla
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -84,6 +85,7 @@ def test_readme_lists_the_commands_this_test_runs() -> None:
 def test_readme_use_block_runs_on_the_tiny_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture) -> None:
     from kstory.cli import main
+    from submissions.verify_record import verify_status
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MODELSCOPE_API_TOKEN", raising=False)
@@ -107,16 +109,13 @@ def test_readme_use_block_runs_on_the_tiny_preset(tmp_path: Path, monkeypatch: p
         assert status in expected, f"kstory {' '.join(args)} -> {status}\n{out.out}\n{out.err}"
         ran.append(command)
         statuses[command] = status
+        if command == "score":  # `kstory score RUN`: the manifest's 8 frames with their prompts, into RUN/scores.json
+            scores = json.loads((tmp_path / "runs" / "mine" / "scores.json").read_text(encoding="utf-8"))
+            assert len(scores["images"]) == 8 and all(image["prompt"] for image in scores["images"])
     assert ran == ["demo", "prep", "train", "story", "reroll", "score", "package", "verify", "upload", "run",
                    "doctor"]
     run = tmp_path / "runs" / "mine"
-    import json
-
-    scores = json.loads((run / "scores.json").read_text(encoding="utf-8"))
-    assert len(scores["images"]) == 8 and all(image["prompt"] for image in scores["images"])
     log = (run / "kstory.log").read_text(encoding="utf-8")
     for command in ("prep", "train", "story", "reroll", "score", "package", "verify", "upload"):
         assert f"kstory {command} on" in log, command
-    from submissions.verify_record import verify_status
-
     assert verify_status(run / "submission") == ("passed" if statuses["verify"] == 0 else "failed")
