@@ -67,7 +67,10 @@ def test_app_takes_a_run_path_or_a_run_name(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_streamlit_config_keeps_a_plain_streamlit_run_local() -> None:
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: pytest's own dependency
+        import tomli as tomllib
 
     config = tomllib.loads((Path(MAIN).parent.parent / ".streamlit" / "config.toml").read_text(encoding="utf-8"))
     assert config["server"]["address"] == "127.0.0.1" and config["server"]["headless"] is True
