@@ -56,20 +56,26 @@ def rescore(run_root: Path) -> None:
                  out=run.scores)
 
 
-def build(run_root: Path, *, team: str, suffix: str, description: str, allow_failed_gate: bool) -> Path:
+def build(run_root: Path, *, team: str, suffix: str, description: str, allow_failed_gate: bool,
+          allow_test_model: bool = False) -> Path:
     """``submissions.build_package`` into ``RUN/submission``."""
     from submissions import build_package
 
     return build_package(run_root, team=team, suffix=suffix, description=description or None,
-                         allow_failed_gate=allow_failed_gate)
+                         allow_failed_gate=allow_failed_gate, allow_test_model=allow_test_model)
 
 
-def upload(submission: Path, model_id: str, *, token: str, dry_run: bool, endpoint: str | None) -> str:
-    """``submissions.upload_package``; returns its report. The token is only passed through, never kept."""
+def upload(submission: Path, model_id: str, *, token: str, dry_run: bool, endpoint: str | None,
+           allow: dict[str, bool] | None = None) -> str:
+    """``submissions.upload_package``; returns its report. The token is only passed through, never kept.
+
+    ``allow``: the ``allow_test_model`` / ``allow_failed_gate`` / ``allow_failed_verify`` overrides the user ticked.
+    """
     from submissions import upload_package
 
     if not dry_run and not token.strip():
         raise KstoryError("no ModelScope token typed", fix="paste an access token from modelscope.cn/my/myaccesstoken")
-    result: Any = upload_package(submission, model_id, token=token or None, dry_run=dry_run, endpoint=endpoint or None)
+    result: Any = upload_package(submission, model_id, token=token or None, dry_run=dry_run, endpoint=endpoint or None,
+                                 **(allow or {}))
     text = result.render()
     return text.replace(token, "***") if token else text

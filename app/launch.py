@@ -11,6 +11,28 @@ from app import run_access
 from app.main import RUN_ENV, RUNS_ROOT_ENV
 
 MAIN = Path(__file__).resolve().parent / "main.py"
+DEFAULT_RUNS_ROOT = Path("runs")
+
+
+def locate_run(run: str | None, runs_root: Path | None) -> tuple[Path | None, Path]:
+    """``kstory app RUN``: the run and the runs root it opens in, for a run path or a run name.
+
+    A bare name of a folder in the runs root (``mine``) is that run; otherwise a path that exists (``runs/mine``)
+    is taken as it is, relative to the working directory; anything else is looked up as a name in the runs root.
+    Without ``--runs-root``, a run path outside ``runs/`` opens in its own parent folder.
+    """
+    root = runs_root if runs_root is not None else DEFAULT_RUNS_ROOT
+    if not run:
+        return None, root
+    given = Path(run).expanduser()
+    if len(given.parts) == 1 and (root / given).is_dir():
+        return run_access.resolve_run(root, run), root
+    if given.is_dir():
+        path = given.resolve()
+        if runs_root is None and not path.is_relative_to(root.resolve()):
+            root = path.parent
+        return path, root
+    return run_access.resolve_run(root, run), root
 
 
 def command(port: int | None = None, address: str = "127.0.0.1") -> list[str]:

@@ -29,17 +29,34 @@ def _reason(sample: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _image_of(run: RunDir, sample: dict[str, Any]) -> Path | None:
-    """The kept file under data/, or a dropped sample's source if it lies inside the run folder."""
+def _dataset_folder(report: dict[str, Any]) -> Path | None:
+    """The input folder the report names (it may live outside the runs root): dropped samples are read from it."""
+    source = report.get("source")
+    if not isinstance(source, str) or "://" in source:
+        return None
+    folder = Path(source).absolute()  # `kstory prep` took a relative path from the working directory
+    return folder if folder.is_dir() else None
+
+
+def _image_of(run: RunDir, sample: dict[str, Any], dataset: Path | None = None) -> Path | None:
+    """The kept file under data/, or a dropped sample's source inside the run folder or the report's dataset folder.
+
+    Only ever read to show a thumbnail; nothing outside the runs root is written.
+    """
     if sample.get("status") == "kept" and sample.get("output"):
         return run_access.inside(run.data, sample["output"])
     if sample.get("stage") == "pre-check":
         return None  # missing, corrupt or oversized files: nothing safe to show
     source = sample.get("source")
-    return run_access.inside(run.root, source) if source else None
+    if not source:
+        return None
+    found = run_access.inside(run.root, source)
+    if found is None and dataset is not None:
+        found = run_access.inside(dataset, source)
+    return found
 
 
-def _grid(run: RunDir, samples: list[dict[str, Any]], kept: bool) -> None:
+def _grid(run: RunDir, samples: list[dict[str, Any]], kept: bool, dataset: Path | None = None) -> None:
     shown = samples[:PAGE_SIZE]
     for start in range(0, len(shown), PER_ROW):
         columns = st.columns(PER_ROW)
@@ -47,7 +64,7 @@ def _grid(run: RunDir, samples: list[dict[str, Any]], kept: bool) -> None:
             with column:
                 caption = sample.get("caption") or {}
                 text = caption.get("final") if kept else caption.get("at_drop", caption.get("original"))
-                show_image(_image_of(run, sample), caption=sample.get("id", "?"), size=160)
+                show_image(_image_of(run, sample, dataset), caption=sample.get("id", "?"), size=160)
                 if kept:
                     st.caption(str(text or ""))
                 else:
@@ -78,7 +95,7 @@ def render(ctx: Context) -> None:
     dropped = [s for s in samples if s.get("status") == "dropped" and (not chosen or s.get("op") in chosen)]
     st.subheader(f"Dropped ({len(dropped)})")
     if dropped:
-        _grid(run, dropped, kept=False)
+        _grid(run, dropped, kept=False, dataset=_dataset_folder(report))
     else:
         st.caption("nothing dropped" + (" by the chosen ops" if chosen else ""))
     st.subheader(f"Kept ({len(kept)})")

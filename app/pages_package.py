@@ -55,13 +55,40 @@ def _take_token() -> None:
     st.session_state["upload_token"] = ""
 
 
-def _upload(submission: Path, name: str) -> None:
+def _publish_state(submission: Path, index: dict) -> None:
+    """Say up front what upload will refuse or warn about: a test artefact, a failed gate, a missing or failed verify."""
+    from submissions.upload import package_provenance
+    from submissions.verify_record import verify_status
+
+    try:
+        origin = package_provenance(submission)
+    except KstoryError as error:
+        st.error(error.render())
+        return
+    if origin.is_test:
+        st.warning("this package is a TEST ARTEFACT, not a Kolors LoRA: " + "; ".join(origin.reasons))
+    if index.get("gate") != "pass":
+        st.warning(f"the package's score gate did not pass (gate: {index.get('gate')})")
+    state = verify_status(submission)
+    if state == "missing":
+        st.warning(f"not verified since it was built: run `kstory verify {submission}` first")
+    elif state == "failed":
+        st.warning("the package failed its last `kstory verify`")
+
+
+def _upload(submission: Path, name: str, index: dict) -> None:
     st.subheader("Upload to ModelScope")
+    _publish_state(submission, index)
     with st.form("upload", clear_on_submit=True):
         owner = st.text_input("ModelScope owner (user or organisation)", key="upload_owner")
         token = st.text_input("Access token (never stored)", type="password", key="upload_token")
         dry_run = st.checkbox("Dry run (list what would be uploaded)", value=True, key="upload_dry")
         endpoint = st.text_input("Endpoint (empty: ModelScope)", key="upload_endpoint")
+        allow = {
+            "allow_test_model": st.checkbox("Upload even if it is a test artefact", key="upload_allow_test"),
+            "allow_failed_gate": st.checkbox("Upload even if the gate failed", key="upload_allow_gate"),
+            "allow_failed_verify": st.checkbox("Upload even if verify failed", key="upload_allow_verify"),
+        }
         submitted = st.form_submit_button("Upload", on_click=_take_token)
     secret = st.session_state.pop(_SECRET, "")  # never left in the session, whatever happens next
     del token
@@ -69,7 +96,7 @@ def _upload(submission: Path, name: str) -> None:
         model_id = f"{owner.strip()}/{name}"
         report = run_long(f"Uploading to {model_id}" + (" (dry run)" if dry_run else ""),
                           lambda: actions.upload(submission, model_id, token=secret, dry_run=dry_run,
-                                                 endpoint=endpoint.strip() or None),
+                                                 endpoint=endpoint.strip() or None, allow=allow),
                           "dry run done" if dry_run else f"uploaded to {model_id}")
         del secret
         if report:
@@ -90,10 +117,12 @@ def render(ctx: Context) -> None:
     elif gate != "pass":
         st.warning(f"the score gate did not pass (gate: {gate}); tick the box below to package anyway")
     allow = st.checkbox("Package even though the gate failed", value=False, key="pkg_allow_failed")
+    allow_test = st.checkbox("Package a test artefact (tiny or random-weight models; labelled as such)", value=False,
+                             key="pkg_allow_test")
     if st.button("Build package", key="pkg_build", type="primary", disabled=name is None):
         built = run_long("Building the package (exporting the LoRA, copying frames, hashing)",
                          lambda: actions.build(run.root, team=team, suffix=suffix, description=description,
-                                               allow_failed_gate=allow),
+                                               allow_failed_gate=allow, allow_test_model=allow_test),
                          "package built")
         if built:
             st.success(f"package written to {built}")
@@ -109,7 +138,7 @@ def render(ctx: Context) -> None:
         index = run_access.read_json(run.submission / "kstory_package.json", "the package index", "kstory package")
         built_name = (index.data or {}).get("model_name") if index.ok else None
         if built_name:
-            _upload(run.submission, built_name)
+            _upload(run.submission, built_name, index.data)
         else:
             st.warning(index.problem or "the package index names no model")
     else:

@@ -9,21 +9,18 @@ from app.ui import Context, guarded
 
 
 def _create(ctx: Context, name: str) -> None:
-    """Make ``runs_root/name`` with the demo's config, for `kstory run` to fill."""
-    from kstory import atomic
-    from kstory.demo import demo_config
-
-    import yaml
+    """Make ``runs_root/name`` with the demo's config, dataset and story spec: a run `kstory run` can fill as is."""
+    from kstory.demo import prepare_demo_run
 
     name = run_access.new_run_name(name)
     target = run_access.resolve_run(ctx.runs_root, name)
     if target.exists():
         st.warning(f"{name} already exists; picked it")
     else:
-        target.mkdir(parents=True)
-        atomic.write_text(target / "kstory.yaml", yaml.safe_dump(demo_config(target), sort_keys=False))
-        st.success(f"created {target} with a starter config (kstory.yaml); fill it with `kstory run {target / 'kstory.yaml'}` "
-                   f"or `kstory demo --out {target}`")
+        with st.spinner("writing a starter config with a generated dataset and story spec"):
+            config = prepare_demo_run(target)
+        st.success(f"created {target} with a starter config on the tiny test model (kstory.yaml, inputs/); "
+                   f"fill it with `kstory run {config}`, or edit it first (docs/config.md)")
     st.session_state["run"] = target.name
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import traceback
@@ -13,6 +14,7 @@ from kstory.errors import KstoryError
 from kstory.logs import get_logger, setup_console
 from kstory.oserrors import os_fault
 from kstory.seeds import check_seed
+from kstory.runlog import logging_to_run
 
 log = get_logger("cli")
 
@@ -64,14 +66,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_prep(args: argparse.Namespace) -> int:
     from data_prep import prep
 
-    result = prep(
-        args.input,
-        Path(args.out),
-        recipe=Path(args.recipe) if args.recipe else None,
-        trigger_word=args.trigger_word,
-        overwrite=args.overwrite,
-        num_proc=args.num_proc,
-    )
+    with logging_to_run(args.out, "prep"):
+        result = prep(
+            args.input,
+            Path(args.out),
+            recipe=Path(args.recipe) if args.recipe else None,
+            trigger_word=args.trigger_word,
+            overwrite=args.overwrite,
+            num_proc=args.num_proc,
+        )
     dropped = ", ".join(f"{op}: {count}" for op, count in result.dropped_by.items()) or "none"
     print(f"kept {result.kept}, dropped {result.dropped} ({dropped})")
     print(f"training set: {result.metadata_csv}")
@@ -100,8 +103,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.fresh and out.exists():
         print(f"previous output moved to {set_aside(out)}")
-    result = train_lora(Path(args.data), out, settings, model=args.model,
-                        cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    with logging_to_run(out, "train"):
+        result = train_lora(Path(args.data), out, settings, model=args.model,
+                            cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     if result.steps == result.resumed_from:
         print(f"already trained to step {result.steps}: nothing left to train (raise --steps to continue)")
@@ -130,11 +134,12 @@ def _cmd_story(args: argparse.Namespace) -> int:
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     frames = parse_frames(args.frames) if args.frames else None
-    result = generate_story(
-        Path(args.spec), Path(args.out), model=args.model, lora=Path(args.lora) if args.lora else None,
-        lora_scale=args.lora_scale, controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir),
-        cache_dir=cache_dir, frames=frames,
-    )
+    with logging_to_run(args.out, "story"):
+        result = generate_story(
+            Path(args.spec), Path(args.out), model=args.model, lora=Path(args.lora) if args.lora else None,
+            lora_scale=args.lora_scale, controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir),
+            cache_dir=cache_dir, frames=frames,
+        )
     print(f"{len(result.generated)} frame(s) in {Path(args.out) / 'frames'} "
           f"({result.seconds_per_frame:.1f} s/frame); manifest: {Path(args.out) / 'manifest.json'}")
     return 0
@@ -169,39 +174,58 @@ def _cmd_reroll(args: argparse.Namespace) -> int:
     from kstory.stages import controlnet_paths
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
-    reroll(Path(args.story), args.frame, seed=args.seed, prompt=args.prompt,
-           controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None, cache_dir=cache_dir)
+    with logging_to_run(args.story, "reroll"):
+        reroll(Path(args.story), args.frame, seed=args.seed, prompt=args.prompt,
+               controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None, cache_dir=cache_dir)
     print(f"frame {args.frame} regenerated; tried seeds are in {Path(args.story) / 'manifest.json'} (seed_history)")
     return 0
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from scoring import exit_status, load_prompts, render_table, score_images
+    from scoring.story_input import story_folder, story_frames
 
-    report = score_images(
-        [Path(item) for item in args.images],
-        aesthetic_model=args.aesthetic_model,
-        aesthetic_clip=args.aesthetic_clip,
-        clip_model=None if args.clip_model == "none" else args.clip_model,
-        prompts=load_prompts(Path(args.prompts)) if args.prompts else None,
-        threshold=args.threshold,
-        batch_size=args.batch_size,
-        out=Path(args.out) if args.out else None,
-        dreamsim=args.dreamsim,
-        device=args.device,
-        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-    )
+    images = [Path(item) for item in args.images]
+    prompts = load_prompts(Path(args.prompts)) if args.prompts else None
+    out = Path(args.out) if args.out else None
+    story = story_folder(images[0]) if len(images) == 1 else None
+    if story is not None:  # a run or story folder: the manifest's frames and prompts, into RUN/scores.json
+        found = story_frames(story)
+        images, prompts, out = found.frames, prompts or found.prompts, out or found.scores_path
+    # Only a scores.json written into a run is logged there; scoring loose images writes into no run.
+    with logging_to_run(out, "score") if out is not None else contextlib.nullcontext():
+        report = score_images(
+            images,
+            aesthetic_model=args.aesthetic_model,
+            aesthetic_clip=args.aesthetic_clip,
+            clip_model=None if args.clip_model == "none" else args.clip_model,
+            prompts=prompts,
+            threshold=args.threshold,
+            batch_size=args.batch_size,
+            out=out,
+            dreamsim=args.dreamsim,
+            device=args.device,
+            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        )
+    if not report.images:
+        raise KstoryError(f"none of the {len(report.skipped)} file(s) given is an image that could be scored",
+                          path=Path(args.images[0]),
+                          fix="point at a run (runs/NAME), its story folder, or the frame images themselves")
     print(render_table(report))
+    if out is not None:
+        print(f"scores: {out}")
     return exit_status(report)
 
 
 def _cmd_package(args: argparse.Namespace) -> int:
     from submissions import build_package
 
-    out = build_package(
-        Path(args.run), team=args.team, suffix=args.suffix, allow_failed_gate=args.allow_failed_gate,
-        out=Path(args.out) if args.out else None, description=args.description, owner=args.owner,
-    )
+    with logging_to_run(Path(args.out) if args.out else Path(args.run) / "submission", "package"):
+        out = build_package(
+            Path(args.run), team=args.team, suffix=args.suffix, allow_failed_gate=args.allow_failed_gate,
+            out=Path(args.out) if args.out else None, description=args.description, owner=args.owner,
+            allow_test_model=args.allow_test_model,
+        )
     print(f"package: {out} (check it with `kstory verify {out}`, then `kstory upload {out} --model-id OWNER/NAME`)")
     return 0
 
@@ -211,11 +235,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     from kstory.stages import controlnet_paths
 
+    from submissions.verify_record import write_verify_record
+
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
-    report = verify_package(
-        Path(args.submission), model=args.model, cache_dir=cache_dir,
-        controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None, rescore=not args.no_rescore,
-    )
+    with logging_to_run(args.submission, "verify"):
+        report = verify_package(
+            Path(args.submission), model=args.model, cache_dir=cache_dir,
+            controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None,
+            rescore=not args.no_rescore,
+        )
+        if report.verdict != "modified":  # a changed package gets no record: upload refuses it anyway
+            write_verify_record(Path(args.submission), report)
     print(report.render())
     return EXIT_OK if report.passed else EXIT_NOT_REPRODUCED
 
@@ -223,18 +253,22 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_upload(args: argparse.Namespace) -> int:
     from submissions import upload_package
 
-    result = upload_package(
-        Path(args.submission), args.model_id, visibility=args.visibility, dry_run=args.dry_run,
-        endpoint=args.endpoint, retries=args.retries, commit_message=args.message,
-    )
+    with logging_to_run(args.submission, "upload"):
+        result = upload_package(
+            Path(args.submission), args.model_id, visibility=args.visibility, dry_run=args.dry_run,
+            endpoint=args.endpoint, retries=args.retries, commit_message=args.message,
+            allow_test_model=args.allow_test_model, allow_failed_gate=args.allow_failed_gate,
+            allow_failed_verify=args.allow_failed_verify,
+        )
     print(result.render())
     return 0
 
 
 def _cmd_app(args: argparse.Namespace) -> int:
-    from app.launch import launch
+    from app.launch import launch, locate_run
 
-    return launch(Path(args.run) if args.run else None, Path(args.runs_root), args.port)
+    run, runs_root = locate_run(args.run, Path(args.runs_root) if args.runs_root else None)
+    return launch(run, runs_root, args.port)
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
@@ -369,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
         "their prompts and CLIP-I between them; write scores.json (see docs/scoring.md). Exit status: 0 when the "
         "mean aesthetic score reaches the threshold, 3 when it does not, 2 on bad input.",
     )
-    score.add_argument("images", nargs="+", help="image files and/or folders (every file directly inside)")
+    score.add_argument("images", nargs="+", help="a run folder or its story folder (the manifest's frames and "
+                       "prompts, scores into RUN/scores.json), or image files and/or folders (every file directly inside)")
     score.add_argument("--aesthetic-model", default="tiny",
                        help="kolors-challenge (download the organisers' predictor), a predictor folder, LAION's MLP "
                        ".pth, or tiny (offline, random: its scores mean nothing) (default: tiny)")
@@ -381,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--prompts", help="JSON file mapping image file names to their prompts (for CLIP-T)")
     score.add_argument("--threshold", type=float, default=6.0, help="gate on the mean aesthetic score (default: 6)")
     score.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    score.add_argument("--out", help="write scores.json here")
+    score.add_argument("--out", help="write scores.json here (default for a run or story folder: RUN/scores.json)")
     score.add_argument("--dreamsim", action="store_true", help="also DreamSim distances (needs `pip install dreamsim`)")
     score.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     score.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
@@ -400,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     package.add_argument("--owner", help="ModelScope owner, for the snippets in the model card")
     package.add_argument("--out", help="package folder (default: RUN/submission)")
     package.add_argument("--allow-failed-gate", action="store_true", help="package even if the mean score is below the gate")
+    package.add_argument("--allow-test-model", action="store_true",
+                         help="package a run made with the tiny/random-weight model or scorer, or a LoRA not on Kolors, "
+                         "labelled as a test artefact")
     package.set_defaults(func=_cmd_package)
 
     verify = commands.add_parser(
@@ -428,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--message", help="commit message")
     upload.add_argument("--retries", type=int, default=3, help="retries on transient failures (default: 3)")
     upload.add_argument("--endpoint", help="hub endpoint (default: ModelScope's)")
+    upload.add_argument("--allow-test-model", action="store_true", help="upload a package labelled as a test artefact")
+    upload.add_argument("--allow-failed-gate", action="store_true", help="upload a package whose score gate failed")
+    upload.add_argument("--allow-failed-verify", action="store_true",
+                        help="upload a package whose last `kstory verify` failed")
     upload.set_defaults(func=_cmd_upload)
 
     app = commands.add_parser(
@@ -435,8 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the Streamlit dashboard on 127.0.0.1 (docs/app.md). It reads and writes the run "
         "directory only through the stages' documented files; typed paths stay inside the runs root.",
     )
-    app.add_argument("run", nargs="?", help="run directory to open (e.g. runs/demo)")
-    app.add_argument("--runs-root", default="runs", help="folder holding run directories (default: runs)")
+    app.add_argument("run", nargs="?", help="run to open: a path (e.g. runs/demo) or a name in the runs root (demo)")
+    app.add_argument("--runs-root", help="folder holding run directories (default: runs, or the parent of a run "
+                     "path given outside it)")
     app.add_argument("--port", type=int, help="port (default: Streamlit's, 8501)")
     app.set_defaults(func=_cmd_app)
 

@@ -53,8 +53,11 @@ def demo_config(run_dir: Path, *, model: str = "tiny", images: int = 24) -> dict
     }
 
 
-def run_demo(out: Path = Path("runs/demo"), *, model: str = "tiny", images: int = 24) -> list[StageOutcome]:
-    """Generate the demo dataset and config under ``out`` (once), then run every stage."""
+def prepare_demo_run(out: Path, *, model: str = "tiny", images: int = 24) -> Path:
+    """Write the demo's dataset, story spec and config under ``out`` (each once); returns the config path.
+
+    The config runs as it is (``kstory run OUT/kstory.yaml``): every path it names exists.
+    """
     from data_prep.synthetic import make_style_dataset
     from story import make_demo_spec
 
@@ -72,4 +75,9 @@ def run_demo(out: Path = Path("runs/demo"), *, model: str = "tiny", images: int 
         text = "# kstory demo run: edit and run again with `kstory run` on this file.\n"
         text += yaml.safe_dump(demo_config(run.root, model=model, images=images), sort_keys=False)
         atomic.write_text(run.config, text)
-    return run_config(run.config, model=model)
+    return run.config
+
+
+def run_demo(out: Path = Path("runs/demo"), *, model: str = "tiny", images: int = 24) -> list[StageOutcome]:
+    """Generate the demo dataset and config under ``out`` (once), then run every stage."""
+    return run_config(prepare_demo_run(out, model=model, images=images), model=model)

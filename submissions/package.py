@@ -27,10 +27,12 @@ from kstory.errors import KstoryError
 from kstory.hashing import sha256_file
 from kstory.logs import get_logger
 from submissions.naming import MIDDLE, model_name
+from submissions.provenance import ALLOW_FLAG, Provenance, provenance
 
 log = get_logger("package")
 FORMAT = "kstory-submission/1"
 PACKAGE_FILE = "kstory_package.json"
+VERIFY_FILE = "verify.json"  # written by `kstory verify` next to the index; not part of the hashed files
 MIN_FRAMES = 8
 BASE_MODEL = "Kwai-Kolors/Kolors"
 TASK = "text-to-image-synthesis"
@@ -48,6 +50,16 @@ def _read_json(path: Path, what: str, fix: str) -> dict[str, Any]:
         raise KstoryError(f"unreadable {what} ({error})", path=path, fix=fix) from error
 
 
+def _inside(story: Path, relative: Any, what: str) -> Path:
+    """``story / relative``, refused when a hand-edited manifest points outside the story folder."""
+    text = str(relative or "")
+    target = (story / text).resolve()
+    if not text or Path(text).is_absolute() or not target.is_relative_to(story.resolve()) or target == story.resolve():
+        raise KstoryError(f"manifest.json names {what} {text!r} outside the story folder", path=story / "manifest.json",
+                          fix="regenerate the story with `kstory story` (its manifest names files inside story/)")
+    return target
+
+
 def _check_run(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any], Path, dict[str, str]]:
     """The run's LoRA, manifest, scores and story folder, checked against each other."""
     from train import read_lora
@@ -59,6 +71,10 @@ def _check_run(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any], Pat
     story = run_dir / "story"
     manifest = _read_json(story / "manifest.json", "story manifest", "run `kstory story` first")
     frames = manifest.get("frames", {})
+    for key, frame in frames.items():
+        _inside(story, frame.get("file"), f"frame {key}'s file")
+        for guide in frame.get("guides", []):
+            _inside(story, guide.get("file"), f"frame {key}'s guide")
     present = [k for k, f in frames.items() if (story / f["file"]).is_file()]
     if len(present) < MIN_FRAMES:
         raise KstoryError(
@@ -85,11 +101,15 @@ def _check_run(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any], Pat
         )
     scores = _read_json(run_dir / "scores.json", "scores.json", "run `kstory score` first")
     scored = {Path(i["file"]).name: i.get("sha256") for i in scores.get("images", [])}
+    unscored = sorted((k for k, f in frames.items() if Path(f["file"]).name not in scored), key=int)
+    if unscored:
+        raise KstoryError(f"scores.json does not score frame(s) {', '.join(unscored)}; every frame must be scored",
+                          path=run_dir / "scores.json", fix=f"run `kstory score {run_dir}`")
     for key, frame in frames.items():
         name = Path(frame["file"]).name
         if scored.get(name) not in (None, frame["sha256"]):
             raise KstoryError(f"scores.json scored another version of frame {key}", path=run_dir / "scores.json",
-                              fix="run `kstory score` again")
+                              fix=f"run `kstory score {run_dir}` again")
     return lora, manifest, scores, story, lora_meta
 
 
@@ -129,10 +149,14 @@ def _training_summary(run_dir: Path, lora_meta: dict[str, str]) -> dict[str, Any
     return summary
 
 
-def _front_matter(license_id: str, trigger: str) -> str:
-    tags = ["LoRA", "Kolors", MIDDLE, "DiffSynth-Studio", "text-to-image"] + ([trigger] if trigger else [])
+def _front_matter(license_id: str, trigger: str, origin: Provenance) -> str:
+    if origin.is_test:
+        tags = ["LoRA", "test-artefact", "DiffSynth-Studio"]
+    else:
+        tags = ["LoRA", "Kolors", MIDDLE, "DiffSynth-Studio", "text-to-image"] + ([trigger] if trigger else [])
     lines = ["---", "frameworks:", "- Pytorch", f"license: {license_id}", "tasks:", f"- {TASK}",
-             "base_model:", f"- {BASE_MODEL}", "base_model_relation: adapter", "tags:"]
+             "base_model:", f"- {json.dumps(origin.base_model, ensure_ascii=False)}", "base_model_relation: adapter",
+             "tags:"]
     lines += [f"- {json.dumps(tag, ensure_ascii=False)}" for tag in tags]
     return "\n".join(lines + ["---", ""])
 
@@ -141,8 +165,17 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _test_notice(origin: Provenance) -> str:
+    if not origin.is_test:
+        return ""
+    reasons = "\n".join(f"- {reason}" for reason in origin.reasons)
+    return (f"> **TEST ARTEFACT: this is not a Kolors LoRA.** It was packaged with `{ALLOW_FLAG}`; "
+            f"the base model is `{origin.base_model}`, and the pictures and scores mean nothing:\n>\n"
+            + "\n".join(f"> {line}" for line in reasons.splitlines()) + "\n\n")
+
+
 def _readme(name: str, *, description: str, trigger: str, training: dict[str, Any], manifest: dict[str, Any],
-            scores: dict[str, Any], strength: float, license_id: str) -> str:
+            scores: dict[str, Any], strength: float, license_id: str, origin: Provenance) -> str:
     by_file = {Path(i["file"]).name: i for i in scores.get("images", [])}
     summary = scores.get("summary", {})
     rows = []
@@ -153,15 +186,17 @@ def _readme(name: str, *, description: str, trigger: str, training: dict[str, An
     first = manifest["frames"][sorted(manifest["frames"], key=int)[0]]
     mean = summary.get("mean")
     training_lines = "\n".join(f"- {k}: {v}" for k, v in training.items())
-    return f"""{_front_matter(license_id, trigger)}
+    base = origin.base_model
+    base_line = (f"Base model: [{base}](https://www.modelscope.cn/models/{base})" if not origin.is_test
+                 else f"Base model: `{base}` (a test model, not {BASE_MODEL})")
+    return f"""{_front_matter(license_id, trigger, origin)}
 # {name}
 
-{description}
+{_test_notice(origin)}{description}
 
 **Trigger word:** `{trigger or "(none)"}` (put it at the start of the prompt).
 
-Base model: [{BASE_MODEL}](https://www.modelscope.cn/models/{BASE_MODEL}), LoRA trained with
-kstory on DiffSynth-Studio.
+{base_line}, LoRA trained with kstory on DiffSynth-Studio.
 
 ## Training
 
@@ -196,7 +231,7 @@ manager = ModelManager(torch_dtype=torch.float16, device="cuda", file_path_list=
     "models/kolors/Kolors/unet/diffusion_pytorch_model.safetensors",
     "models/kolors/Kolors/vae/diffusion_pytorch_model.safetensors",
 ])
-manager.load_lora("lora.safetensors", lora_alpha={strength!r})  # alpha / rank
+manager.load_lora("lora.safetensors", lora_alpha={strength!r})  # the strength the frames were made at
 pipe = KolorsImagePipeline.from_model_manager(manager)
 image = pipe(prompt={json.dumps(first["prompt"], ensure_ascii=False)},
              negative_prompt={json.dumps(first["negative_prompt"], ensure_ascii=False)},
@@ -210,17 +245,18 @@ exactly (and compare them pixel by pixel) run `kstory verify .` in this folder.
 """
 
 
-def _forum_post(name: str, owner: str | None, description: str, trigger: str, scores: dict[str, Any]) -> str:
+def _forum_post(name: str, owner: str | None, description: str, trigger: str, scores: dict[str, Any],
+                origin: Provenance) -> str:
     owner_part = owner or "<owner>"
     mean = scores.get("summary", {}).get("mean")
     return f"""# {FORUM_TITLE.format(name=name)}
 
 Model: https://www.modelscope.cn/models/{owner_part}/{name}
 
-{description}
+{_test_notice(origin)}{description}
 
 - Trigger word: `{trigger or "(none)"}`
-- Base model: {BASE_MODEL}
+- Base model: {origin.base_model}
 - 8 story frames with prompts, seeds and guides are in the model repo (manifest.json).
 - Aesthetic mean: {mean if mean is None else f"{mean:.3f}"}
 """
@@ -229,18 +265,28 @@ Model: https://www.modelscope.cn/models/{owner_part}/{name}
 def build_package(
     run_dir: str | Path, *, team: str, suffix: str, allow_failed_gate: bool = False, out: str | Path | None = None,
     description: str | None = None, owner: str | None = None, license_id: str = "apache-2.0",
+    allow_test_model: bool = False,
 ) -> Path:
     """Package the run into ``out`` (default ``RUN/submission``); returns the folder.
 
     Refuses (KstoryError) a missing LoRA, fewer than 8 frames, frames edited
-    after generation, a story made with another LoRA, a name breaking the
-    rule and, unless ``allow_failed_gate``, a run whose score gate did not pass.
+    after generation, a story made with another LoRA, a manifest naming files
+    outside the story folder, a scores.json missing a frame, a name breaking the
+    rule; unless ``allow_failed_gate``, a run whose score gate did not pass; and
+    unless ``allow_test_model``, a run made with a test model (submissions.provenance),
+    which is then labelled a test artefact in the model card and configuration.json.
     """
     from submissions.lora_export import FILE_NAMES, export_lora
 
     run_dir = Path(run_dir).resolve()
     name = model_name(team, suffix)
     lora, manifest, scores, story, lora_meta = _check_run(run_dir)
+    origin = provenance(manifest, scores, lora_meta.get("kstory.base_model"))
+    if origin.is_test and not allow_test_model:
+        raise KstoryError("this run is a test artefact, not a Kolors LoRA: " + "; ".join(origin.reasons),
+                          path=run_dir / "story" / "manifest.json",
+                          fix=f"train, generate and score with the real models (--model kolors, --aesthetic-model "
+                              f"kolors-challenge), or pass {ALLOW_FLAG} to package it labelled as a test artefact")
     gate = scores.get("summary", {}).get("gate")
     if gate != "pass" and not allow_failed_gate:
         raise KstoryError(
@@ -262,7 +308,9 @@ def build_package(
         f"A Kolors style LoRA: {manifest.get('title') or 'an 8-frame story'}, "
         f"{len(manifest['frames'])} frames generated with the LoRA and ControlNet guides."
     )
-    strength = float(lora_meta["kstory.alpha"]) / int(lora_meta["kstory.rank"])
+    recorded = (manifest.get("lora") or {})
+    scale = float(recorded.get("scale") or 1.0)
+    strength = float(recorded.get("strength") or float(lora_meta["kstory.alpha"]) / int(lora_meta["kstory.rank"]) * scale)
     training = _training_summary(run_dir, lora_meta)
     with atomic_directory(out) as staging:
         exports = export_lora(lora, staging)
@@ -275,14 +323,14 @@ def build_package(
         copy_file(run_dir / "scores.json", staging / "scores.json")
         write_text(staging / "README.md", _readme(
             name, description=description, trigger=trigger, training=training, manifest=manifest, scores=scores,
-            strength=strength, license_id=license_id))
+            strength=strength, license_id=license_id, origin=origin))
         write_json(staging / "configuration.json", {
-            "framework": "Pytorch", "task": TASK, "base_model": BASE_MODEL,
+            "framework": "Pytorch", "task": TASK, **origin.to_json(),
             "model": {"type": "lora", "files": {fmt: p.name for fmt, p in exports.items()}},
-            "lora": {"rank": training["rank"], "alpha": training["alpha"], "strength": strength,
+            "lora": {"rank": training["rank"], "alpha": training["alpha"], "scale": scale, "strength": strength,
                      "trigger_word": trigger},
         })
-        write_text(staging / FORUM_FILE, _forum_post(name, owner, description, trigger, scores))
+        write_text(staging / FORUM_FILE, _forum_post(name, owner, description, trigger, scores, origin))
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         write_json(staging / PACKAGE_FILE, {
             "format": FORMAT,
@@ -293,6 +341,8 @@ def build_package(
             "run": run_dir.name,
             "gate": gate,
             "allow_failed_gate": bool(allow_failed_gate),
+            **origin.to_json(),
+            "allow_test_model": bool(allow_test_model),
             "lora_files": dict(FILE_NAMES),
             "forum_title": FORUM_TITLE.format(name=name),
             "files": {rel: sha256_file(staging / rel) for rel in files},
@@ -316,7 +366,7 @@ def check_files(submission_dir: Path) -> list[str]:
             problems.append(f"{rel}: missing")
         elif sha256_file(path) != digest:
             problems.append(f"{rel}: changed after packaging (sha256 mismatch)")
-    known = set(index["files"]) | {PACKAGE_FILE}
+    known = set(index["files"]) | {PACKAGE_FILE, VERIFY_FILE}
     for path in sorted(submission_dir.rglob("*")):
         rel = path.relative_to(submission_dir).as_posix()
         if path.is_file() and rel not in known and not rel.startswith(".") and "/." not in rel:

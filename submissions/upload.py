@@ -7,7 +7,10 @@ prompt. It only ever lives in memory: this module does not call
 which authenticates each request with it; error messages are scrubbed of it
 before they are raised or logged.
 
-Steps: refuse a package whose files changed since packaging, create the model
+Steps: refuse a package whose files changed since packaging; refuse, unless
+told, a test artefact (tiny or random-weight models, a LoRA not on Kolors, as
+the package recorded it), a package whose gate failed and one whose last
+``kstory verify`` failed (warn when it was never verified); create the model
 (with the chosen visibility) when it does not exist, then ``upload_folder``
 with a commit message. The client's upload tracker lives in kstory's cache,
 not in the package, so a second run after an interruption skips what was
@@ -25,15 +28,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
 from kstory.errors import KstoryError
 from kstory.logs import get_logger
 from submissions.naming import validate_model_name
-from submissions.package import check_files, read_package
+from submissions.package import VERIFY_FILE, check_files, read_package
+from submissions.provenance import ALLOW_FLAG, Provenance, from_record, provenance
+from submissions.verify_record import verify_status
 
 log = get_logger("package")
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 VISIBILITY = {"public": 5, "internal": 3, "private": 1}  # ModelScope's Visibility codes
-IGNORE = [".*", "**/.*"]  # trackers, editor files: never part of the repo
+IGNORE = [".*", "**/.*", VERIFY_FILE]  # trackers, editor files, the local verify record: never part of the repo
 
 
 @dataclass
@@ -47,6 +54,7 @@ class UploadResult:
     commit_message: str = ""
     visibility: str = "public"
     url: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def render(self) -> str:
         head = "would upload" if self.dry_run else "uploaded"
@@ -57,6 +65,7 @@ class UploadResult:
         if self.dry_run:
             lines.append("create the model if missing, then upload:")
             lines += [f"  {path}  {size} bytes" for path, size in self.files]
+        lines += [f"warning: {text}" for text in self.warnings]
         return "\n".join(lines)
 
 
@@ -97,12 +106,70 @@ def _is_transient(error: BaseException) -> bool:
     return isinstance(status, int) and (status >= 500 or status == 429)
 
 
+def package_provenance(submission: Path) -> Provenance:
+    """What the package recorded about its base model (configuration.json); for a package built before that
+    record existed, worked out from its own manifest.json, scores.json and LoRA metadata."""
+    import json
+
+    def load(name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((submission / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise KstoryError(f"unreadable {name} ({error})", path=submission / name,
+                              fix="run `kstory package` again") from None
+        return data if isinstance(data, dict) else {}
+
+    recorded = from_record(load("configuration.json"))
+    if recorded is not None:
+        return recorded
+    from train import read_lora
+
+    _, meta = read_lora(submission / "lora.safetensors")
+    return provenance(load("manifest.json"), load("scores.json"), meta.get("kstory.base_model"))
+
+
+def publish_checks(submission: Path, index: dict[str, Any], *, allow_test_model: bool, allow_failed_gate: bool,
+                   allow_failed_verify: bool) -> list[str]:
+    """Refuse (KstoryError) what must not be published unless allowed; return the warnings for what may be."""
+    warnings = []
+    origin = package_provenance(submission)
+    if origin.is_test:
+        if not allow_test_model:
+            raise KstoryError("the package is a test artefact, not a Kolors LoRA: " + "; ".join(origin.reasons),
+                              path=submission / "configuration.json",
+                              fix=f"package a run made with the real models, or pass {ALLOW_FLAG} to upload it anyway")
+        warnings.append(f"uploading a test artefact (base model {origin.base_model}), allowed by {ALLOW_FLAG}")
+    gate = index.get("gate")
+    if gate != "pass":
+        if not allow_failed_gate:
+            raise KstoryError(f"the package's score gate did not pass (gate: {gate})", path=submission / "scores.json",
+                              fix="improve the frames and package again, or pass --allow-failed-gate")
+        warnings.append(f"the score gate did not pass (gate: {gate}), allowed by --allow-failed-gate")
+    state = verify_status(submission)
+    if state == "failed":
+        if not allow_failed_verify:
+            raise KstoryError("the package failed its last `kstory verify` (the frames did not regenerate identically)",
+                              path=submission / VERIFY_FILE,
+                              fix=f"fix the package and run `kstory verify {submission}` again, "
+                                  "or pass --allow-failed-verify")
+        warnings.append("the package failed `kstory verify`, allowed by --allow-failed-verify")
+    elif state == "missing":
+        warnings.append(f"the package has not been verified since it was built: run `kstory verify {submission}` first")
+    for text in warnings:
+        log.debug("warning: %s", text)  # shown once, in the result; kept in the run's log
+    return warnings
+
+
 def upload_package(
     submission_dir: str | Path, model_id: str, *, token: str | None = None, visibility: str = "public",
     dry_run: bool = False, endpoint: str | None = None, retries: int = 3, commit_message: str | None = None,
-    backoff: float = 1.0,
+    backoff: float = 1.0, allow_test_model: bool = False, allow_failed_gate: bool = False,
+    allow_failed_verify: bool = False,
 ) -> UploadResult:
-    """Upload the package to ``model_id`` (``owner/<team>-可图Kolors训练-<suffix>``); see the module docstring."""
+    """Upload the package to ``model_id`` (``owner/<team>-可图Kolors训练-<suffix>``); see the module docstring.
+
+    The publishing checks (:func:`publish_checks`) apply to a dry run too, so it shows what a real upload would do.
+    """
     submission = Path(submission_dir).resolve()
     if "/" not in model_id or model_id.count("/") != 1 or not all(model_id.split("/")):
         raise KstoryError(f"model id {model_id!r} is not owner/name", fix="pass --model-id owner/name")
@@ -118,9 +185,12 @@ def upload_package(
     if index.get("model_name") != name:
         raise KstoryError(f"the package was built as {index.get('model_name')!r}, not {name!r}", path=submission,
                           fix="upload to owner/" + str(index.get("model_name")) + " or package again with that name")
+    warnings = publish_checks(submission, index, allow_test_model=allow_test_model,
+                              allow_failed_gate=allow_failed_gate, allow_failed_verify=allow_failed_verify)
     files = [(rel, (submission / rel).stat().st_size) for rel in sorted([*index["files"], "kstory_package.json"])]
     message = commit_message or f"kstory submission {name} ({len(files)} files)"
-    result = UploadResult(model_id, endpoint, dry_run, files=files, commit_message=message, visibility=visibility)
+    result = UploadResult(model_id, endpoint, dry_run, files=files, commit_message=message, visibility=visibility,
+                          warnings=warnings)
     if dry_run:
         log.info("%s", result.render())
         return result
