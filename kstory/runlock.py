@@ -108,7 +108,7 @@ def _own(record: dict[str, Any] | None) -> bool:
 
 def acquire(run_root: Path, command: str) -> None:
     """Take the run's lock for this process; raise KstoryError naming the holder when another one has it."""
-    run_root = Path(run_root).absolute()
+    run_root = Path(run_root).resolve()  # one key per folder, however the command spelled it
     path = run_root / LOCK_NAME
     if path in _held:
         _held[path] += 1
@@ -139,7 +139,7 @@ def acquire(run_root: Path, command: str) -> None:
 
 def release(run_root: Path) -> None:
     """Give the lock back (the outermost release of this process removes the file)."""
-    path = Path(run_root).absolute() / LOCK_NAME
+    path = Path(run_root).resolve() / LOCK_NAME
     depth = _held.get(path, 0)
     if depth > 1:
         _held[path] = depth - 1

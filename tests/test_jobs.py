@@ -48,7 +48,8 @@ def test_stale_locks_are_recovered_and_live_ones_refuse(tmp_path: Path, caplog: 
     _write_lock(tmp_path, gone.pid, 12345)  # that process has ended
     with caplog.at_level(logging.WARNING, logger="kstory"), run_lock(tmp_path, "kstory test"):
         assert read_lock(tmp_path)["pid"] == os.getpid()
-        with run_lock(tmp_path, "kstory nested"):  # the same process may take it again
+        (tmp_path / "alias").symlink_to(tmp_path)
+        with run_lock(tmp_path / "alias", "kstory nested"):  # the same process may take it again, however spelled
             pass
         assert (tmp_path / LOCK_NAME).is_file()
     assert not (tmp_path / LOCK_NAME).exists()
