@@ -71,7 +71,8 @@ def render_status(run_root: Path) -> str:
     for job in shown:
         progress = job.get("progress") or {}
         percent = f"{100 * float(progress.get('fraction') or 0):3.0f}%"
-        detail = job.get("error") if job.get("state") == "failed" else progress.get("text", "")
+        detail = str(job.get("error") or "") if job.get("state") == "failed" else str(progress.get("text") or "")
+        detail = detail.splitlines()[0] if detail else ""
         lines.append(f"  {job['id']}  {job.get('state', '?'):<9} {percent}  {job.get('label', '')}: {detail}")
     lines.append("stages:")
     for name, state, output in stage_states(run_root):
