@@ -130,7 +130,8 @@ def start(run_root: Path, steps: list[dict[str, Any]], *, label: str, env: dict[
         if ("argv" in step) == ("call" in step):
             raise ValueError(f"a job step is either argv or call: {step!r}")
     now = time.time()  # ids sort by creation time, to the millisecond
-    job_id = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}.{int(now * 1000) % 1000:03d}-{secrets.token_hex(3)}"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    job_id = f"{stamp}.{int(now * 1000) % 1000:03d}-{secrets.token_hex(3)}"
     folder = job_dir(run_root, job_id)
     folder.mkdir(parents=True)
     record = {
@@ -257,8 +258,9 @@ class _Progress(logging.Handler):
                     progress["done"], progress["total"] = 0, int(match.group(2))
                 elif kind == "frames_done":
                     progress["done"] += len([n for n in match.group(1).split(",") if n.strip()])
-                    if progress["total"] < progress["done"]:  # no count announced: say what is done
-                        progress["total"] = 0
+                    if progress["total"]:  # a re-roll's batch companions are made again but not counted
+                        progress["done"] = min(progress["done"], progress["total"])
+                    else:
                         progress["text"] = f"{progress['done']} frame(s) done"
                 if kind != "steps" and progress["total"]:
                     progress["text"] = f"frame {progress['done']} of {progress['total']}"
@@ -296,8 +298,16 @@ def _last_error_line(log_path: Path) -> str | None:
         text = log_path.read_text(encoding="utf-8", errors="replace")[-20_000:]
     except OSError:
         return None
-    errors = [line for line in text.splitlines() if line.startswith("error: ")]
-    return errors[-1].removeprefix("error: ") if errors else None
+    lines = text.splitlines()
+    starts = [index for index, line in enumerate(lines) if line.startswith("error: ")]
+    if not starts:
+        return None
+    block = [lines[starts[-1]].removeprefix("error: ")]
+    for line in lines[starts[-1] + 1:]:  # the message's own continuation lines and its fix
+        if not (line.startswith((" ", "\t", "fix:"))):
+            break
+        block.append(line)
+    return "\n".join(block)
 
 
 def run_job(run_root: Path, job_id: str) -> int:

@@ -76,5 +76,6 @@ def render_status(run_root: Path) -> str:
         lines.append(f"  {job['id']}  {job.get('state', '?'):<9} {percent}  {job.get('label', '')}: {detail}")
     lines.append("stages:")
     for name, state, output in stage_states(run_root):
-        lines.append(f"  {name:<6} {state:<14} {output.relative_to(run_root) if output.is_relative_to(run_root) else output}")
+        shown_path = output.relative_to(run_root) if output.is_relative_to(run_root) else output
+        lines.append(f"  {name:<6} {state:<14} {shown_path}")
     return "\n".join(lines)
