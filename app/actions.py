@@ -14,7 +14,7 @@ def reroll_frame(run_root: Path, frame: str, *, seed: int | None, prompt: str | 
     """Regenerate one frame with ``story.reroll`` (as ``kstory reroll`` does); the manifest keeps the seed history."""
     from story import reroll
 
-    run = RunDir(run_root)
+    run = RunDir(Path(run_root))
     controlnets, cache_dir = None, None
     if run.config.is_file():  # like `kstory run`: the config's ControlNets ('tiny' ones are rebuilt offline)
         from kstory.config import load_config
@@ -34,7 +34,7 @@ def rescore(run_root: Path) -> None:
     Without one, the frames are scored with the models ``scores.json``
     records; with neither, it refuses rather than guess a scorer.
     """
-    run = RunDir(run_root)
+    run = RunDir(Path(run_root))
     if run.config.is_file():
         from kstory.runner import run_config
 
@@ -61,7 +61,7 @@ def build(run_root: Path, *, team: str, suffix: str, description: str, allow_fai
     """``submissions.build_package`` into ``RUN/submission``."""
     from submissions import build_package
 
-    return build_package(run_root, team=team, suffix=suffix, description=description or None,
+    return build_package(Path(run_root), team=team, suffix=suffix, description=description or None,
                          allow_failed_gate=allow_failed_gate, allow_test_model=allow_test_model)
 
 
@@ -79,3 +79,55 @@ def upload(submission: Path, model_id: str, *, token: str, dry_run: bool, endpoi
                                  **(allow or {}))
     text = result.render()
     return text.replace(token, "***") if token else text
+
+
+# --- the same actions as job steps (kstory.jobs): they run in a process of their own --------------------------
+
+def _call(function: str, **kwargs: Any) -> dict[str, Any]:
+    return {"call": f"app.actions:{function}", "kwargs": kwargs}
+
+
+def reroll_steps(run_root: Path, frame: str, *, seed: int | None, prompt: str | None) -> list[dict[str, Any]]:
+    """Re-roll one frame, then score the story again."""
+    return [_call("reroll_frame", run_root=str(run_root), frame=str(frame), seed=seed, prompt=prompt),
+            _call("rescore", run_root=str(run_root))]
+
+
+def rescore_steps(run_root: Path) -> list[dict[str, Any]]:
+    return [_call("rescore", run_root=str(run_root))]
+
+
+def build_steps(run_root: Path, *, team: str, suffix: str, description: str,
+                allow_failed_gate: bool, allow_test_model: bool = False) -> list[dict[str, Any]]:
+    return [_call("build", run_root=str(run_root), team=team, suffix=suffix, description=description,
+                  allow_failed_gate=allow_failed_gate, allow_test_model=allow_test_model)]
+
+
+def verify_steps(run_root: Path) -> list[dict[str, Any]]:
+    """``kstory verify`` of RUN/submission with the run's base model, ControlNets and cache (from kstory.yaml)."""
+    run = RunDir(Path(run_root))
+    argv = ["verify", str(run.submission)]
+    if run.config.is_file():
+        from kstory.config import load_config
+
+        config = load_config(run.config)
+        argv += ["--model", str(config.model)]
+        for name, value in (config.story.controlnets if config.story else {}).items():
+            argv += ["--controlnet", f"{name}={value}"]
+        if config.cache_dir:
+            argv += ["--cache-dir", str(config.cache_dir)]
+    else:
+        manifest = json.loads((run.story / "manifest.json").read_text(encoding="utf-8"))
+        argv += ["--model", str((manifest.get("model") or {}).get("spec", "kolors"))]
+    return [{"argv": argv}]
+
+
+def upload_steps(submission: Path, model_id: str, *, dry_run: bool, endpoint: str | None,
+                 allow: dict[str, bool] | None = None) -> list[dict[str, Any]]:
+    """``kstory upload``; the token goes to the job in its environment ($MODELSCOPE_API_TOKEN), never here.
+
+    ``allow``: the ``allow_test_model`` / ``allow_failed_gate`` / ``allow_failed_verify`` overrides the user ticked.
+    """
+    argv = ["upload", str(submission), "--model-id", model_id]
+    argv += ["--" + name.replace("_", "-") for name, on in (allow or {}).items() if on]
+    return [{"argv": argv + (["--dry-run"] if dry_run else []) + (["--endpoint", endpoint] if endpoint else [])}]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from app import actions, run_access
-from app.ui import Context, run_long
+from app import actions, jobs_panel, run_access
+from app.ui import Context, guarded
 from kstory.errors import KstoryError
 from kstory.rundir import RunDir
 
@@ -76,7 +76,7 @@ def _publish_state(submission: Path, index: dict) -> None:
         st.warning("the package failed its last `kstory verify`")
 
 
-def _upload(submission: Path, name: str, index: dict) -> None:
+def _upload(submission: Path, name: str, index: dict, busy: bool) -> None:
     st.subheader("Upload to ModelScope")
     _publish_state(submission, index)
     with st.form("upload", clear_on_submit=True):
@@ -94,18 +94,22 @@ def _upload(submission: Path, name: str, index: dict) -> None:
     del token
     if submitted:
         model_id = f"{owner.strip()}/{name}"
-        report = run_long(f"Uploading to {model_id}" + (" (dry run)" if dry_run else ""),
-                          lambda: actions.upload(submission, model_id, token=secret, dry_run=dry_run,
-                                                 endpoint=endpoint.strip() or None, allow=allow),
-                          "dry run done" if dry_run else f"uploaded to {model_id}")
-        del secret
-        if report:
-            st.code(report, language=None)
+        if busy:
+            st.error("a job is writing into this run: wait for it to finish (see Jobs above)")
+        elif not dry_run and not secret.strip():
+            st.error("no ModelScope token typed: paste an access token from modelscope.cn/my/myaccesstoken")
+        elif jobs_panel.start(submission.parent, actions.upload_steps(submission, model_id, dry_run=dry_run,
+                                                                      endpoint=endpoint.strip() or None, allow=allow),
+                              f"Upload to {model_id}" + (" (dry run)" if dry_run else ""),
+                              env={"MODELSCOPE_API_TOKEN": secret} if secret else None):
+            del secret
+            st.rerun()
 
 
 def render(ctx: Context) -> None:
     st.header("Package")
     run = RunDir(ctx.run)
+    busy = jobs_panel.panel(run.root)
     team = st.text_input("Team name", key="pkg_team")
     suffix = st.text_input("Suffix", key="pkg_suffix")
     name = _name(team, suffix)
@@ -119,13 +123,12 @@ def render(ctx: Context) -> None:
     allow = st.checkbox("Package even though the gate failed", value=False, key="pkg_allow_failed")
     allow_test = st.checkbox("Package a test artefact (tiny or random-weight models; labelled as such)", value=False,
                              key="pkg_allow_test")
-    if st.button("Build package", key="pkg_build", type="primary", disabled=name is None):
-        built = run_long("Building the package (exporting the LoRA, copying frames, hashing)",
-                         lambda: actions.build(run.root, team=team, suffix=suffix, description=description,
-                                               allow_failed_gate=allow, allow_test_model=allow_test),
-                         "package built")
-        if built:
-            st.success(f"package written to {built}")
+    if st.button("Build package", key="pkg_build", type="primary", disabled=name is None or busy,
+                 help="runs as a job: it goes on if this page is closed"):
+        steps = actions.build_steps(run.root, team=team, suffix=suffix, description=description,
+                                    allow_failed_gate=allow, allow_test_model=allow_test)
+        if jobs_panel.start(run.root, steps, "Build the package (export the LoRA, copy the frames, hash)"):
+            st.rerun()
     card = run.submission / "README.md"
     if card.is_file():
         st.subheader("Model card preview")
@@ -137,8 +140,13 @@ def render(ctx: Context) -> None:
             st.markdown(body, unsafe_allow_html=False)
         index = run_access.read_json(run.submission / "kstory_package.json", "the package index", "kstory package")
         built_name = (index.data or {}).get("model_name") if index.ok else None
+        if st.button("Verify the package", key="pkg_verify", disabled=busy,
+                     help="regenerate every frame from the package alone and compare (kstory verify)"):
+            with guarded():
+                if jobs_panel.start(run.root, actions.verify_steps(run.root), "Verify the package"):
+                    st.rerun()
         if built_name:
-            _upload(run.submission, built_name, index.data)
+            _upload(run.submission, built_name, index.data, busy)
         else:
             st.warning(index.problem or "the package index names no model")
     else:

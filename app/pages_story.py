@@ -7,8 +7,8 @@ from typing import Any
 
 import streamlit as st
 
-from app import actions, review, run_access
-from app.ui import Context, run_long, show_image
+from app import actions, jobs_panel, review, run_access
+from app.ui import Context, show_image
 from kstory.hashing import sha256_file
 from kstory.rundir import RunDir
 
@@ -92,7 +92,7 @@ def _summary(scores: run_access.Loaded) -> dict[str, Any]:
     return summary
 
 
-def _reroll_form(run: RunDir, records: dict[str, Any], state: review.Review, order: list[str]) -> None:
+def _reroll_form(run: RunDir, records: dict[str, Any], state: review.Review, order: list[str], busy: bool) -> None:
     st.subheader("Re-roll a frame")
     free = [k for k in order if k not in state.locked]
     if not free:
@@ -106,19 +106,15 @@ def _reroll_form(run: RunDir, records: dict[str, Any], state: review.Review, ord
     prompt = st.text_area("Frame prompt", value=str(record.get("frame_prompt", "")), key=f"reroll_prompt_{key}")
     st.caption(f"model: {(run_access.read_json(run.story / 'manifest.json', 'manifest', 'kstory story').data or {}).get('model', {}).get('spec', '?')}; "
                "the frame is regenerated with its batch companions, then the story is scored again")
-    if st.button(f"Re-roll frame {key}", key="reroll_go", type="primary"):
+    if st.button(f"Re-roll frame {key}", key="reroll_go", type="primary", disabled=busy,
+                 help="runs as a job: it goes on if this page is closed"):
         new_prompt = prompt.strip() if prompt.strip() and prompt.strip() != record.get("frame_prompt") else None
         new_seed = None if random and new_prompt is None else (int(record["seed"]) if random else int(seed))
-
-        def work() -> bool:
-            st.write(f"generating frame {key} …")
-            actions.reroll_frame(run.root, key, seed=new_seed, prompt=new_prompt)
-            st.write("scoring the story …")
-            actions.rescore(run.root)
-            return True
-
-        if run_long(f"Re-rolling frame {key}", work, f"frame {key} re-rolled and scored"):
-            st.session_state["story_message"] = f"frame {key} re-rolled and the story scored again"
+        if jobs_panel.start(run.root, actions.reroll_steps(run.root, key, seed=new_seed, prompt=new_prompt),
+                            f"Re-roll frame {key} and score the story"):
+            st.rerun()
+    if st.button("Score the story again", key="rescore_go", disabled=busy):
+        if jobs_panel.start(run.root, actions.rescore_steps(run.root), "Score the story"):
             st.rerun()
 
 
@@ -128,6 +124,7 @@ def render(ctx: Context) -> None:
     if message:
         st.success(message)
     run = RunDir(ctx.run)
+    busy = jobs_panel.panel(run.root)
     manifest = run_access.read_json(run.story / "manifest.json", "the story manifest", "kstory story")
     if not manifest.ok:
         st.warning(manifest.problem)
@@ -152,4 +149,4 @@ def render(ctx: Context) -> None:
             state.order = []
             review.save(run.story, state)
             st.rerun()
-    _reroll_form(run, records, state, order)
+    _reroll_form(run, records, state, order, busy)

@@ -282,6 +282,16 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from kstory.status import render_status
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise KstoryError("no such run folder", path=run, fix="pass a run directory, e.g. runs/demo")
+    print(render_status(run))
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from kstory.doctor import report
 
@@ -492,19 +502,57 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     model.set_defaults(func=_cmd_model)
 
+    status = commands.add_parser(
+        "status", parents=[common], help="what is running or failed in a run, and whether each stage is up to date",
+        description="Print the run's current writer (RUN/.lock.json), its recent jobs from RUN/.jobs/ (started by "
+        "the dashboard: state, progress, error) and each stage's state from its stamp: up to date, out of date "
+        "(kstory.yaml or the inputs changed), unfinished (interrupted; `kstory run` resumes it), missing.",
+    )
+    status.add_argument("run", help="run directory (e.g. runs/demo)")
+    status.set_defaults(func=_cmd_status)
+
     doctor = commands.add_parser(
         "doctor", parents=[common], help="print versions and environment facts for bug reports")
     doctor.set_defaults(func=_cmd_doctor)
     return parser
 
 
+def _written_run(args: argparse.Namespace) -> Path | None:
+    """The run folder a command writes into (its lock is held while it runs), or None."""
+    from kstory.runlock import run_folder_for
+
+    if args.command == "run":
+        from kstory.config import load_config
+
+        return Path(load_config(Path(args.config)).run_dir)
+    if args.command == "demo":
+        return Path(args.out)
+    if args.command == "package":
+        return Path(args.run)
+    if args.command == "score" and not args.out and len(args.images) == 1:
+        from scoring.story_input import story_folder
+
+        story = story_folder(Path(args.images[0]))  # `kstory score RUN`: writes RUN/scores.json
+        return story.parent if story is not None else None
+    if args.command in ("verify", "upload"):
+        return run_folder_for(Path(args.submission))  # RUN/submission: verify.json, the run's log
+    output = {"prep": "out", "train": "out", "story": "out", "reroll": "story", "score": "out"}.get(args.command)
+    value = getattr(args, output, None) if output else None
+    return run_folder_for(value) if value else None
+
+
 def main(argv: list[str] | None = None) -> int:
+    import shlex
+
+    from kstory.runlock import run_lock
+
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_console(verbose=args.verbose, debug=args.debug)
     logging.raiseExceptions = bool(args.debug)  # a log file on a full disk: no traceback per record on the terminal
     try:
-        return args.func(args)
+        with run_lock(_written_run(args), "kstory " + shlex.join(sys.argv[1:] if argv is None else argv)):
+            return args.func(args)
     except KstoryError as exc:
         if args.debug:
             traceback.print_exc()

@@ -24,6 +24,7 @@ from typing import Any
 
 from kstory.hashing import sha256_file
 from kstory.logs import get_logger
+from kstory.rundir import STAMP_NAME
 from story.generate import FramePlan
 from story.manifest import read_manifest, write_manifest
 from story.staging import commit, link_or_copy, set_aside, staging_dir
@@ -123,6 +124,9 @@ class StoryBuild:
         """Write the last files into staging and swap it in; returns where the previous story went."""
         self.save(manifest)
         write_extra(self.staging)
+        stamp = self.out_dir / STAMP_NAME  # a re-roll or a few frames again: still the story `kstory run` made
+        if stamp.is_file():
+            link_or_copy(stamp, self.staging / STAMP_NAME)
         previous = commit(self.out_dir, self.staging)
         self._drop_old_staging(manifest)
         return previous

@@ -325,8 +325,7 @@ def build_story(
             to_make.add(index)
         else:
             build.take(found[0], index, found[1], manifest)
-    if len(wanted) - len(to_make):
-        log.info("%d frame(s) unchanged and kept, %d to generate", len(wanted) - len(to_make), len(to_make))
+    log.info("%d frame(s) unchanged and kept, %d to generate", len(wanted) - len(to_make), len(to_make))
     build.save(manifest)
     spec_copy_text = derive_spec_text(spec_text, manifest) if not to_make else None
     if not to_make and build.unchanged(manifest, spec_copy_text, SPEC_COPY):

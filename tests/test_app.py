@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from app.main import RUN_ENV, RUNS_ROOT_ENV
 
 MAIN = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
 TIMEOUT = 240
+JOB_TIMEOUT = 300
 
 
 
@@ -190,7 +192,15 @@ def test_story_lock_and_reorder(demo_runs: Path, monkeypatch: pytest.MonkeyPatch
     assert state.order == [] and not state.locked
 
 
-def test_story_reroll_keeps_seed_history_and_rescores(demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _job_of(run: Path, label: str) -> dict:
+    """The newest job of the run with that label start, waited for until it finishes."""
+    from kstory import jobs
+
+    job = next(j for j in jobs.list_jobs(run) if j["label"].startswith(label))
+    return jobs.wait(run, job["id"], JOB_TIMEOUT)
+
+
+def test_story_reroll_runs_as_a_job_that_a_reload_finds(demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = demo_runs / "demo"
     before = json.loads((run / "story" / "manifest.json").read_text())["frames"]["2"]
     at = _goto(_app(monkeypatch, demo_runs), "Story")
@@ -198,17 +208,20 @@ def test_story_reroll_keeps_seed_history_and_rescores(demo_runs: Path, monkeypat
     at.checkbox(key="reroll_random").uncheck().run()
     at.number_input(key="reroll_seed_2").set_value(4242).run()
     at.button(key="reroll_go").click().run()
-    # Frame flags are warnings drawn with st.error and an icon; a failed action shows its message without one.
-    action_errors = [e.value for e in at.error if not e.icon]
-    assert not at.exception and action_errors == [], action_errors
-    assert any("re-rolled" in s.value for s in at.success), _texts(at)
+    assert not at.exception, [e.value for e in at.exception]
+    job = _job_of(run, "Re-roll frame 2")
+    assert job["state"] == "done", job
+    assert job["pid"] != os.getpid() and job["progress"]["fraction"] == 1.0
+    # A reload (a new session) finds the job and its result in the run's files.
+    again = _goto(_app(monkeypatch, demo_runs), "Story")
+    assert any("Re-roll frame 2 and score the story: done" in s.value for s in again.success), _texts(again)
     after = json.loads((run / "story" / "manifest.json").read_text())["frames"]["2"]
     assert after["seed"] == 4242 and [h["seed"] for h in after["seed_history"]][-1] == 4242
     assert before["seed"] in [h["seed"] for h in after["seed_history"]]
     scores = json.loads((run / "scores.json").read_text())
     frame2 = next(i for i in scores["images"] if Path(i["file"]).name == "02.png")
     assert frame2["sha256"] == after["sha256"]
-    assert "seed **4242**" in _texts(at)
+    assert "seed **4242**" in _texts(again)
     # The re-roll is part of the story's state: a later `kstory run` keeps it and has nothing left to do.
     from kstory.runner import run_config
 
@@ -235,15 +248,21 @@ def test_package_name_build_preview_and_upload(demo_runs: Path, monkeypatch: pyt
     assert any("kteam-可图Kolors训练-fox" in s.value for s in at.success)
     at.text_area(key="pkg_description").input("A fox in a scarf.").run()
     at.button(key="pkg_build").click().run()  # tiny random-weight models: a test artefact, refused unless ticked
-    assert any("test artefact" in e.value for e in at.error)
+    assert _job_of(run, "Build the package")["state"] == "failed"
+    at.run()
+    assert any("test artefact" in e.value for e in at.error), _texts(at)
     at.checkbox(key="pkg_allow_test").check().run()
-    at.button(key="pkg_build").click().run()  # the tiny gate fails: refused with a message
-    assert any("gate did not pass" in e.value for e in at.error)
+    at.button(key="pkg_build").click().run()  # the tiny gate fails: the job fails with the message
+    assert _job_of(run, "Build the package")["state"] == "failed"
+    at.run()
+    assert any("gate did not pass" in e.value for e in at.error), _texts(at)
     at.checkbox(key="pkg_allow_failed").check().run()
     at.button(key="pkg_build").click().run()
     assert not at.exception
+    assert _job_of(run, "Build the package")["state"] == "done"
+    at.run()
     assert (run / "submission" / "README.md").is_file()
-    assert any("package written" in s.value for s in at.success)
+    assert any("Build the package" in s.value and "submission" in s.value for s in at.success), _texts(at)
     assert any("data:image/png;base64," in m.value for m in at.markdown)  # the card's frames, inlined
     assert "A fox in a scarf." in _texts(at)
 
@@ -258,12 +277,17 @@ def test_package_name_build_preview_and_upload(demo_runs: Path, monkeypatch: pyt
         at.text_input(key="upload_token").input(token)
         at.button(key="FormSubmitter:upload-Upload").click().run()
         assert not at.exception
-        assert any("uploaded" in s.value or "uploaded" in str(s.value) for s in at.get("code")), _texts(at)
+        job = _job_of(run, "Upload to alice/")
+        assert job["state"] == "done", job
         assert f"alice/kteam-可图Kolors训练-fox" in hub.repos
+    at.run()
+    assert any("uploaded" in str(c.value) for c in at.get("code")), _texts(at)
     assert at.text_input(key="upload_token").value == ""
     assert token not in _texts(at) and token not in repr(at.session_state)
     log = (run / "kstory.log")
     assert not log.exists() or token not in log.read_text(encoding="utf-8", errors="replace")
+    for name in ("job.json", "log.txt"):  # the job got the token through its environment only
+        assert token not in (run / ".jobs" / job["id"] / name).read_text(encoding="utf-8", errors="replace")
 
 
 # --- bad input ----------------------------------------------------------------------------------------------

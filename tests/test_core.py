@@ -113,7 +113,7 @@ def test_cli_prints_user_errors_without_traceback(tmp_path: Path, capsys: pytest
 
 def test_cli_help_explains_every_command() -> None:
     out = subprocess.run([sys.executable, "-m", "kstory.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("demo", "run", "prep", "train", "story", "reroll", "score", "package", "verify", "upload", "app", "model", "doctor"):
+    for command in ("demo", "run", "prep", "train", "story", "reroll", "score", "package", "verify", "upload", "app", "model", "status", "doctor"):
         assert f"    {command}" in out
     assert "runs/<name>/" in out
 
