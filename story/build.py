@@ -30,6 +30,9 @@ from story.manifest import read_manifest, write_manifest
 from story.staging import commit, link_or_copy, set_aside, staging_dir
 
 log = get_logger("story")
+# Files of the story folder that the story stage does not write but that describe it: the stage's stamp and the
+# dashboard's review choices (locked frames, order, picked checkpoint). A change built in staging keeps them.
+CARRIED = (STAMP_NAME, "review.json")
 
 
 def plan_key(plan: FramePlan, batch: list[int], setup: str, sampler: str, guide_hashes: list[str]) -> str:
@@ -124,9 +127,9 @@ class StoryBuild:
         """Write the last files into staging and swap it in; returns where the previous story went."""
         self.save(manifest)
         write_extra(self.staging)
-        stamp = self.out_dir / STAMP_NAME  # a re-roll or a few frames again: still the story `kstory run` made
-        if stamp.is_file():
-            link_or_copy(stamp, self.staging / STAMP_NAME)
+        for name in CARRIED:  # still the story `kstory run` made, still the choices the user made on it
+            if (self.out_dir / name).is_file():
+                link_or_copy(self.out_dir / name, self.staging / name)
         previous = commit(self.out_dir, self.staging)
         self._drop_old_staging(manifest)
         return previous

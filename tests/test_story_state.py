@@ -70,7 +70,9 @@ def test_same_story_again_is_a_no_op(run: Path, caplog: pytest.LogCaptureFixture
 
 def test_reroll_is_atomic_keeps_history_and_survives_a_spec_edit(run: Path) -> None:
     before = frame_hashes(run / "story")
+    (run / "story" / "review.json").write_text('{"locked": ["1"], "order": []}')  # the dashboard's choices
     story.reroll(run / "story", 3, seed=4242)
+    assert json.loads((run / "story" / "review.json").read_text())["locked"] == ["1"]
     after = frame_hashes(run / "story")
     assert [name for name in before if before[name] != after[name]] == ["03.png"]
     kept = history(run)
