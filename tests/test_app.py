@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 
 import kstory  # noqa: F401
-from kstory.errors import KstoryError
+from kstory.core.errors import KstoryError
 
 from streamlit.testing.v1 import AppTest
 
-from app import review, run_access
-from app.main import RUN_ENV, RUNS_ROOT_ENV
+from kstory.app import review
 
-MAIN = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
+from kstory.core import run_access
+from kstory.cli.launch import RUN_ENV, RUNS_ROOT_ENV
+
+MAIN = str(Path(__file__).resolve().parent.parent / "kstory" / "app" / "main.py")
 TIMEOUT = 240
 JOB_TIMEOUT = 300
 
@@ -52,7 +54,7 @@ def _images(at: AppTest) -> int:
 # --- pure helpers -------------------------------------------------------------------------------------------
 
 def test_app_takes_a_run_path_or_a_run_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.launch import environment, locate_run
+    from kstory.cli.launch import environment, locate_run
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "mine").mkdir(parents=True)
@@ -74,10 +76,10 @@ def test_streamlit_config_keeps_a_plain_streamlit_run_local() -> None:
     except ImportError:  # Python 3.10: pytest's own dependency
         import tomli as tomllib
 
-    config = tomllib.loads((Path(MAIN).parent.parent / ".streamlit" / "config.toml").read_text(encoding="utf-8"))
+    config = tomllib.loads((Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text(encoding="utf-8"))
     assert config["server"]["address"] == "127.0.0.1" and config["server"]["headless"] is True
     assert config["browser"]["gatherUsageStats"] is False
-    from app.launch import command
+    from kstory.cli.launch import command
 
     line = command()  # `kstory app` passes them itself, so they hold when started from any folder
     assert line[line.index("--server.address") + 1] == "127.0.0.1"
@@ -85,8 +87,8 @@ def test_streamlit_config_keeps_a_plain_streamlit_run_local() -> None:
 
 
 def test_dropped_samples_outside_the_runs_root_are_shown_read_only(tmp_path: Path) -> None:
-    from app.pages_data import _dataset_folder, _image_of
-    from kstory.rundir import RunDir
+    from kstory.app.pages_data import _dataset_folder, _image_of
+    from kstory.core.rundir import RunDir
 
     dataset = tmp_path / "my_images"
     dataset.mkdir()
@@ -194,7 +196,7 @@ def test_story_lock_and_reorder(demo_runs: Path, monkeypatch: pytest.MonkeyPatch
 
 def _job_of(run: Path, label: str) -> dict:
     """The newest job of the run with that label start, waited for until it finishes."""
-    from kstory import jobs
+    from kstory.cli import jobs
 
     job = next(j for j in jobs.list_jobs(run) if j["label"].startswith(label))
     return jobs.wait(run, job["id"], JOB_TIMEOUT)
@@ -223,7 +225,7 @@ def test_story_reroll_runs_as_a_job_that_a_reload_finds(demo_runs: Path, monkeyp
     assert frame2["sha256"] == after["sha256"]
     assert "seed **4242**" in _texts(again)
     # The re-roll is part of the story's state: a later `kstory run` keeps it and has nothing left to do.
-    from kstory.runner import run_config
+    from kstory.cli.runner import run_config
 
     outcomes = {o.stage: o.status for o in run_config(run / "kstory.yaml")}
     assert outcomes == {"prep": "skipped", "train": "skipped", "story": "skipped", "score": "skipped"}, outcomes
@@ -331,8 +333,8 @@ def test_typed_paths_cannot_escape(demo_runs: Path, monkeypatch: pytest.MonkeyPa
     assert (demo_runs / "fresh" / "kstory.yaml").is_file()
     assert at.session_state["run"] == "fresh"
     # The starter config runs as written: the loader accepts it and `kstory run` gets through prep.
-    from kstory.config import load_config
-    from kstory.runner import run_config
+    from kstory.core.config import load_config
+    from kstory.cli.runner import run_config
 
     config = load_config(demo_runs / "fresh" / "kstory.yaml")
     assert config.run_dir.resolve() == (demo_runs / "fresh").resolve() and Path(config.prep.source).is_dir()

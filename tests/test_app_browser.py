@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 def test_browser_loads_run_rerolls_and_packages(demo_runs: Path) -> None:
-    from app.launch import start
+    from kstory.cli.launch import start
 
     port = _free_port()
     server = start(Path("demo"), demo_runs, port)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from kstory import jobs
+from kstory.cli import jobs
 from kstory.cli import main as cli_main
-from kstory.errors import KstoryError
-from kstory.hashing import sha256_file
-from kstory.runlock import LOCK_NAME, process_start_time, read_lock, run_folder_for, run_lock
+from kstory.core.errors import KstoryError
+from kstory.core.hashing import sha256_file
+from kstory.core.runlock import LOCK_NAME, process_start_time, read_lock, run_folder_for, run_lock
 
 JOB_TIMEOUT = 300
 
@@ -117,7 +117,7 @@ def test_cancel_keeps_the_story_and_a_second_writer_is_refused(demo_runs: Path, 
         capsys.readouterr()
         assert cli_main(["score", str(run / "story" / "frames"), "--out", str(run / "scores.json")]) == 2
         assert f"job {job_id}: kstory story" in capsys.readouterr().err  # the refusal names the running job
-        from kstory.status import render_status
+        from kstory.cli.status import render_status
 
         text = render_status(run)
         assert f"{job_id}  running" in text and "writer: `job " in text

@@ -21,11 +21,11 @@ from diffsynth.prompters import KolorsPrompter
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from kstory.errors import KstoryError
-from kstory.models import resolve_model
-from kstory.models.pipeline import kolors_models, load_kolors_model_manager, load_kolors_pipeline
-from kstory.models.resolve import default_cache_dir
-from kstory.models.tiny import (
+from kstory.core.errors import KstoryError
+from kstory.core.models import resolve_model
+from kstory.core.models.pipeline import kolors_models, load_kolors_model_manager, load_kolors_pipeline
+from kstory.core.models.resolve import default_cache_dir
+from kstory.core.models.tiny import (
     TinyKolorsSpec,
     build_tiny_kolors,
     from_diffusers,
@@ -228,7 +228,7 @@ def test_a_fine_tune_with_the_same_size_and_ends_gets_another_fingerprint(tiny, 
 
 
 def test_fingerprint_of_a_large_file_reads_sampled_pages_only(tmp_path: Path) -> None:
-    from kstory.hashing import PAGE_BYTES, PAGES, page_offsets, sampled_digest
+    from kstory.core.hashing import PAGE_BYTES, PAGES, page_offsets, sampled_digest
 
     big = tmp_path / "shard.bin"
     with open(big, "wb") as handle:

@@ -14,10 +14,10 @@ import yaml
 from PIL import Image
 
 import kstory  # noqa: F401  (installs the torchvision fix before Data-Juicer imports it)
-from data_prep import prep
-from data_prep.recipe import DEFAULT_RECIPE
-from data_prep.synthetic import BIDI_WRAP, DEFECTS, DUPLICATE_OF, KEPT_FAITHFULLY, clean_name, make_style_dataset
-from kstory.errors import KstoryError
+from kstory.prep import prep
+from kstory.prep.recipe import DEFAULT_RECIPE
+from kstory.prep.synthetic import BIDI_WRAP, DEFECTS, DUPLICATE_OF, KEPT_FAITHFULLY, clean_name, make_style_dataset
+from kstory.core.errors import KstoryError
 
 N_CLEAN = 6
 TRIGGER = "kst style"
@@ -150,8 +150,8 @@ def test_16_bit_pictures_train_as_what_they_show(run, dataset: Path) -> None:
     """Scaled to 8 bits, never clamped to white; the grey one is re-encoded so any trainer reads it right."""
     import cv2
 
-    from kstory.images import to_rgb8
-    from train.cache import open_rgb
+    from kstory.core.images import to_rgb8
+    from kstory.train.cache import open_rgb
 
     result, report = run
     entries = by_id(report)

@@ -55,8 +55,8 @@ def use_commands() -> list[list[str]]:
 
 def _inputs(root: Path) -> None:
     """What the README expects the user to have: my_images/ and runs/mine/story.yaml (poses only, one ControlNet)."""
-    from data_prep.synthetic import make_style_dataset
-    from story import make_demo_spec
+    from kstory.prep.synthetic import make_style_dataset
+    from kstory.story import make_demo_spec
 
     make_style_dataset(root / "my_images", n=12, seed=0)
     spec_path = make_demo_spec(root / "runs" / "mine" / "story.yaml", "inkwash style")
@@ -84,7 +84,7 @@ def test_readme_lists_the_commands_this_test_runs() -> None:
 def test_readme_use_block_runs_on_the_tiny_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture) -> None:
     from kstory.cli import main
-    from submissions.verify_record import verify_status
+    from kstory.submissions.verify_record import verify_status
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MODELSCOPE_API_TOKEN", raising=False)

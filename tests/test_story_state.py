@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import story
+import kstory.story as story
 from kstory.cli import main
-from story.spec_copy import disagreements
+from kstory.story.spec_copy import disagreements
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -169,7 +169,7 @@ def test_reroll_then_score_package_verify_is_identical(tmp_path: Path) -> None:
     assert main(["score", str(run), "--aesthetic-model", "tiny"]) in (0, 3)
     assert main(["package", str(run), "--team", TEAM, "--suffix", SUFFIX, "--allow-failed-gate",
                  "--allow-test-model"]) == 0
-    from submissions import verify_package
+    from kstory.submissions import verify_package
 
     report = verify_package(run / "submission", model="tiny")
     assert report.verdict == "identical", report.render()

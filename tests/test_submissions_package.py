@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 import kstory  # noqa: F401
-from kstory.errors import KstoryError
-from submissions import build_package, validate_model_name, verify_package
-from submissions.naming import MIDDLE
-from submissions.package import PACKAGE_FILE, check_files
+from kstory.core.errors import KstoryError
+from kstory.submissions import build_package, validate_model_name, verify_package
+from kstory.submissions.naming import MIDDLE
+from kstory.submissions.package import PACKAGE_FILE, check_files
 
 TEAM, SUFFIX = "kteam", "watercolour-fox"
 
@@ -28,12 +28,12 @@ def make_quick_run(run: Path) -> Path:
     """
     import torch
 
-    from kstory.demo import DEMO_TRIGGER
-    from kstory.models import resolve_model
-    from kstory.models.tiny import load_tiny_models
-    from scoring import score_images
-    from story import build_tiny_controlnets, generate_story, make_demo_spec
-    from train.lora_io import build_metadata, inject_lora, lora_state_dict, save_lora
+    from kstory.cli.demo import DEMO_TRIGGER
+    from kstory.core.models import resolve_model
+    from kstory.core.models.tiny import load_tiny_models
+    from kstory.scoring import score_images
+    from kstory.story import build_tiny_controlnets, generate_story, make_demo_spec
+    from kstory.train.lora_io import build_metadata, inject_lora, lora_state_dict, save_lora
 
     weights = resolve_model("tiny")
     unet = load_tiny_models(weights)["sdxl_unet"]
@@ -60,7 +60,7 @@ def demo(tmp_path_factory) -> Path:
     """Set KSTORY_FULL_DEMO=1 to package a complete ``run_demo`` run instead (minutes on a small CPU)."""
     run = tmp_path_factory.mktemp("runs") / "demo"
     if os.environ.get("KSTORY_FULL_DEMO") == "1":
-        from kstory.demo import run_demo
+        from kstory.cli.demo import run_demo
 
         run_demo(run)
         return run
@@ -114,9 +114,9 @@ def test_package_is_a_modelscope_model_repo(package: Path, demo: Path):
 
 
 def test_packaged_lora_exports_load_in_diffusers_and_kohya_reader(package: Path):
-    from kstory.models import resolve_model
-    from submissions.lora_export import FILE_NAMES
-    from submissions.parity import export_parity
+    from kstory.core.models import resolve_model
+    from kstory.submissions.lora_export import FILE_NAMES
+    from kstory.submissions.parity import export_parity
 
     exports = {fmt: package / name for fmt, name in FILE_NAMES.items()}
     result = export_parity(package / "lora.safetensors", exports, resolve_model("tiny"))
@@ -196,7 +196,7 @@ def test_test_artefact_is_refused_without_the_flag(demo: Path, tmp_path: Path):
 
 
 def test_provenance_tells_kolors_from_test_models():
-    from submissions.provenance import provenance
+    from kstory.submissions.provenance import provenance
 
     kolors = {"model": {"identity": "Kwai-Kolors/Kolors", "tiny": False}, "lora": {"base_model": "Kwai-Kolors/Kolors"}}
     real_scores = {"summary": {"models": {"aesthetic": {"identity": "challenge", "random_weights": False}}}}
@@ -274,7 +274,7 @@ def test_score_cli_takes_a_run_or_story_folder(demo: Path, tmp_path: Path):
 
 def test_verify_cli_records_its_result_for_upload(package: Path, tmp_path: Path):
     from kstory.cli import main
-    from submissions.verify_record import verify_status
+    from kstory.submissions.verify_record import verify_status
 
     copy = shutil.copytree(package, tmp_path / "submission")
     assert verify_status(copy) == "missing"

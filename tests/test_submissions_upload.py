@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 import kstory  # noqa: F401
-from kstory.errors import KstoryError
-from submissions import upload_package
-from submissions.naming import MIDDLE
-from submissions.package import FORMAT, PACKAGE_FILE
+from kstory.core.errors import KstoryError
+from kstory.submissions import upload_package
+from kstory.submissions.naming import MIDDLE
+from kstory.submissions.package import FORMAT, PACKAGE_FILE
 from hub_standin import StandInHub
 
 NAME = f"kteam-{MIDDLE}-fox"
@@ -158,7 +158,7 @@ def test_upload_refuses_bad_names_edited_packages_and_missing_token(isolated: Pa
 def test_test_artefacts_failed_gates_and_failed_verifies_need_a_flag(isolated: Path, token: str):
     from types import SimpleNamespace
 
-    from submissions.verify_record import verify_status, write_verify_record
+    from kstory.submissions.verify_record import verify_status, write_verify_record
 
     test = make_package(isolated / "test", test=True)
     with pytest.raises(KstoryError, match="test artefact") as caught:
