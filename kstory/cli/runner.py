@@ -11,7 +11,7 @@ from kstory.core.config import RunConfig, load_config
 from kstory.core.errors import KstoryError
 from kstory.core.logs import FILE_ONLY, get_logger, log_to_file
 from kstory.core.rundir import RunDir, fingerprint, move_to_history, read_stamp, write_stamp
-from kstory.cli.stages import STAGES, Stage, run_digest
+from kstory.cli.stages import STAGES, Stage, stage_fingerprints
 
 log = get_logger("run")
 
@@ -73,17 +73,13 @@ def _stages_until(until: str | None) -> tuple[Stage, ...]:
 
 def _run_stages(config: RunConfig, run: RunDir, stages: tuple[Stage, ...], outcomes: list[StageOutcome],
                 only: set[str] | None = None) -> None:
-    upstream = run_digest(config)
-    for stage in stages:
+    for stage, digest, schedule in stage_fingerprints(config, run, stages):
         started = time.monotonic()
         output = stage.output(run)
-        if not stage.enabled(config):
+        if digest is None:
             log.info("%s: not configured, skipped (add a `%s:` section to the config)", stage.name, stage.name)
             outcomes.append(StageOutcome(stage.name, "not configured", output, 0.0))
             continue
-        digest = fingerprint(upstream, stage.digest(config, run))
-        upstream = digest
-        schedule = {"schedule": stage.schedule(config)} if stage.schedule is not None else {}
         stamp = read_stamp(output) or {}
         same_inputs = stamp.get("fingerprint") == digest
         finished = same_inputs and stamp.get("finished", True)

@@ -12,7 +12,7 @@ moved run is up to date where it was (docs/run-directory.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,22 @@ def model_digest(config: RunConfig) -> str:
 def run_digest(config: RunConfig) -> str:
     """What every stage depends on: the base model and the run's seed."""
     return fingerprint(model_digest(config), config.seed)
+
+
+def stage_fingerprints(config: RunConfig, run: RunDir, stages: tuple[Stage, ...] | None = None
+                       ) -> Iterator[tuple[Stage, str | None, dict[str, str]]]:
+    """Each stage with its fingerprint (chained on the one before; None when not configured) and its schedule.
+
+    A generator on purpose: ``kstory run`` takes the next fingerprint only after the stage before it ran, since
+    a stage's inputs are the files the one before wrote. ``kstory status`` walks it without running anything.
+    """
+    upstream = run_digest(config)
+    for stage in STAGES if stages is None else stages:
+        if not stage.enabled(config):
+            yield stage, None, {}
+            continue
+        upstream = fingerprint(upstream, stage.digest(config, run))
+        yield stage, upstream, ({"schedule": stage.schedule(config)} if stage.schedule is not None else {})
 
 
 def _prep_digest(config: RunConfig, run: RunDir) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kstory.cli import jobs
 from kstory.core.runlock import describe, holder_alive, read_lock
-from kstory.core.rundir import RunDir, fingerprint, read_stamp
+from kstory.core.rundir import RunDir, read_stamp
 
 RECENT_JOBS = 5
 
@@ -17,7 +17,7 @@ def stage_states(run_root: Path) -> list[tuple[str, str, Path]]:
     "up to date" and "out of date" compare the stamp with the run's kstory.yaml
     the way ``kstory run`` does; without a config a stamped output is "finished".
     """
-    from kstory.cli.stages import STAGES
+    from kstory.cli.stages import STAGES, stage_fingerprints
 
     run = RunDir(Path(run_root))
     config = None
@@ -28,16 +28,15 @@ def stage_states(run_root: Path) -> list[tuple[str, str, Path]]:
             config = load_config(run.config)
         except Exception:  # noqa: BLE001 - a broken config only means nothing to compare against
             config = None
-    upstream = fingerprint(config.model, config.seed) if config else None
     rows = []
+    try:
+        walked = list(stage_fingerprints(config, run)) if config is not None else []
+    except Exception:  # noqa: BLE001 - inputs that cannot be read: nothing to compare against
+        walked = []
+    found = {stage.name: (digest, schedule) for stage, digest, schedule in walked}
     for stage in STAGES:
         output = stage.output(run)
-        digest = None
-        if config is not None and stage.enabled(config):
-            try:
-                digest = upstream = fingerprint(upstream, stage.digest(config, run))
-            except Exception:  # noqa: BLE001 - inputs that cannot be read: no comparison
-                digest = upstream = None
+        digest, schedule = found.get(stage.name, (None, {}))
         stamp = read_stamp(output)
         if config is not None and not stage.enabled(config):
             state = "not configured"
@@ -47,8 +46,12 @@ def stage_states(run_root: Path) -> list[tuple[str, str, Path]]:
             state = "unfinished"
         elif digest is None:
             state = "finished"
+        elif stamp.get("fingerprint") != digest:
+            state = "out of date"
+        elif schedule and stamp.get("schedule", schedule["schedule"]) != schedule["schedule"]:
+            state = "new schedule"  # `kstory run` continues (or stops) it, see docs/train.md
         else:
-            state = "up to date" if stamp.get("fingerprint") == digest else "out of date"
+            state = "up to date"
         rows.append((stage.name, state, output))
     return rows
 
