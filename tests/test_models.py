@@ -15,7 +15,10 @@ import kstory  # noqa: F401  (before anything that imports torchvision/diffsynth
 import numpy as np
 import pytest
 import torch
+from diffsynth.configs.model_config import model_loader_configs
+from diffsynth.models.model_manager import ModelDetectorFromSingleFile
 from diffsynth.models.sdxl_unet import SDXLUNet
+from diffsynth.models.utils import hash_state_dict_keys
 from diffsynth.models.sdxl_vae_decoder import SDXLVAEDecoder
 from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
 from diffsynth.prompters import KolorsPrompter
@@ -527,6 +530,11 @@ def test_random_full_matches_the_real_sizes_and_shards() -> None:
     assert {k: v.shape for k, v in unet_keys.items()} == {k: v.shape for k, v in unet.state_dict().items()}
     vae_keys = from_diffusers(encoder, {e.name: torch.empty(e.shape, device="meta") for e in parts["vae"][0]})[0]
     assert vae_keys.keys() == encoder.state_dict().keys()
+    # DiffSynth's ModelManager recognises files by a hash of their keys and shapes: these are Kolors' own.
+    detector = ModelDetectorFromSingleFile(model_loader_configs)
+    for part, names in (("unet", ["sdxl_unet"]), ("vae", ["sdxl_vae_encoder", "sdxl_vae_decoder"])):
+        keys = {e.name: torch.empty(e.shape, device="meta") for e in parts[part][0]}
+        assert detector.keys_hash_with_shape_dict[hash_state_dict_keys(keys, with_shape=True)][0] == names
 
 
 def test_random_full_at_reduced_size_writes_the_official_layout_and_runs(tmp_path: Path) -> None:
