@@ -274,6 +274,11 @@ def _cmd_app(args: argparse.Namespace) -> int:
 def _cmd_model(args: argparse.Namespace) -> int:
     from kstory.core.models import resolve_model
 
+    if args.spec == "random-full":
+        return _random_full(args)
+    if args.out is not None:
+        raise KstoryError(f"unexpected argument {args.out!r}: only 'random-full' takes an output folder",
+                          fix=f"kstory model {args.spec}")
     weights = resolve_model(args.spec, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     print(f"identity:     {weights.identity}")
     print(f"text encoder: {weights.text_encoder}")
@@ -289,6 +294,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not run.is_dir():
         raise KstoryError("no such run folder", path=run, fix="pass a run directory, e.g. runs/demo")
     print(render_status(run))
+
+
+def _random_full(args: argparse.Namespace) -> int:
+    if args.out is None:
+        raise KstoryError("random-full needs an output folder", fix="kstory model random-full OUT")
+    out = Path(args.out)
+    if out.exists():
+        raise KstoryError("output folder already exists", path=out, fix="pick a new folder or delete this one")
+    from kstory.core.models.random_full import write_random_kolors
+
+    write_random_kolors(out, seed=args.seed, layout=args.layout)
+    print(f"random-weight Kolors ({args.layout} layout, seed {args.seed}): {out}")
     return 0
 
 
@@ -496,9 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser(
         "model", parents=[common], help="resolve a base model (download, build or check it) and print its files",
         description="SPEC is 'kolors' (download Kwai-Kolors/Kolors from ModelScope into the cache), 'tiny' "
-        "(build the tiny random-weight Kolors offline) or a local folder in the published layout.",
+        "(build the tiny random-weight Kolors offline) or a local folder in the published layout. "
+        "'random-full OUT' writes a full-size random-weight Kolors (17 GB, fp16) to OUT for benchmarks.",
     )
-    model.add_argument("spec", help="kolors, tiny, or a folder")
+    model.add_argument("spec", help="kolors, tiny, a folder, or random-full")
+    model.add_argument("out", nargs="?", help="output folder (random-full only)")
+    model.add_argument("--seed", type=int, default=0, help="random-full: seed of the weights (default 0)")
+    model.add_argument("--layout", choices=("official", "diffusers", "single"), default="official",
+                       help="random-full: file layout (default: official, as Kwai-Kolors/Kolors)")
     model.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     model.set_defaults(func=_cmd_model)
 

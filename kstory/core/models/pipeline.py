@@ -71,14 +71,15 @@ def _load_manager(weights: KolorsWeights, device: str, torch_dtype: torch.dtype)
         # DiffSynth detects the text encoder folder by its config.json; the
         # tiny UNet/VAE would be instantiated full size, so they are built at
         # tiny width and registered the way ModelManager registers its own.
-        manager.load_model(str(weights.text_encoder))
+        _load_text_encoder(manager, weights, device, torch_dtype)
         paths = {"sdxl_unet": weights.unet, "sdxl_vae_encoder": weights.vae, "sdxl_vae_decoder": weights.vae}
         for name, model in load_tiny_models(weights, device=device, torch_dtype=torch_dtype).items():
             manager.model.append(model)
             manager.model_path.append(str(paths[name]))
             manager.model_name.append(name)
     else:
-        manager.load_models([str(weights.text_encoder), str(weights.unet), str(weights.vae)])
+        _load_text_encoder(manager, weights, device, torch_dtype)
+        manager.load_models([str(weights.unet), str(weights.vae)])
     for name, slot in _REQUIRED.items():
         if name not in manager.model_name:
             raise KstoryError(
@@ -87,6 +88,24 @@ def _load_manager(weights: KolorsWeights, device: str, torch_dtype: torch.dtype)
                 fix="use the published file unchanged, or 'kolors' to download it",
             )
     return manager
+
+
+def _load_text_encoder(manager: ModelManager, weights: KolorsWeights, device: str, torch_dtype: torch.dtype) -> None:
+    """ChatGLM through ``from_pretrained``, as DiffSynth loads it, naming the fp16 variant when needed.
+
+    DiffSynth finds the folder by its config.json and calls ``from_pretrained``
+    without a variant, which cannot see Kolors-diffusers' ``model.fp16-*``
+    shards; for those the same call is made here with ``variant`` set.
+    """
+    if weights.text_encoder_variant is None:
+        manager.load_model(str(weights.text_encoder))
+        return
+    model = ChatGLMModel.from_pretrained(
+        str(weights.text_encoder), torch_dtype=torch_dtype, variant=weights.text_encoder_variant
+    ).eval()
+    manager.model.append(model.to(device=device))
+    manager.model_path.append(str(weights.text_encoder))
+    manager.model_name.append("kolors_text_encoder")
 
 
 def kolors_models(manager: ModelManager) -> KolorsModels:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kstory.core.errors import KstoryError
+from kstory.core.models import files as layout
 
 KOLORS_ID = "Kwai-Kolors/Kolors"
 FP16_FIX_VAE_ID = "AI-ModelScope/sdxl-vae-fp16-fix"
@@ -34,15 +33,7 @@ KOLORS_PATTERNS = [
 ]
 FP16_FIX_VAE_PATTERNS = ["diffusion_pytorch_model.safetensors"]
 
-# Per slot, the accepted file names in order of preference. Pickle (.bin)
-# files are accepted only if torch can load them with weights_only=True.
-_TEXT_ENCODER_NAMES = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
-_SINGLE_FILE_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# Pickle (.bin) files are accepted only if torch can load them with weights_only=True.
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _LAYOUT_FIX = (
     "point to a folder laid out like Kwai-Kolors/Kolors (text_encoder/, unet/, vae/), "
@@ -68,6 +59,11 @@ class KolorsWeights:
     identity: str
     is_tiny: bool
     fingerprint: str
+    # Read from the tensors, never from file names (an fp16 file can carry a plain name); for memory planning.
+    text_encoder_dtype: str = "unknown"
+    unet_dtype: str = "unknown"
+    vae_dtype: str = "unknown"
+    text_encoder_variant: str | None = None  # "fp16" when only variant-named files exist (Kolors-diffusers)
 
 
 def default_cache_dir() -> Path:
@@ -98,14 +94,24 @@ def resolve_local(root: Path) -> KolorsWeights:
     if not root.is_dir():
         problem = "model path is not a folder" if root.exists() else "model folder does not exist"
         raise KstoryError(problem, path=root, fix=_LAYOUT_FIX)
+    text_encoder = layout.text_encoder_files(root / "text_encoder", _LAYOUT_FIX)
     unet, vae = _single_file(root / "unet"), _single_file(root / "vae")
-    files = [*_text_encoder_files(root), unet, vae]
-    for path in files:
-        _refuse_unsafe_pickle(path)
+    dtypes = {path: _checked_dtypes(path) for path in (*text_encoder.shards, unet, vae)}
+    files = [text_encoder.config, *([text_encoder.index] if text_encoder.index else []), *dtypes]
     fingerprint = _fingerprint({path.relative_to(root).as_posix(): path for path in files})
     is_tiny = (root / SPEC_FILE).is_file()
     identity = f"{TINY_IDENTITY}@{fingerprint[:12]}" if is_tiny else f"local:{root}"
-    return KolorsWeights(root, root / "text_encoder", unet, vae, identity, is_tiny, fingerprint)
+    text_encoder_bytes: dict[str, int] = {}
+    for shard in text_encoder.shards:
+        for name, size in dtypes[shard].items():
+            text_encoder_bytes[name] = text_encoder_bytes.get(name, 0) + size
+    return KolorsWeights(
+        root, root / "text_encoder", unet, vae, identity, is_tiny, fingerprint,
+        text_encoder_dtype=layout.main_dtype(text_encoder_bytes),
+        unet_dtype=layout.main_dtype(dtypes[unet]),
+        vae_dtype=layout.main_dtype(dtypes[vae]),
+        text_encoder_variant=text_encoder.variant,
+    )
 
 
 def download_snapshot(model_id: str, cache_dir: Path, allow_patterns: list[str]) -> Path:
@@ -135,10 +141,13 @@ def _resolve_kolors(cache_dir: Path, fp16_fix_vae: bool) -> KolorsWeights:
     if not fp16_fix_vae:
         return replace(weights, identity=KOLORS_ID)
     vae = _single_file(download_snapshot(FP16_FIX_VAE_ID, modelscope_cache, FP16_FIX_VAE_PATTERNS))
-    kept = [*_text_encoder_files(weights.root), weights.unet]
+    vae_dtype = layout.main_dtype(_checked_dtypes(vae))
+    text_encoder = layout.text_encoder_files(weights.root / "text_encoder", _LAYOUT_FIX)
+    kept = [text_encoder.config, *([text_encoder.index] if text_encoder.index else []), *text_encoder.shards, weights.unet]
     files = {path.relative_to(weights.root).as_posix(): path for path in kept}
     files["vae/" + vae.name] = vae
-    return replace(weights, vae=vae, identity=f"{KOLORS_ID}+{FP16_FIX_VAE_ID}", fingerprint=_fingerprint(files))
+    identity, fingerprint = f"{KOLORS_ID}+{FP16_FIX_VAE_ID}", _fingerprint(files)
+    return replace(weights, vae=vae, identity=identity, fingerprint=fingerprint, vae_dtype=vae_dtype)
 
 
 def _resolve_tiny(cache_dir: Path) -> KolorsWeights:
@@ -156,61 +165,38 @@ def _resolve_tiny(cache_dir: Path) -> KolorsWeights:
     return resolve_local(root)
 
 
-def _text_encoder_files(root: Path) -> list[Path]:
-    """config.json plus the weight files (an index and every shard it lists, or one file)."""
-    folder = root / "text_encoder"
-    config = folder / "config.json"
-    if not config.is_file():
-        raise KstoryError("missing text encoder config", path=config, fix=_LAYOUT_FIX)
-    for name in _TEXT_ENCODER_NAMES:
-        path = folder / name
-        if not path.is_file():
-            continue
-        if not name.endswith(".index.json"):
-            return [config, path]
-        try:
-            shards = sorted(set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as error:
-            fix = "download the text encoder again"
-            raise KstoryError(f"unreadable shard index: {error}", path=path, fix=fix) from error
-        for shard in shards:
-            if not (folder / shard).is_file():
-                raise KstoryError(
-                    "missing text encoder shard listed in the index",
-                    path=folder / shard,
-                    fix="download the text encoder again (this download is incomplete)",
-                )
-        return [config, path, *(folder / shard for shard in shards)]
-    raise KstoryError(
-        f"missing text encoder weights (expected one of: {', '.join(_TEXT_ENCODER_NAMES)})",
-        path=folder / _TEXT_ENCODER_NAMES[1],
-        fix=_LAYOUT_FIX,
-    )
-
-
 def _single_file(folder: Path) -> Path:
-    for name in _SINGLE_FILE_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    expected = " or ".join(_SINGLE_FILE_NAMES)
-    raise KstoryError(f"missing weights (expected {expected})", path=folder / _SINGLE_FILE_NAMES[0], fix=_LAYOUT_FIX)
+    return layout.single_file(folder, _LAYOUT_FIX)
 
 
-def _refuse_unsafe_pickle(path: Path) -> None:
-    """Pickle can run code on load; accept it only where torch's weights_only loader can read it."""
+def _checked_dtypes(path: Path) -> dict[str, int]:
+    """Bytes per dtype of a weight file, after checking it is whole (and, for pickles, safe)."""
+    if path.suffix == ".safetensors":
+        return layout.safetensors_dtypes(path)
     if path.suffix not in _PICKLE_SUFFIXES:
-        return
-    if not zipfile.is_zipfile(path):
+        return {}
+    return _refuse_unsafe_pickle(path)
+
+
+def _refuse_unsafe_pickle(path: Path) -> dict[str, int]:
+    """Pickle can run code on load; accept it only where torch's weights_only loader can read it."""
+    if not layout.check_zip_whole(path):
         problem = "refusing pickle weights in the legacy (non-zip) format: they cannot be checked safely"
         raise KstoryError(problem, path=path, fix=_PICKLE_FIX)
     import torch
 
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # UnpicklingError for forbidden globals, RuntimeError for broken archives
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         problem = f"refusing pickle weights that do not load with weights_only=True ({reason})"
         raise KstoryError(problem, path=path, fix=_PICKLE_FIX) from error
+    counts: dict[str, int] = {}
+    for value in loaded.values() if isinstance(loaded, dict) else ():
+        if isinstance(value, torch.Tensor):
+            name = str(value.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + value.numel() * value.element_size()
+    return counts
 
 
 def _fingerprint(files: dict[str, Path]) -> str:

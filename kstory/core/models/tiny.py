@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 from kstory.core.atomic import atomic_directory, write_json
 from kstory.core.models.resolve import SPEC_FILE, KolorsWeights
 from kstory.core.hashing import sha256_file as _sha256
+from kstory.core.models.writers import LAYOUTS, TensorEntry, write_kolors_weights
 
 TINY_FORMAT = 1
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -81,6 +82,23 @@ class TinyKolorsSpec:
         if unknown:
             raise ValueError(f"unknown tiny-kolors spec fields: {sorted(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+KOLORS_SPEC = TinyKolorsSpec(
+    unet_channels=(320, 640, 1280),
+    unet_head_dim=64,
+    unet_transformer_depth=(2, 10),
+    cross_attention_dim=2048,
+    addition_time_embed_dim=256,
+    text_hidden_size=4096,
+    text_layers=28,
+    text_heads=32,
+    text_kv_channels=128,
+    text_kv_groups=2,
+    text_ffn_hidden_size=13696,
+    vae_channels=(128, 256, 512, 512),
+)
+"""The real Kolors widths: the builders below give DiffSynth's full-size models at these (see the tests)."""
 
 
 # --- topology ---------------------------------------------------------------
@@ -374,12 +392,18 @@ def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state_dict.items()}
 
 
-def build_tiny_kolors(target: str | Path, spec: TinyKolorsSpec = TinyKolorsSpec()) -> Path:
-    """Write the tiny model to ``target`` (which must not exist) in the published Kolors layout.
+def build_tiny_kolors(target: str | Path, spec: TinyKolorsSpec = TinyKolorsSpec(), layout: str = "single") -> Path:
+    """Write the tiny model to ``target`` (which must not exist) in one of the published file layouts.
 
-    Built in a staging folder and moved into place, so ``target`` is either
-    absent or complete. Same spec -> byte-identical files.
+    ``layout`` is one of ``kstory.models.writers.LAYOUTS``: ``single`` (the
+    default and the cached ``tiny`` model: float32, one ChatGLM safetensors
+    file), or ``official`` / ``diffusers``, written in fp16 with the file names,
+    shards and index of Kwai-Kolors/Kolors and Kolors-diffusers. Built in a
+    staging folder and moved into place, so ``target`` is either absent or
+    complete. Same spec and layout -> byte-identical files.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} (expected one of {LAYOUTS})")
     target = Path(target)
     with atomic_directory(target) as staging:
         with torch.device("meta"):
@@ -399,14 +423,22 @@ def build_tiny_kolors(target: str | Path, spec: TinyKolorsSpec = TinyKolorsSpec(
         vae_diffusers = vae_to_diffusers(encoder_sd, encoder_prefixes, decoder_sd, decoder_prefixes)
         _check_round_trip(encoder, encoder_sd, vae_diffusers)
         _check_round_trip(decoder, decoder_sd, vae_diffusers)
+        text_encoder_sd = _contiguous(text_encoder.state_dict())
 
-        for relative in (UNET_FILE, VAE_FILE, TEXT_ENCODER_FILES[1]):
-            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-        save_file(unet_diffusers, staging / UNET_FILE, metadata={"format": "pt"})
-        save_file(vae_diffusers, staging / VAE_FILE, metadata={"format": "pt"})
-        save_file(_contiguous(text_encoder.state_dict()), staging / TEXT_ENCODER_FILES[1], metadata={"format": "pt"})
-        write_json(staging / TEXT_ENCODER_FILES[0], text_encoder_config(spec))
-        files = (*TEXT_ENCODER_FILES, UNET_FILE, VAE_FILE)
+        config = text_encoder_config(spec)
+        if layout == "single":
+            for relative in (UNET_FILE, VAE_FILE, TEXT_ENCODER_FILES[1]):
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            save_file(unet_diffusers, staging / UNET_FILE, metadata={"format": "pt"})
+            save_file(vae_diffusers, staging / VAE_FILE, metadata={"format": "pt"})
+            save_file(text_encoder_sd, staging / TEXT_ENCODER_FILES[1], metadata={"format": "pt"})
+            weight_files = [staging / name for name in (TEXT_ENCODER_FILES[1], UNET_FILE, VAE_FILE)]
+        else:  # the published releases are fp16 throughout
+            config["torch_dtype"] = "float16"
+            parts = [_fp16_part(sd) for sd in (text_encoder_sd, unet_diffusers, vae_diffusers)]
+            weight_files = write_kolors_weights(staging, layout, *parts)
+        write_json(staging / TEXT_ENCODER_FILES[0], config)
+        files = [path.relative_to(staging).as_posix() for path in [staging / TEXT_ENCODER_FILES[0], *weight_files]]
         write_json(
             staging / SPEC_FILE,
             {
@@ -414,10 +446,18 @@ def build_tiny_kolors(target: str | Path, spec: TinyKolorsSpec = TinyKolorsSpec(
                 "format": TINY_FORMAT,
                 "note": "random weights for tests and dry runs; its images mean nothing",
                 "spec": spec.to_json(),
+                **({} if layout == "single" else {"layout": layout}),
                 "files": {name: _sha256(staging / name) for name in files},
             },
         )
     return target
+
+
+def _fp16_part(state_dict: dict[str, torch.Tensor]) -> tuple[list[TensorEntry], Any]:
+    """A state dict as fp16 writer entries, keys sorted as safetensors writes them."""
+    half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state_dict.items()}
+    entries = [TensorEntry(k, tuple(v.shape), v.dtype) for k, v in sorted(half.items())]
+    return entries, lambda entry: half[entry.name]
 
 
 def read_tiny_manifest(root: str | Path) -> dict[str, Any]:
