@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -212,6 +213,16 @@ def test_refuses_a_previous_run_without_overwrite_and_changes_nothing(run, datas
     assert "--overwrite" in error.value.fix
     assert snapshot(result.out) == old
     assert not [path for path in result.out.parent.iterdir() if path.name.startswith(".")]
+
+
+def test_the_same_prep_again_is_a_no_op_that_says_so(run, dataset: Path, caplog: pytest.LogCaptureFixture) -> None:
+    result, _ = run
+    old = snapshot(result.out)
+    caplog.set_level(logging.INFO, logger="kstory")
+    again = prep(dataset, result.out, trigger_word=TRIGGER, num_proc=1, show_progress=False)  # num_proc: same output
+    assert (again.kept, again.dropped, again.dropped_by) == (result.kept, result.dropped, result.dropped_by)
+    assert snapshot(result.out) == old
+    assert "nothing to do" in caplog.text
 
 
 def test_overwrite_replaces_the_run_as_a_whole(dataset: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from kstory.core.rundir import RunDir
 
 
 def reroll_frame(run_root: Path, frame: str, *, seed: int | None, prompt: str | None) -> None:
-    """Regenerate one frame with ``story.reroll`` (as ``kstory reroll`` does); the manifest keeps the seed history."""
+    """Regenerate one frame with ``kstory.story.reroll`` (as ``kstory reroll`` does); the manifest keeps the seed history."""
     from kstory.story import reroll
 
     run = RunDir(Path(run_root))
@@ -58,7 +58,7 @@ def rescore(run_root: Path) -> None:
 
 def build(run_root: Path, *, team: str, suffix: str, description: str, allow_failed_gate: bool,
           allow_test_model: bool = False) -> Path:
-    """``submissions.build_package`` into ``RUN/submission``."""
+    """``kstory.submissions.build_package`` into ``RUN/submission``."""
     from kstory.submissions import build_package
 
     return build_package(Path(run_root), team=team, suffix=suffix, description=description or None,
@@ -67,7 +67,7 @@ def build(run_root: Path, *, team: str, suffix: str, description: str, allow_fai
 
 def upload(submission: Path, model_id: str, *, token: str, dry_run: bool, endpoint: str | None,
            allow: dict[str, bool] | None = None) -> str:
-    """``submissions.upload_package``; returns its report. The token is only passed through, never kept.
+    """``kstory.submissions.upload_package``; returns its report. The token is only passed through, never kept.
 
     ``allow``: the ``allow_test_model`` / ``allow_failed_gate`` / ``allow_failed_verify`` overrides the user ticked.
     """

@@ -239,7 +239,7 @@ class _Progress(logging.Handler):
             self.saved = time.monotonic()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not record.name.startswith(("kstory", "data_prep", "train", "story", "scoring", "submissions", "app")):
+        if not record.name.startswith("kstory"):
             return
         try:
             message = record.getMessage()

@@ -5,8 +5,8 @@ The terminal never shows a traceback unless ``--debug``: a record logged with
 A record logged with ``extra=FILE_ONLY`` goes to the log file alone (the CLI
 prints the error itself, once).
 
-Handlers sit on the root logger so the stage packages (``data_prep``,
-``train``, ...) and libraries all end up in the run's log file. The terminal
+Handlers sit on the root logger so the stage packages (``kstory.prep``,
+``kstory.train``, ...) and libraries all end up in the run's log file. The terminal
 shows kstory's own messages and only warnings from libraries; several
 Data-Juicer op modules call ``logging.basicConfig`` at import, which is a
 no-op once the root logger has our handler.

@@ -15,6 +15,7 @@ from kstory.prep.recipe import IMAGE_KEY, TEXT_KEY, Recipe, juicer_config, load_
 from kstory.prep.report import build_report, write_reports
 from kstory.prep.sources import export_modelscope, is_modelscope_id, scan_folder
 from kstory.prep.validate import Check, checking_samples, measuring_ops
+from kstory.core.atomic import write_json
 from kstory.core.errors import KstoryError
 from kstory.core.logs import route_loguru
 
@@ -54,6 +55,10 @@ def prep(
     trigger_word = (trigger_word or "").strip() or None
     if num_proc < 1:
         raise KstoryError(f"num_proc must be >= 1, got {num_proc}", fix="pass a positive number of processes")
+    inputs = inputs_fingerprint(source, recipe, trigger_word)
+    if not overwrite and (done := finished_result(out, inputs)) is not None:
+        log.info("prep: %s already holds this prep of the same inputs, recipe and trigger word: nothing to do", out)
+        return done
     layout.check_out(out, overwrite=overwrite)
     folder = None if is_modelscope_id(source) else _local_folder(source, out)
     loaded = load_recipe(recipe)  # imports Data-Juicer, which re-adds its loguru stderr sink
@@ -65,8 +70,9 @@ def prep(
             with no_auto_install():
                 result = _build(str(source), folder, out, staging, loaded, trigger_word, num_proc, show_progress)
         finally:
-            logging.getLogger("data_prep").removeHandler(handler)
+            logging.getLogger("kstory.prep").removeHandler(handler)
             handler.close()
+        write_json(staging / INPUTS_FILE, {"fingerprint": inputs})
         layout.publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -79,6 +85,35 @@ def prep(
             fix=f"see the report; loosen `{top}` in a copy of the recipe (pass it with --recipe) or fix the input",
         )
     return result
+
+
+INPUTS_FILE = ".kstory-prep-inputs.json"  # what a finished prep was made from, so running it again is a no-op
+
+
+def inputs_fingerprint(source: str | Path, recipe: Path | None, trigger_word: str | None) -> str:
+    """The content of what prep reads: the source folder's files (or a hub dataset's name), the recipe, the trigger."""
+    from kstory.core.hashing import path_digest
+    from kstory.core.rundir import fingerprint
+    from kstory.prep.recipe import DEFAULT_RECIPE
+
+    source_state = str(source) if is_modelscope_id(source) else path_digest(Path(source))
+    return fingerprint("prep-inputs/1", source_state, path_digest(Path(recipe or DEFAULT_RECIPE)), trigger_word or "")
+
+
+def finished_result(out: Path, inputs: str) -> PrepResult | None:
+    """The result of a finished prep in ``out`` made from exactly ``inputs``, or None."""
+    import json
+
+    try:
+        recorded = json.loads((out / INPUTS_FILE).read_text(encoding="utf-8"))["fingerprint"]
+        report = json.loads((out / layout.REPORT_NAME).read_text(encoding="utf-8"))
+        counts = report["counts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if recorded != inputs or not (out / "train" / "metadata.csv").is_file():
+        return None
+    return PrepResult(out, counts["kept"], counts["dropped"], out / "train" / "metadata.csv", out / layout.REPORT_NAME,
+                      out / "report.md", dict(report.get("dropped_by") or {}))
 
 
 def _build(
@@ -205,7 +240,7 @@ def _final_captions(run: JuicerRun | None, trigger_word: str | None) -> dict[str
 def _log_to(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    package = logging.getLogger("data_prep")
+    package = logging.getLogger("kstory.prep")
     package.addHandler(handler)
     package.setLevel(logging.INFO)
     return handler

@@ -5,7 +5,7 @@ cut-off JPEG comes back grey-padded instead of failing) and decodes without a
 pixel limit, so files are checked here first: outside the dataset, missing,
 not a picture, truncated, too many pixels, pixel values without a known
 white level, no caption, a name another sample already uses.  Captions are
-normalised here too (:mod:`data_prep.captions`).
+normalised here too (:mod:`kstory.prep.captions`).
 
 The decode done for the truncation check gives the pixels Data-Juicer's own
 loader would, except that pictures with more than 8 bits per channel are

@@ -1,7 +1,7 @@
 """The story spec: one YAML file describing every frame, validated with line-precise errors.
 
 Defaults follow Kolors' recommendations (1024x1024, CFG 5, 25-50 steps);
-``story.make_demo_spec`` writes a small one for the tiny model.
+``kstory.story.make_demo_spec`` writes a small one for the tiny model.
 """
 
 from __future__ import annotations
