@@ -136,3 +136,19 @@ def test_checkpoint_names_stay_inside_the_lora_folder(tmp_path: Path) -> None:
         review.story_lora(tmp_path / "lora", story)
     assert review.drop_checkpoint(story) == "../../elsewhere" and review.load(story).checkpoint is None
     assert review.story_lora(tmp_path / "lora", story) == (None, None)  # no LoRA trained yet
+
+
+def test_reroll_of_a_moved_run_finds_the_picked_checkpoint(picked: tuple[Path, str, list], tmp_path: Path) -> None:
+    from kstory.story import reroll
+
+    run, step, _ = picked
+    copy = tmp_path / "moved"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".history", "submission", "data"))
+    manifest = _manifest(copy)
+    manifest["lora"]["path"] = str(tmp_path / "gone" / "lora.safetensors")  # where the run used to live
+    (copy / "story" / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    result = reroll(copy / "story", 2, seed=4242)
+    assert result.generated == [2]
+    after = _manifest(copy)
+    assert after["lora"]["checkpoint"] == step and after["lora"]["sha256"] == manifest["lora"]["sha256"]
+    assert after["frames"]["2"]["seed"] == 4242 and review.load(copy / "story").order == ORDER

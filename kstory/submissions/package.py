@@ -4,10 +4,10 @@ Layout (docs/submissions.md)::
 
     README.md                          model card: ModelScope front matter + description, images, snippet
     configuration.json                 ModelScope's framework/task file
-    lora.safetensors                   the LoRA in DiffSynth's own (kstory) key format
+    lora.safetensors                   the LoRA the frames were made with, in DiffSynth's own (kstory) key format
     pytorch_lora_weights.safetensors   diffusers format (KolorsPipeline.load_lora_weights)
     lora_kohya.safetensors             kohya/WebUI format (ComfyUI LoraLoader)
-    frames/NN.png  guides/*.png  story.yaml  manifest.json  scores.json
+    frames/NN.png  guides/*.png  story.yaml  manifest.json  scores.json   in the order of story/review.json
     forum_post.md                      the forum post, title in the required format
     kstory_package.json                what was packaged, with the sha256 of every file above
 
@@ -341,11 +341,13 @@ def build_package(
     """Package the run into ``out`` (default ``RUN/submission``); returns the folder.
 
     Refuses (KstoryError) a missing LoRA, fewer than 8 frames, frames edited
-    after generation, a story made with another LoRA, a manifest naming files
+    after generation, a story whose LoRA the run's lora/ folder no longer has, a manifest naming files
     outside the story folder, a scores.json missing a frame, a name breaking the
     rule; unless ``allow_failed_gate``, a run whose score gate did not pass; and
     unless ``allow_test_model``, a run made with a test model (submissions.provenance),
     which is then labelled a test artefact in the model card and configuration.json.
+    The frames go out in the order chosen on the dashboard (``story/review.json``),
+    renumbered 1..N; the locked ones are recorded in ``kstory_package.json``.
     """
     from kstory.submissions.lora_export import FILE_NAMES, export_lora
 
