@@ -175,8 +175,15 @@ def test_training_pick_checkpoint(demo_runs: Path, monkeypatch: pytest.MonkeyPat
     at.selectbox(key="checkpoint").set_value("step-000006").run()
     at.button(key="pick_checkpoint").click().run()
     assert not at.exception
-    assert review.load(demo_runs / "demo" / "story").checkpoint == "step-000006"
-    assert any("picked step-000006" in s.value for s in at.success)
+    story = demo_runs / "demo" / "story"
+    try:
+        assert review.load(story).checkpoint == "step-000006"
+        assert any("picked step-000006" in s.value for s in at.success)
+        # the pick is not the story's LoRA until the story stage runs again, and the Story page says so
+        at = _goto(_app(monkeypatch, demo_runs), "Story")
+        assert any("checkpoint step-000006 is picked" in i.value for i in at.info), _texts(at)
+    finally:
+        review.drop_checkpoint(story)  # the shared demo run's story stays up to date for the tests after this one
 
 
 def test_training_deleted_pick_and_final_lora(demo_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
