@@ -12,17 +12,17 @@ import contextlib
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from kstory.core.errors import KstoryError
 from kstory.core.models import files as layout
+from kstory.core.models.weights import SPEC_FILE, KolorsWeights  # noqa: F401  (re-exported)
 
 KOLORS_ID = "Kwai-Kolors/Kolors"
 FP16_FIX_VAE_ID = "AI-ModelScope/sdxl-vae-fp16-fix"
 TINY_DIR = "tiny-kolors-v1"
 TINY_IDENTITY = "kstory/tiny-kolors"
-SPEC_FILE = "kstory_tiny.json"  # marks a folder as a tiny model (written by kstory.models.tiny)
 
 # Only what DiffSynth loads: the ChatGLM weights and config, the UNet, the VAE.
 KOLORS_PATTERNS = [
@@ -40,30 +40,6 @@ _LAYOUT_FIX = (
     "or use 'kolors' to download it or 'tiny' for the offline test model"
 )
 _PICKLE_FIX = "convert it to .safetensors, or use the published file (its tensors load with weights_only=True)"
-
-
-@dataclass(frozen=True)
-class KolorsWeights:
-    """Local, validated Kolors weights.
-
-    ``fingerprint`` identifies the content (a hash over each weight file's
-    layout name, size, safetensors header and 64 pages sampled across the
-    file), so it changes when weights are replaced or fine-tuned and can key
-    caches of latents or prompt embeddings.
-    """
-
-    root: Path
-    text_encoder: Path  # folder, loaded by DiffSynth's ChatGLMModel.from_pretrained
-    unet: Path
-    vae: Path
-    identity: str
-    is_tiny: bool
-    fingerprint: str
-    # Read from the tensors, never from file names (an fp16 file can carry a plain name); for memory planning.
-    text_encoder_dtype: str = "unknown"
-    unet_dtype: str = "unknown"
-    vae_dtype: str = "unknown"
-    text_encoder_variant: str | None = None  # "fp16" when only variant-named files exist (Kolors-diffusers)
 
 
 def default_cache_dir() -> Path:

@@ -42,7 +42,7 @@ from diffsynth.models.utils import load_state_dict
 from safetensors.torch import save_file
 
 from kstory.core.atomic import atomic_directory, write_json
-from kstory.core.models.resolve import SPEC_FILE, KolorsWeights
+from kstory.core.models.weights import SPEC_FILE, KolorsWeights
 from kstory.core.hashing import sha256_file as _sha256
 from kstory.core.models.writers import LAYOUTS, TensorEntry, write_kolors_weights
 
