@@ -93,7 +93,8 @@ def _train_schedule(config: RunConfig) -> str:
 def _train_run(config: RunConfig, run: RunDir) -> None:
     from train import train_lora
 
-    train_lora(run.data, run.lora, config.train_settings(), model=config.model, cache_dir=config.cache_dir)
+    train_lora(run.data, run.lora, config.train_settings(), model=config.model, cache_dir=config.cache_dir,
+               memory=config.memory)
 
 
 def controlnet_paths(controlnets: dict[str, str], cache_dir: Path | None) -> dict[str, Path]:
@@ -143,7 +144,10 @@ def _story_digest(config: RunConfig, run: RunDir) -> str:
                    for name, value in sorted(story.controlnets.items())}
     spec = story.spec
     references = _story_references(spec) if spec.is_file() else []
-    return fingerprint("story", {"lora_scale": story.lora_scale}, controlnets, path_digest(spec), references)
+    settings = {"lora_scale": story.lora_scale}
+    if "memory" in config.model_fields_set:  # a profile may tile the decode (other pixels); unset keeps old digests
+        settings["memory"] = config.memory
+    return fingerprint("story", settings, controlnets, path_digest(spec), references)
 
 
 def _story_run(config: RunConfig, run: RunDir) -> None:
@@ -153,7 +157,7 @@ def _story_run(config: RunConfig, run: RunDir) -> None:
     generate_story(
         config.story.spec, run.story, model=config.model, lora=lora if lora.is_file() else None,
         lora_scale=config.story.lora_scale, controlnets=controlnet_paths(config.story.controlnets, config.cache_dir),
-        cache_dir=config.cache_dir,
+        cache_dir=config.cache_dir, memory=config.memory,
     )
 
 

@@ -22,7 +22,7 @@ from kstory.logs import get_logger
 from kstory.models import resolve_model
 from kstory.seeds import SEED_LIMIT
 from story.controlnets import identify
-from story.generate import FramePlan, GuidePlan, Session
+from story.generate import FramePlan, GuidePlan, Session, recorded_memory
 from story.manifest import read_manifest, sha256_bytes
 from story.build import StoryBuild
 from story.run import StoryResult, build_story, frame_work, spec_values
@@ -140,7 +140,7 @@ def reroll(
 
     def load_session() -> Session:
         return Session.load(weights, lora=lora_path, lora_scale=lora["scale"] if lora else None, controlnets=found,
-                            device=device, torch_dtype=getattr(torch, manifest["dtype"]))
+                            device=device, torch_dtype=getattr(torch, manifest["dtype"]), memory=recorded_memory(manifest))
 
     log.info("re-rolling frame %d with seed %d (batch %s)", frame, target.seed, companions)
     return build_story(build, new, [plans], {frame}, work, load_session=load_session, spec_text=spec_text,
