@@ -74,6 +74,8 @@ class RunConfig(Section):
     memory: Literal["auto", "none", "24gb", "16gb", "12gb", "8gb", "cpu"] = Field(
         default="auto", description="Memory profile for train and story (docs/performance.md#memory-profiles); "
         "auto picks one from the free memory.")
+    text_encoder_device: Literal["auto", "cpu"] = Field(
+        default="auto", description="cpu: ChatGLM encodes on the CPU in train and story (auto: as the profile says).")
     prep: PrepSettings
     train: TrainSettings = Field(default_factory=TrainSettings, description="LoRA training (docs/train.md).")
     story: StorySettings | None = Field(default=None, description="Story generation; without it the run ends after train.")

@@ -172,11 +172,15 @@ def gib(value: float) -> str:
     return f"{value / GiB:.1f} GiB"
 
 
-def plan_memory(requested: str, weights: Any, *, task: str, device: str | None = None, **need: Any) -> MemoryPlan:
+def plan_memory(requested: str, weights: Any, *, task: str, device: str | None = None,
+                text_encoder_device: str | None = None, **need: Any) -> MemoryPlan:
     """Resolve ``requested`` to a profile for ``task`` on this machine; refuse what cannot fit.
 
+    ``text_encoder_device="cpu"`` encodes on the CPU whatever the profile says.
     ``need`` is passed to :func:`estimate` (pixels, frames, controlnets, gradient_checkpointing, cached).
     """
+    if text_encoder_device not in (None, "auto", "device", "cpu"):
+        raise KstoryError(f"unknown text_encoder_device {text_encoder_device!r}", fix="use auto or cpu")
     if requested not in PROFILES:
         raise KstoryError(f"unknown memory profile {requested!r}", fix=f"use one of: {', '.join(PROFILES)}")
     cuda = torch.cuda.is_available()
@@ -195,7 +199,9 @@ def plan_memory(requested: str, weights: Any, *, task: str, device: str | None =
         profile, reason = _auto(weights, task, device, free, need)
     else:
         profile, reason = requested, f"asked for ({gib(free)} free on the {device})"
-    table = _TABLE[profile]
+    table = dict(_TABLE[profile])
+    if text_encoder_device == "cpu":
+        table["text_encoder_device"] = "cpu"
     needed = estimate(weights, table, task=task, **need).peak
     budget = _BUDGET.get(profile, free)
     if needed > budget:
@@ -228,17 +234,17 @@ def _what_fits(weights: Any, task: str, device: str, free: int, need: dict[str, 
     return "use a machine with more memory, smaller frames or batches, or fewer ControlNets"
 
 
-def describe(plan: MemoryPlan) -> str:
-    """One log line: the profile, why, and what it decides."""
+def describe(plan: MemoryPlan, task: str | None = None) -> str:
+    """One log line: the profile, why, and what it decides (for ``task``: "train", "story" or both)."""
     parts = [f"memory profile {plan.profile}" + (f" (auto: {plan.reason})" if plan.requested == "auto" else ""),
              f"{'half' if plan.half else 'full'}-precision weights",
              "ChatGLM kept loaded" if plan.keep_text_encoder else "ChatGLM freed before the UNet loads",
              f"text encoder on the {'CPU' if plan.text_encoder_device == 'cpu' else plan.device}"]
-    if plan.max_batch:
+    if plan.max_batch and task != "train":
         parts.append(f"at most {plan.max_batch} frame(s) per batch")
-    if plan.tiled_vae:
+    if plan.tiled_vae and task != "train":
         parts.append("tiled VAE decode")
-    if plan.gradient_checkpointing:
+    if plan.gradient_checkpointing and task != "story":
         parts.append("gradient checkpointing")
     return ", ".join(parts)
 
@@ -251,7 +257,7 @@ def doctor_lines() -> list[str]:
         try:
             plan = plan_memory("auto", KOLORS_COUNTS, task=task, device=device, frames=frames)
             need = estimate(KOLORS_COUNTS, _TABLE[plan.profile], task=task, frames=frames).peak
-            lines.append(f"{task:<12} {describe(plan)}; needs about {gib(need)}")
+            lines.append(f"{task:<12} {describe(plan, task)}; needs about {gib(need)}")
         except KstoryError as error:
             lines.append(f"{task:<12} {error.message}; {error.fix}")
     return lines

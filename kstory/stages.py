@@ -94,7 +94,7 @@ def _train_run(config: RunConfig, run: RunDir) -> None:
     from train import train_lora
 
     train_lora(run.data, run.lora, config.train_settings(), model=config.model, cache_dir=config.cache_dir,
-               memory=config.memory)
+               memory=config.memory, text_encoder_device=config.text_encoder_device)
 
 
 def controlnet_paths(controlnets: dict[str, str], cache_dir: Path | None) -> dict[str, Path]:
@@ -145,8 +145,9 @@ def _story_digest(config: RunConfig, run: RunDir) -> str:
     spec = story.spec
     references = _story_references(spec) if spec.is_file() else []
     settings = {"lora_scale": story.lora_scale}
-    if "memory" in config.model_fields_set:  # a profile may tile the decode (other pixels); unset keeps old digests
-        settings["memory"] = config.memory
+    for name in ("memory", "text_encoder_device"):  # may change pixels; unset keeps older runs' digests
+        if name in config.model_fields_set:
+            settings[name] = getattr(config, name)
     return fingerprint("story", settings, controlnets, path_digest(spec), references)
 
 
@@ -157,7 +158,7 @@ def _story_run(config: RunConfig, run: RunDir) -> None:
     generate_story(
         config.story.spec, run.story, model=config.model, lora=lora if lora.is_file() else None,
         lora_scale=config.story.lora_scale, controlnets=controlnet_paths(config.story.controlnets, config.cache_dir),
-        cache_dir=config.cache_dir, memory=config.memory,
+        cache_dir=config.cache_dir, memory=config.memory, text_encoder_device=config.text_encoder_device,
     )
 
 

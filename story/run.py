@@ -375,6 +375,7 @@ def generate_story(
     device: str | None = None,
     torch_dtype: torch.dtype | None = None,
     memory: str = "auto",
+    text_encoder_device: str = "auto",
 ) -> StoryResult:
     """Generate the story of ``spec_path`` (or only ``frames``, 1-based) into ``out_dir``.
 
@@ -385,6 +386,9 @@ def generate_story(
     keeps re-rolled frames whose spec entry is unchanged. Same spec, weights,
     device and dtype give bit-identical frames. With ``frames``, the other
     frames of an existing folder stay as they are (same weights required).
+    ``memory`` is a profile of :mod:`kstory.memory` (``auto``: picked from the free memory); it decides
+    the dtype when ``torch_dtype`` is not given and caps the frames per batch. ``text_encoder_device="cpu"``
+    encodes the prompts on the CPU whatever the profile says.
     """
     spec_path, out_dir = Path(spec_path).resolve(), Path(out_dir)
     spec = load_spec(spec_path)
@@ -415,8 +419,9 @@ def generate_story(
     device = device or default_device()
     memory_plan = plan_memory(memory, weights, task="story", device=device, frames=spec.generation.batch_size,
                               pixels=max(p.width * p.height for p in plans),
-                              controlnets=[cn.path for cn in controlnet_weights.values()])
-    log.info("%s", describe(memory_plan))
+                              controlnets=[cn.path for cn in controlnet_weights.values()],
+                              text_encoder_device=text_encoder_device)
+    log.info("%s", describe(memory_plan, "story"))
     batch_size = min(spec.generation.batch_size, memory_plan.max_batch or spec.generation.batch_size)
     if batch_size < spec.generation.batch_size:  # smaller batches may need fewer ControlNets
         groups = batches(plans, batch_size)

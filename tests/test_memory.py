@@ -135,3 +135,5 @@ def test_profiles_are_checked_against_the_device_and_the_request():
     assert "more memory" in error.value.fix
     tiny = plan_memory("auto", resolve_model("tiny"), task="story", device="cpu")
     assert tiny.profile == "none" and not tiny.half and "float32 needs" in tiny.reason
+    assert plan_memory("auto", resolve_model("tiny"), task="train", device="cpu",
+                       text_encoder_device="cpu").text_encoder_device == "cpu"

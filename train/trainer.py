@@ -167,6 +167,7 @@ class _Outputs:
 def train_lora(
     data_dir: Path, out_dir: Path, settings: TrainSettings, *, model: str = "tiny", cache_dir: Path | None = None,
     resume: bool = True, callbacks: list[Any] | None = None, memory: str = "auto",
+    text_encoder_device: str = "auto",
 ) -> TrainResult:
     """Train a Kolors LoRA on ``data_dir`` (prep's output) into ``out_dir``.
 
@@ -175,7 +176,8 @@ def train_lora(
     ``resume=False`` deletes earlier outputs there and starts over. Extra
     Lightning ``callbacks`` are appended to the trainer's. Ctrl-C saves a
     checkpoint at the end of the current step and re-raises KeyboardInterrupt.
-    ``memory`` is a profile of :mod:`kstory.memory` (``auto`` picks one from the free memory).
+    ``memory`` is a profile of :mod:`kstory.memory` (``auto`` picks one from the free memory);
+    ``text_encoder_device="cpu"`` encodes the captions on the CPU whatever the profile says.
     """
     import lightning as pl
 
@@ -213,10 +215,10 @@ def train_lora(
             return done
 
     # 1. cache every caption and image, free the encoders; then load the UNet.
-    memory_plan = _memory_plan(memory, weights, settings, runtime)
+    memory_plan = _memory_plan(memory, weights, settings, runtime, text_encoder_device)
     if memory_plan is not None:
         runtime = resolve_runtime(settings, memory_plan)
-        log.info("%s", describe(memory_plan))
+        log.info("%s", describe(memory_plan, "train"))
     prepared = prepare(weights, samples, settings, runtime,
                        (Path(cache_dir) if cache_dir else default_cache_dir()) / "train-cache")
     cache, unet = prepared.cache, prepared.unet
@@ -337,7 +339,7 @@ def train_lora(
     return result
 
 
-def _memory_plan(memory: str, weights: Any, settings: TrainSettings, runtime: Any) -> Any:
+def _memory_plan(memory: str, weights: Any, settings: TrainSettings, runtime: Any, text_encoder_device: str) -> Any:
     """The memory profile for this training on this machine (None on Apple's MPS, which has no profiles)."""
     from kstory.memory import plan_memory
 
@@ -345,7 +347,7 @@ def _memory_plan(memory: str, weights: Any, settings: TrainSettings, runtime: An
         return None
     return plan_memory(memory, weights, task="train", device="cuda" if runtime.accelerator == "gpu" else "cpu",
                        pixels=settings.resolution ** 2, frames=settings.batch_size,
-                       gradient_checkpointing=settings.gradient_checkpointing)
+                       gradient_checkpointing=settings.gradient_checkpointing, text_encoder_device=text_encoder_device)
 
 
 def _already_finished(out_dir: Path, settings: TrainSettings, latest: Any, started: float) -> TrainResult | None:
