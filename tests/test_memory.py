@@ -137,3 +137,35 @@ def test_profiles_are_checked_against_the_device_and_the_request():
     assert tiny.profile == "none" and not tiny.half and "float32 needs" in tiny.reason
     assert plan_memory("auto", resolve_model("tiny"), task="train", device="cpu",
                        text_encoder_device="cpu").text_encoder_device == "cpu"
+
+
+def test_weights_converted_tensor_by_tensor_load_through_diffsynths_own_detectors(tmp_path: Path):
+    """A full-size SDXL VAE (real widths, random fp16 weights; the UNet's detector works the same way) is
+    found by DiffSynth's detector from the already-converted state dict: same networks and values as
+    DiffSynth's own ``load_model``."""
+    from dataclasses import replace
+
+    from diffsynth.models.model_manager import ModelManager
+    from safetensors.torch import save_file
+
+    from kstory.models.pipeline import _load_converted
+    from kstory.models.tiny import TinyKolorsSpec, _materialise, tiny_vae_decoder, tiny_vae_encoder, vae_to_diffusers
+
+    spec = replace(TinyKolorsSpec(), vae_channels=(128, 256, 512, 512))
+    with torch.device("meta"):
+        encoder, encoder_prefixes = tiny_vae_encoder(spec)
+        decoder, decoder_prefixes = tiny_vae_decoder(spec)
+    _materialise(encoder, 0, "vae_encoder")
+    _materialise(decoder, 0, "vae_decoder")
+    half = lambda module: {k: v.half().contiguous() for k, v in module.state_dict().items()}  # noqa: E731
+    path = tmp_path / "vae.safetensors"
+    save_file(vae_to_diffusers(half(encoder), encoder_prefixes, half(decoder), decoder_prefixes), str(path))
+    del encoder, decoder
+    ours, theirs = ModelManager(torch_dtype=torch.float32, device="cpu"), ModelManager(torch_dtype=torch.float32, device="cpu")
+    _load_converted(ours, str(path), torch.float32)  # each fp16 tensor widened as it is read
+    theirs.load_model(str(path))  # DiffSynth: the whole file in fp16, the built model converted
+    assert ours.model_name == theirs.model_name == ["sdxl_vae_encoder", "sdxl_vae_decoder"]
+    for a, b in zip(ours.model, theirs.model):
+        assert a.state_dict().keys() == b.state_dict().keys()
+        for name, x in a.state_dict().items():
+            assert x.dtype == torch.float32 and torch.equal(x, b.state_dict()[name]), name
