@@ -107,7 +107,7 @@ def recorded_memory(manifest: Mapping[str, Any]) -> MemoryPlan | None:
 
 
 def text_encoder_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
-    """ChatGLM's dtype: the story's, but bf16 instead of fp16 on a CPU (fp16 matmuls are slow there)."""
+    """ChatGLM's dtype when it encodes on another device: the story's, but bf16 instead of fp16 on a CPU."""
     return torch.bfloat16 if str(device).startswith("cpu") and dtype == torch.float16 else dtype
 
 
@@ -131,7 +131,8 @@ class Session:
         self.tiled_vae = bool(memory and memory.tiled_vae)
         self.keep_text_encoder = bool(memory and memory.keep_text_encoder)
         self.text_device = "cpu" if memory and memory.text_encoder_device == "cpu" else device
-        self.text_dtype = text_encoder_dtype(self.text_device, torch_dtype)
+        moved = torch.device(self.text_device).type != torch.device(device).type
+        self.text_dtype = text_encoder_dtype(self.text_device, torch_dtype) if moved else torch_dtype
         self.controlnets: dict[str, tuple[ControlNetWeights, torch.nn.Module]] = {}
         self.lora_info: dict[str, Any] | None = None
         self._embeddings: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
@@ -147,11 +148,6 @@ class Session:
         """A session on ``weights`` with the LoRA and the named ControlNets; each network loads in its phase."""
         return cls(weights, lora=lora, lora_scale=lora_scale, controlnets=controlnets, device=device,
                    torch_dtype=torch_dtype, memory=memory)
-
-    @property
-    def text_encoder(self) -> Any:
-        """ChatGLM while it is loaded, else None."""
-        return self._text[1].text_encoder if self._text is not None else None
 
     def _prompter(self) -> Any:
         if self._text is None:
