@@ -63,9 +63,9 @@ def main() -> None:
     from data_juicer.ops import load_ops
     from data_juicer.utils.constant import Fields, HashKeys
 
-    from data_prep.synthetic import make_style_dataset
-    from data_prep.validate import _measure
-    from data_prep.sources import Sample
+    from kstory.prep.synthetic import make_style_dataset
+    from kstory.prep.validate import _measure
+    from kstory.prep.sources import Sample
 
     op = load_ops([{"image_deduplicator": {"method": args.method}}])[0]
     folder = make_style_dataset(Path(tempfile.mkdtemp(prefix="bench_dedup.")) / "set", args.n, seed=2, defects=False,

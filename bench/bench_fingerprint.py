@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kstory.hashing import sampled_digest, sha256_file
+from kstory.core.hashing import sampled_digest, sha256_file
 
 CHUNK = 64 << 20
 

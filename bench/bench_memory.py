@@ -64,7 +64,7 @@ def _dataset(folder: Path, resolution: int, count: int = 4) -> Path:
 
 
 def _weights(args):
-    from kstory.models import resolve_model
+    from kstory.core.models import resolve_model
 
     return resolve_model(args.model, Path(args.cache_dir) if args.cache_dir else None)
 
@@ -74,7 +74,7 @@ def _manager(args, dtype):
     import torch  # noqa: F401
     from diffsynth.models.model_manager import ModelManager
 
-    from kstory.models import load_kolors_model_manager
+    from kstory.core.models import load_kolors_model_manager
 
     weights = _weights(args)
     if weights.is_tiny:
@@ -85,7 +85,7 @@ def _manager(args, dtype):
 
 
 def train_kstory(args, work: Path) -> dict:
-    from train import TrainSettings, train_lora
+    from kstory.train import TrainSettings, train_lora
 
     settings = TrainSettings(rank=16, max_steps=args.steps, resolution=args.resolution, batch_size=1,
                              mixed_precision="bf16", gradient_checkpointing=True, checkpoint_every=0, center_crop=True)
@@ -133,7 +133,7 @@ def train_diffsynth(args, work: Path) -> dict:
 def story_kstory(args, work: Path) -> dict:
     import yaml
 
-    import story
+    import kstory.story as story
 
     spec = {"title": "bench", "frame_count": 2, "character": {"negative_prompt": NEGATIVE},
             "defaults": {"width": args.resolution, "height": args.resolution, "steps": args.steps, "cfg_scale": 5.0},
@@ -166,10 +166,8 @@ def _child(args) -> None:
     import kstory  # noqa: F401  (before anything that imports torchvision/diffsynth)
     import diffsynth.pipelines.sdxl_image  # noqa: F401  (imports are not timed: both sides pay the same)
     import lightning  # noqa: F401
-    import story  # noqa: F401
-    import train  # noqa: F401
-    import story.run  # noqa: F401
-    import train.trainer  # noqa: F401
+    import kstory.story.run  # noqa: F401
+    import kstory.train.trainer  # noqa: F401
 
     started = time.perf_counter()
     result = SIDES[args.side](args, Path(args.work))

@@ -125,14 +125,14 @@ def _prep_code(dataset: Path, out: Path, num_proc: int) -> str:
 
 
 def _smallest_side(scale: float) -> int:
-    from data_prep.synthetic import SIZES
+    from kstory.prep.synthetic import SIZES
 
     return round(min(min(size) for size in SIZES) * scale)
 
 
 def _baseline_min_side(scale: float) -> int:
     """The notebook's 1024 px when every generated picture reaches it, else kstory's default minimum."""
-    recipe = yaml.safe_load((REPO / "data_prep" / "recipes" / "default.yaml").read_text(encoding="utf-8"))
+    recipe = yaml.safe_load((REPO / "kstory" / "prep" / "recipes" / "default.yaml").read_text(encoding="utf-8"))
     ours = {name: op_args for entry in recipe["process"] for name, op_args in entry.items()}
     return NOTEBOOK_MIN_SIDE if _smallest_side(scale) >= NOTEBOOK_MIN_SIDE else ours["image_shape_filter"]["min_width"]
 

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kstory.models import default_cache_dir
-from scoring import score_images
-from scoring.tiny import TINY_HEAD_GAIN, VIT_L14_VISION, write_aesthetic_model
+from kstory.core.models import default_cache_dir
+from kstory.scoring import score_images
+from kstory.scoring.tiny import TINY_HEAD_GAIN, VIT_L14_VISION, write_aesthetic_model
 
 
 def predictor(cache: Path) -> Path:

@@ -37,9 +37,9 @@ def _full_pipeline(device: str, dtype: torch.dtype):
     """Full-size Kolors (UNet, ChatGLM-6B, VAE) and a full-size Kolors Pose ControlNet, random, built on the device."""
     from diffsynth.models.kolors_text_encoder import ChatGLMConfig, ChatGLMModel
 
-    from kstory.models.tiny import TinyKolorsSpec, text_encoder_config, tiny_unet, tiny_vae_decoder, tiny_vae_encoder
-    from story.controlnet_kolors import KolorsControlNet
-    from story.tiny import tiny_kolors_controlnet_config
+    from kstory.core.models.tiny import TinyKolorsSpec, text_encoder_config, tiny_unet, tiny_vae_decoder, tiny_vae_encoder
+    from kstory.story.controlnet_kolors import KolorsControlNet
+    from kstory.story.tiny import tiny_kolors_controlnet_config
 
     real = TinyKolorsSpec(
         unet_channels=(320, 640, 1280), unet_head_dim=64, unet_transformer_depth=(2, 10), cross_attention_dim=2048,
@@ -72,17 +72,17 @@ def _pipeline(models: dict, device: str, dtype: torch.dtype):
 
 
 def _tiny_pipeline(device: str, dtype: torch.dtype):
-    from kstory.models import load_kolors_pipeline, resolve_model
-    from story.controlnet_kolors import load_kolors_controlnet
-    from story.tiny import build_tiny_controlnets
+    from kstory.core.models import load_kolors_pipeline, resolve_model
+    from kstory.story.controlnet_kolors import load_kolors_controlnet
+    from kstory.story.tiny import build_tiny_controlnets
 
     pipe = load_kolors_pipeline(resolve_model("tiny"), device=device, torch_dtype=dtype)
     return pipe, load_kolors_controlnet(build_tiny_controlnets()["pose"], device, dtype)
 
 
 def _plans(args):
-    from story.generate import FramePlan, GuidePlan
-    from story.guides.pose import render_library_pose
+    from kstory.story.generate import FramePlan, GuidePlan
+    from kstory.story.guides.pose import render_library_pose
 
     plans = []
     for index in range(1, args.frames + 1):
@@ -118,8 +118,8 @@ def main() -> None:
 
     from diffsynth.controlnets import Annotator, ControlNetUnit, MultiControlNetManager
 
-    from story.controlnets import ControlNetWeights
-    from story.generate import Session, batches
+    from kstory.story.controlnets import ControlNetWeights
+    from kstory.story.generate import Session, batches
 
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     built = time.perf_counter()

@@ -46,7 +46,7 @@ def _full_models(device: str, dtype):
     from diffsynth.models.sdxl_vae_decoder import SDXLVAEDecoder
     from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
 
-    from kstory.models.tiny import TinyKolorsSpec, text_encoder_config
+    from kstory.core.models.tiny import TinyKolorsSpec, text_encoder_config
 
     real = TinyKolorsSpec(
         unet_channels=(320, 640, 1280), unet_head_dim=64, unet_transformer_depth=(2, 10), cross_attention_dim=2048,
@@ -69,8 +69,8 @@ def _full_models(device: str, dtype):
 
 
 def _tiny_models(cache_dir: Path | None):
-    from kstory.models import kolors_models, load_kolors_model_manager, resolve_model
-    from kstory.models.tiny import TinyKolorsSpec
+    from kstory.core.models import kolors_models, load_kolors_model_manager, resolve_model
+    from kstory.core.models.tiny import TinyKolorsSpec
 
     nets = kolors_models(load_kolors_model_manager(resolve_model("tiny", cache_dir)))
     return nets.unet, (lambda: nets.text_encoder), nets.vae_encoder, nets.vae_decoder, TinyKolorsSpec().text_hidden_size
@@ -121,12 +121,12 @@ def run_kstory(args) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from train.batches import BatchPlan, StepDataset
-    from train.cache import CachedSample, TrainCache
-    from train.lora_io import inject_lora
-    from train.module import KolorsLoraModule
-    from train.settings import TrainSettings
-    from train.validation import kolors_scheduler
+    from kstory.train.batches import BatchPlan, StepDataset
+    from kstory.train.cache import CachedSample, TrainCache
+    from kstory.train.lora_io import inject_lora
+    from kstory.train.module import KolorsLoraModule
+    from kstory.core.train_settings import TrainSettings
+    from kstory.train.validation import kolors_scheduler
 
     unet, _, _, _, hidden = _models(args)  # the text encoder and VAE are never built: the cache replaces them
     settings = TrainSettings(

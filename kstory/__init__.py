@@ -8,7 +8,7 @@ compiled ops load.
 
 import warnings
 
-from kstory.torchvision_compat import install_import_hook
+from kstory.core.torchvision_compat import install_import_hook
 
 __version__ = "0.1.0"
 

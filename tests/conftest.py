@@ -46,7 +46,7 @@ def demo_runs(tmp_path_factory: pytest.TempPathFactory):
     """
     from pathlib import Path
 
-    from kstory.demo import run_demo
+    from kstory.cli.demo import run_demo
 
     if os.environ.get("KSTORY_APP_TEST_RUNS"):
         return Path(os.environ["KSTORY_APP_TEST_RUNS"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 from pathlib import Path
@@ -10,15 +11,18 @@ from pathlib import Path
 import pytest
 
 import kstory  # noqa: F401
-from kstory.errors import KstoryError
+from kstory.core.errors import KstoryError
 
 from streamlit.testing.v1 import AppTest
 
-from app import review, run_access
-from app.main import RUN_ENV, RUNS_ROOT_ENV
+from kstory.app import review
 
-MAIN = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
+from kstory.core import run_access
+from kstory.cli.launch import RUN_ENV, RUNS_ROOT_ENV
+
+MAIN = str(Path(__file__).resolve().parent.parent / "kstory" / "app" / "main.py")
 TIMEOUT = 240
+JOB_TIMEOUT = 300
 
 
 
@@ -48,6 +52,57 @@ def _images(at: AppTest) -> int:
 
 
 # --- pure helpers -------------------------------------------------------------------------------------------
+
+def test_app_takes_a_run_path_or_a_run_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kstory.cli.launch import environment, locate_run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "other").mkdir(parents=True)
+    run, root = locate_run("runs/mine", None)  # as the README prints it: not runs/runs/mine
+    assert run == (tmp_path / "runs" / "mine").resolve() and environment(run, root)[RUN_ENV] == "mine"
+    (tmp_path / "mine").mkdir()  # a same-named folder in the working directory does not shadow the run
+    run, root = locate_run("mine", None)
+    assert run == (tmp_path / "runs" / "mine").resolve() and environment(run, root)[RUN_ENV] == "mine"
+    run, root = locate_run("elsewhere/other", None)  # outside runs/: opens in its own parent
+    assert root == (tmp_path / "elsewhere").resolve() and environment(run, root)[RUN_ENV] == "other"
+    with pytest.raises(KstoryError, match="outside the runs root"):
+        environment(*locate_run("elsewhere/other", Path("runs")))
+
+
+def test_streamlit_config_keeps_a_plain_streamlit_run_local() -> None:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: pytest's own dependency
+        import tomli as tomllib
+
+    config = tomllib.loads((Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml").read_text(encoding="utf-8"))
+    assert config["server"]["address"] == "127.0.0.1" and config["server"]["headless"] is True
+    assert config["browser"]["gatherUsageStats"] is False
+    from kstory.cli.launch import command
+
+    line = command()  # `kstory app` passes them itself, so they hold when started from any folder
+    assert line[line.index("--server.address") + 1] == "127.0.0.1"
+    assert line[line.index("--browser.gatherUsageStats") + 1] == "false"
+
+
+def test_dropped_samples_outside_the_runs_root_are_shown_read_only(tmp_path: Path) -> None:
+    from kstory.app.pages_data import _dataset_folder, _image_of
+    from kstory.core.rundir import RunDir
+
+    dataset = tmp_path / "my_images"
+    dataset.mkdir()
+    (dataset / "a.png").write_bytes(b"png")
+    (tmp_path / "secret.png").write_bytes(b"png")
+    run = RunDir(tmp_path / "runs" / "mine")
+    report = {"source": str(dataset)}
+    dropped = {"status": "dropped", "stage": "juicer", "source": str(dataset / "a.png")}
+    assert _image_of(run, dropped, _dataset_folder(report)) == (dataset / "a.png").resolve()
+    assert _image_of(run, dropped) is None  # without the report's dataset folder, nothing outside the run
+    stray = dict(dropped, source=str(tmp_path / "secret.png"))
+    assert _image_of(run, stray, _dataset_folder(report)) is None
+    assert _dataset_folder({"source": "modelscope://a/b"}) is None
+
 
 def test_paths_cannot_escape_the_runs_root(tmp_path: Path) -> None:
     root = tmp_path / "runs"
@@ -139,7 +194,15 @@ def test_story_lock_and_reorder(demo_runs: Path, monkeypatch: pytest.MonkeyPatch
     assert state.order == [] and not state.locked
 
 
-def test_story_reroll_keeps_seed_history_and_rescores(demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _job_of(run: Path, label: str) -> dict:
+    """The newest job of the run with that label start, waited for until it finishes."""
+    from kstory.cli import jobs
+
+    job = next(j for j in jobs.list_jobs(run) if j["label"].startswith(label))
+    return jobs.wait(run, job["id"], JOB_TIMEOUT)
+
+
+def test_story_reroll_runs_as_a_job_that_a_reload_finds(demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = demo_runs / "demo"
     before = json.loads((run / "story" / "manifest.json").read_text())["frames"]["2"]
     at = _goto(_app(monkeypatch, demo_runs), "Story")
@@ -147,17 +210,22 @@ def test_story_reroll_keeps_seed_history_and_rescores(demo_runs: Path, monkeypat
     at.checkbox(key="reroll_random").uncheck().run()
     at.number_input(key="reroll_seed_2").set_value(4242).run()
     at.button(key="reroll_go").click().run()
-    assert not at.exception and not at.error.values or True
-    assert any("re-rolled" in s.value for s in at.success), _texts(at)
+    assert not at.exception, [e.value for e in at.exception]
+    job = _job_of(run, "Re-roll frame 2")
+    assert job["state"] == "done", job
+    assert job["pid"] != os.getpid() and job["progress"]["fraction"] == 1.0
+    # A reload (a new session) finds the job and its result in the run's files.
+    again = _goto(_app(monkeypatch, demo_runs), "Story")
+    assert any("Re-roll frame 2 and score the story: done" in s.value for s in again.success), _texts(again)
     after = json.loads((run / "story" / "manifest.json").read_text())["frames"]["2"]
     assert after["seed"] == 4242 and [h["seed"] for h in after["seed_history"]][-1] == 4242
     assert before["seed"] in [h["seed"] for h in after["seed_history"]]
     scores = json.loads((run / "scores.json").read_text())
     frame2 = next(i for i in scores["images"] if Path(i["file"]).name == "02.png")
     assert frame2["sha256"] == after["sha256"]
-    assert "seed **4242**" in _texts(at)
+    assert "seed **4242**" in _texts(again)
     # The re-roll is part of the story's state: a later `kstory run` keeps it and has nothing left to do.
-    from kstory.runner import run_config
+    from kstory.cli.runner import run_config
 
     outcomes = {o.stage: o.status for o in run_config(run / "kstory.yaml")}
     assert outcomes == {"prep": "skipped", "train": "skipped", "story": "skipped", "score": "skipped"}, outcomes
@@ -181,30 +249,47 @@ def test_package_name_build_preview_and_upload(demo_runs: Path, monkeypatch: pyt
     at.text_input(key="pkg_team").input("kteam").run()
     assert any("kteam-可图Kolors训练-fox" in s.value for s in at.success)
     at.text_area(key="pkg_description").input("A fox in a scarf.").run()
-    at.button(key="pkg_build").click().run()  # the tiny gate fails: refused with a message
-    assert any("gate did not pass" in e.value for e in at.error)
+    at.button(key="pkg_build").click().run()  # tiny random-weight models: a test artefact, refused unless ticked
+    assert _job_of(run, "Build the package")["state"] == "failed"
+    at.run()
+    assert any("test artefact" in e.value for e in at.error), _texts(at)
+    at.checkbox(key="pkg_allow_test").check().run()
+    at.button(key="pkg_build").click().run()  # the tiny gate fails: the job fails with the message
+    assert _job_of(run, "Build the package")["state"] == "failed"
+    at.run()
+    assert any("gate did not pass" in e.value for e in at.error), _texts(at)
     at.checkbox(key="pkg_allow_failed").check().run()
     at.button(key="pkg_build").click().run()
     assert not at.exception
+    assert _job_of(run, "Build the package")["state"] == "done"
+    at.run()
     assert (run / "submission" / "README.md").is_file()
-    assert any("package written" in s.value for s in at.success)
+    assert any("Build the package" in s.value and "submission" in s.value for s in at.success), _texts(at)
     assert any("data:image/png;base64," in m.value for m in at.markdown)  # the card's frames, inlined
     assert "A fox in a scarf." in _texts(at)
 
     token = "ms-" + secrets.token_hex(16)
+    assert any("TEST ARTEFACT" in w.value for w in at.warning)  # said before any upload is tried
     at.text_input(key="upload_owner").input("alice")
     at.checkbox(key="upload_dry").uncheck()
+    at.checkbox(key="upload_allow_test").check()
+    at.checkbox(key="upload_allow_gate").check()
     with StandInHub(token) as hub:
         at.text_input(key="upload_endpoint").input(hub.endpoint)
         at.text_input(key="upload_token").input(token)
         at.button(key="FormSubmitter:upload-Upload").click().run()
         assert not at.exception
-        assert any("uploaded" in s.value or "uploaded" in str(s.value) for s in at.get("code")), _texts(at)
+        job = _job_of(run, "Upload to alice/")
+        assert job["state"] == "done", job
         assert f"alice/kteam-可图Kolors训练-fox" in hub.repos
+    at.run()
+    assert any("uploaded" in str(c.value) for c in at.get("code")), _texts(at)
     assert at.text_input(key="upload_token").value == ""
     assert token not in _texts(at) and token not in repr(at.session_state)
     log = (run / "kstory.log")
     assert not log.exists() or token not in log.read_text(encoding="utf-8", errors="replace")
+    for name in ("job.json", "log.txt"):  # the job got the token through its environment only
+        assert token not in (run / ".jobs" / job["id"] / name).read_text(encoding="utf-8", errors="replace")
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
@@ -247,5 +332,14 @@ def test_typed_paths_cannot_escape(demo_runs: Path, monkeypatch: pytest.MonkeyPa
     at.button(key="FormSubmitter:new_run-Create run").click().run()
     assert (demo_runs / "fresh" / "kstory.yaml").is_file()
     assert at.session_state["run"] == "fresh"
+    # The starter config runs as written: the loader accepts it and `kstory run` gets through prep.
+    from kstory.core.config import load_config
+    from kstory.cli.runner import run_config
+
+    config = load_config(demo_runs / "fresh" / "kstory.yaml")
+    assert config.run_dir.resolve() == (demo_runs / "fresh").resolve() and Path(config.prep.source).is_dir()
+    outcomes = run_config(demo_runs / "fresh" / "kstory.yaml", until="prep")
+    assert [(o.stage, o.status) for o in outcomes] == [("prep", "ran")]
+    assert (demo_runs / "fresh" / "data" / "train" / "metadata.csv").is_file()
     _goto(at, "Story")
     assert any("story manifest is missing" in w.value for w in at.warning)

@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 def test_browser_loads_run_rerolls_and_packages(demo_runs: Path) -> None:
-    from app.launch import start
+    from kstory.cli.launch import start
 
     port = _free_port()
     server = start(Path("demo"), demo_runs, port)
@@ -54,7 +54,8 @@ def test_browser_loads_run_rerolls_and_packages(demo_runs: Path) -> None:
             sidebar.get_by_text("Story", exact=True).click()
             page.get_by_text("Re-roll a frame").wait_for()
             page.get_by_role("button", name="Re-roll frame 1").click()
-            page.get_by_text("re-rolled and the story scored again").wait_for(timeout=180_000)
+            page.get_by_role("button", name="Cancel").wait_for()  # the job's panel, polled while it runs
+            page.get_by_text("Re-roll frame 1 and score the story: done").wait_for(timeout=180_000)
             page.get_by_text("8. frame 8").wait_for()
             scored = page.get_by_text(re.compile(r"^seed \d+ · aesthetic"))
             deadline = time.monotonic() + 60
@@ -71,7 +72,7 @@ def test_browser_loads_run_rerolls_and_packages(demo_runs: Path) -> None:
             page.get_by_text("model name: kteam").wait_for()
             page.get_by_text("Package even though the gate failed").click()
             page.get_by_role("button", name="Build package").click()
-            page.get_by_text("package written to").wait_for(timeout=180_000)
+            page.get_by_text(re.compile(r"Build the package .*: done")).wait_for(timeout=180_000)
             page.get_by_text("Model card preview").wait_for()
             page.screenshot(path=str(SCREENSHOT_DIR / "app-package.png"), full_page=True)
             browser.close()

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from kstory import atomic
+from kstory.core import atomic
 from kstory.cli import main
-from kstory.config import load_config
-from kstory.errors import KstoryError
-from kstory.rundir import RunDir, fingerprint, move_to_history, read_stamp, write_stamp
+from kstory.core.config import load_config
+from kstory.core.errors import KstoryError
+from kstory.core.rundir import RunDir, fingerprint, move_to_history, read_stamp, write_stamp
 
 
 def write(path: Path, text: str) -> Path:
@@ -113,7 +113,7 @@ def test_cli_prints_user_errors_without_traceback(tmp_path: Path, capsys: pytest
 
 def test_cli_help_explains_every_command() -> None:
     out = subprocess.run([sys.executable, "-m", "kstory.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("demo", "run", "prep", "train", "story", "reroll", "score", "package", "verify", "upload", "app", "model", "doctor"):
+    for command in ("demo", "run", "prep", "train", "story", "reroll", "score", "package", "verify", "upload", "app", "model", "status", "doctor"):
         assert f"    {command}" in out
     assert "runs/<name>/" in out
 
@@ -140,7 +140,7 @@ def test_atomic_files_get_ordinary_permissions(tmp_path: Path) -> None:
 
 
 def test_unknown_tiny_controlnet_name_is_a_clear_error() -> None:
-    from kstory.stages import controlnet_paths
+    from kstory.cli.stages import controlnet_paths
 
     with pytest.raises(KstoryError, match="no tiny ControlNet named openpose") as caught:
         controlnet_paths({"openpose": "tiny"}, None)
@@ -149,7 +149,7 @@ def test_unknown_tiny_controlnet_name_is_a_clear_error() -> None:
 
 def _readme_run(root: Path) -> Path:
     """runs/mine/kstory.yaml with story.yaml (and its canny picture) and a small source folder beside it."""
-    from story import make_demo_spec
+    from kstory.story import make_demo_spec
 
     run = root / "runs" / "mine"
     make_demo_spec(run / "story.yaml", "kstyle")
@@ -159,7 +159,7 @@ def _readme_run(root: Path) -> Path:
 
 
 def _digests(config_path: Path) -> dict[str, str]:
-    from kstory.stages import STAGES, run_digest
+    from kstory.cli.stages import STAGES, run_digest
 
     config = load_config(config_path)
     run = RunDir(config.run_dir)

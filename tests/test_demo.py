@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from kstory.cli import main
-from kstory.rundir import read_stamp
+from kstory.core.rundir import read_stamp
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from kstory.config import load_config
+from kstory.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,16 +11,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from kstory import atomic
+from kstory.core import atomic
 from kstory.cli import EXIT_USER_ERROR, build_parser, main, parse_frames
-from kstory.config import load_config
-from kstory.errors import KstoryError
-from kstory.logs import get_logger, log_to_file, setup_console
-from kstory.oserrors import os_fault
-from kstory.seeds import SEED_LIMIT
-from story.spec import load_spec
+from kstory.core.config import load_config
+from kstory.core.errors import KstoryError
+from kstory.core.logs import get_logger, log_to_file, setup_console
+from kstory.core.oserrors import os_fault
+from kstory.core.seeds import SEED_LIMIT
+from kstory.story.spec import load_spec
 from tests.faultfs import fill, set_read_only, small_tmpfs
-from train import TrainSettings
+from kstory.train import TrainSettings
 
 LONG_NAME = "x" * 300  # over every Linux file system's 255-byte name limit
 
@@ -140,7 +140,7 @@ def test_frame_selection_takes_lists_and_ranges(capsys: pytest.CaptureFixture) -
 
 
 def test_documented_exit_statuses_match_the_code() -> None:
-    import scoring
+    import kstory.scoring as scoring
     from kstory import cli
 
     assert (cli.EXIT_USER_ERROR, cli.EXIT_GATE_FAILED, cli.EXIT_NOT_REPRODUCED) == (2, scoring.GATE_FAILED_EXIT, 4)
@@ -155,7 +155,7 @@ def test_reroll_seed_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixture
         build_parser().parse_args(["reroll", "story", "3", "--seed", "-5"])
     assert exited.value.code == EXIT_USER_ERROR
     assert "out of range" in capsys.readouterr().err
-    from story import reroll
+    from kstory.story import reroll
 
     for seed in (-1, SEED_LIMIT):  # the Python API (and the dashboard through it) checks too
         with pytest.raises(KstoryError, match=f"seed {seed} is out of range"):

@@ -15,14 +15,14 @@ import lightning as pl
 import pytest
 import torch
 
-import kstory.models.pipeline as pipeline_module
-import story
-from kstory.errors import KstoryError
-from kstory.memory import KOLORS_COUNTS, plan_memory
-from kstory.models import resolve_model
+import kstory.core.models.pipeline as pipeline_module
+import kstory.story as story
+from kstory.core.errors import KstoryError
+from kstory.core.memory import KOLORS_COUNTS, plan_memory
+from kstory.core.models import resolve_model
 from tests.test_story_generate import write_spec
 from tests.test_train import FAST, make_dataset
-from train import TrainSettings, train_lora
+from kstory.train import TrainSettings, train_lora
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,9 +48,9 @@ class LoadWatch:
             return manager
 
         monkeypatch.setattr(pipeline_module, "load_kolors_model_manager", watched)
-        import kstory.models
+        import kstory.core.models
 
-        monkeypatch.setattr(kstory.models, "load_kolors_model_manager", watched)
+        monkeypatch.setattr(kstory.core.models, "load_kolors_model_manager", watched)
 
 
 def test_training_frees_chatglm_before_the_unet_loads_and_skips_it_when_cached(tmp_path: Path, monkeypatch):
@@ -112,7 +112,7 @@ def test_cpu_profile_generates_bf16_frames_tiled_and_deterministic(tmp_path: Pat
 
 def test_float32_on_the_cpu_that_cannot_fit_is_refused_naming_the_profile_that_fits():
     """Weights sized so float32 needs 1.4x the available RAM and bf16 about 0.7x: none is refused, auto picks cpu."""
-    from kstory.memory import _TABLE, estimate, free_memory
+    from kstory.core.memory import _TABLE, estimate, free_memory
 
     available = free_memory("cpu")
     weights_only = estimate(KOLORS_COUNTS, _TABLE["none"], task="train").peak
@@ -148,8 +148,8 @@ def test_weights_converted_tensor_by_tensor_load_through_diffsynths_own_detector
     from diffsynth.models.model_manager import ModelManager
     from safetensors.torch import save_file
 
-    from kstory.models.pipeline import _load_converted
-    from kstory.models.tiny import TinyKolorsSpec, _materialise, tiny_vae_decoder, tiny_vae_encoder, vae_to_diffusers
+    from kstory.core.models.pipeline import _load_converted
+    from kstory.core.models.tiny import TinyKolorsSpec, _materialise, tiny_vae_decoder, tiny_vae_encoder, vae_to_diffusers
 
     spec = replace(TinyKolorsSpec(), vae_channels=(128, 256, 512, 512))
     with torch.device("meta"):

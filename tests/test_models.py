@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -14,18 +15,21 @@ import kstory  # noqa: F401  (before anything that imports torchvision/diffsynth
 import numpy as np
 import pytest
 import torch
+from diffsynth.configs.model_config import model_loader_configs
+from diffsynth.models.model_manager import ModelDetectorFromSingleFile
 from diffsynth.models.sdxl_unet import SDXLUNet
+from diffsynth.models.utils import hash_state_dict_keys
 from diffsynth.models.sdxl_vae_decoder import SDXLVAEDecoder
 from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
 from diffsynth.prompters import KolorsPrompter
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from kstory.errors import KstoryError
-from kstory.models import resolve_model
-from kstory.models.pipeline import kolors_models, load_kolors_model_manager, load_kolors_pipeline
-from kstory.models.resolve import default_cache_dir
-from kstory.models.tiny import (
+from kstory.core.errors import KstoryError
+from kstory.core.models import resolve_model
+from kstory.core.models.pipeline import kolors_models, load_kolors_model_manager, load_kolors_pipeline
+from kstory.core.models.resolve import default_cache_dir
+from kstory.core.models.tiny import (
     TinyKolorsSpec,
     build_tiny_kolors,
     from_diffusers,
@@ -228,7 +232,7 @@ def test_a_fine_tune_with_the_same_size_and_ends_gets_another_fingerprint(tiny, 
 
 
 def test_fingerprint_of_a_large_file_reads_sampled_pages_only(tmp_path: Path) -> None:
-    from kstory.hashing import PAGE_BYTES, PAGES, page_offsets, sampled_digest
+    from kstory.core.hashing import PAGE_BYTES, PAGES, page_offsets, sampled_digest
 
     big = tmp_path / "shard.bin"
     with open(big, "wb") as handle:
@@ -338,3 +342,225 @@ def test_default_cache_dir_follows_kstory_cache(monkeypatch: pytest.MonkeyPatch,
     assert default_cache_dir() == tmp_path
     monkeypatch.delenv("KSTORY_CACHE")
     assert default_cache_dir() == Path.home() / ".cache" / "kstory"
+
+
+# --- published layouts ------------------------------------------------------------
+
+LAYOUT_FILES = {
+    "official": [
+        *(f"text_encoder/pytorch_model-{i:05d}-of-00007.bin" for i in range(1, 8)),
+        "text_encoder/pytorch_model.bin.index.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ],
+    "diffusers": [
+        *(f"text_encoder/model.fp16-{i:05d}-of-00003.safetensors" for i in range(1, 4)),
+        "text_encoder/model.safetensors.index.fp16.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ],
+    "single": LAYOUT[1:4],
+}
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("layouts")
+    return {layout: build_tiny_kolors(root / layout, layout=layout) for layout in LAYOUT_FILES}
+
+
+def _written_tensors(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every tensor as written, read back with the plain libraries, keyed as the loaded models name them."""
+    text: dict[str, torch.Tensor] = {}
+    for path in sorted((root / "text_encoder").iterdir()):
+        if path.suffix == ".safetensors":
+            text.update(load_file(path))
+        elif path.suffix == ".bin":
+            text.update(torch.load(path, weights_only=True))
+    text = {k.removeprefix("transformer."): v for k, v in text.items()}
+    unet_file = next((root / "unet").glob("*.safetensors"))
+    vae_file = next((root / "vae").glob("*.safetensors"))
+    spec = TinyKolorsSpec()
+    with torch.device("meta"):
+        unet, encoder, decoder = tiny_unet(spec)[0], tiny_vae_encoder(spec)[0], tiny_vae_decoder(spec)[0]
+    vae = load_file(vae_file)
+    return {
+        "text_encoder": text,
+        "unet": from_diffusers(unet, load_file(unet_file))[0],
+        "vae_encoder": from_diffusers(encoder, vae)[0],
+        "vae_decoder": from_diffusers(decoder, vae)[0],
+    }
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_FILES))
+def test_each_published_layout_resolves_and_loads_what_was_written(layouts, layout: str) -> None:
+    root = layouts[layout]
+    written = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert written == sorted([*LAYOUT_FILES[layout], "text_encoder/config.json", "kstory_tiny.json"])
+    weights = resolve_model(str(root))
+    half = "float32" if layout == "single" else "float16"  # read from the tensors, whatever the file names say
+    assert (weights.text_encoder_dtype, weights.unet_dtype, weights.vae_dtype) == (half, half, half)
+    assert weights.text_encoder_variant == ("fp16" if layout == "diffusers" else None)
+    assert weights.unet == root.resolve() / LAYOUT_FILES[layout][-2]
+
+    models = kolors_models(load_kolors_model_manager(weights))
+    expected = _written_tensors(root)
+    for part, tensors in expected.items():
+        loaded = getattr(models, part).state_dict()
+        assert loaded.keys() == tensors.keys(), part
+        for key, tensor in tensors.items():
+            assert torch.equal(loaded[key], tensor.to(loaded[key].dtype)), f"{part}: {key}"
+    if layout != "single":
+        assert all(t.dtype == torch.float16 for part in expected.values() for t in part.values())
+
+
+def test_a_published_layout_generates(layouts) -> None:
+    pipe = load_kolors_pipeline(resolve_model(str(layouts["diffusers"])))
+    image = _generate(pipe, seed=1)
+    assert image.shape == (64, 64, 3) and image.std() > 0
+
+
+def test_official_shards_are_torch_zip_pickles_with_an_index(layouts) -> None:
+    folder = layouts["official"] / "text_encoder"
+    index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
+    shard_names = [name.removeprefix("text_encoder/") for name in LAYOUT_FILES["official"][:7]]
+    assert sorted(set(index["weight_map"].values())) == shard_names and all(
+        key.startswith("transformer.") for key in index["weight_map"]
+    )
+    sizes = 0
+    for i in range(1, 8):
+        shard = torch.load(folder / f"pytorch_model-{i:05d}-of-00007.bin", weights_only=True)
+        assert shard and all(index["weight_map"][key] == f"pytorch_model-{i:05d}-of-00007.bin" for key in shard)
+        sizes += sum(t.numel() * t.element_size() for t in shard.values())
+    assert index["metadata"]["total_size"] == sizes
+
+
+# --- half downloads -----------------------------------------------------------------
+
+
+def _layout_copy(layouts, layout: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(layouts[layout], tmp_path / layout))
+
+
+def _truncate(path: Path, keep: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(keep)
+
+
+@pytest.mark.parametrize("layout", ["official", "diffusers"])
+def test_a_missing_shard_is_named(layouts, tmp_path: Path, layout: str) -> None:
+    root = _layout_copy(layouts, layout, tmp_path)
+    shard = root / LAYOUT_FILES[layout][1]
+    shard.unlink()
+    with pytest.raises(KstoryError, match="missing text encoder shard") as caught:
+        resolve_model(str(root))
+    assert caught.value.path == shard.resolve()
+
+
+@pytest.mark.parametrize("layout", ["official", "diffusers"])
+def test_shards_without_their_index_name_the_index(layouts, tmp_path: Path, layout: str) -> None:
+    root = _layout_copy(layouts, layout, tmp_path)
+    index = root / next(name for name in LAYOUT_FILES[layout] if name.endswith(".json"))
+    index.unlink()
+    with pytest.raises(KstoryError, match="without the index") as caught:
+        resolve_model(str(root))
+    assert caught.value.path == index.resolve()
+
+
+def test_an_index_naming_a_file_that_is_not_there_is_named(layouts, tmp_path: Path) -> None:
+    root = _layout_copy(layouts, "diffusers", tmp_path)
+    index_path = root / "text_encoder/model.safetensors.index.fp16.json"
+    index = json.loads(index_path.read_text())
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = "model.fp16-00004-of-00004.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(KstoryError, match="listed in the index") as caught:
+        resolve_model(str(root))
+    assert caught.value.path == root.resolve() / "text_encoder/model.fp16-00004-of-00004.safetensors"
+
+
+@pytest.mark.parametrize(
+    "relative", ["unet/diffusion_pytorch_model.fp16.safetensors", "text_encoder/model.fp16-00002-of-00003.safetensors"]
+)
+@pytest.mark.parametrize("cut", ["data", "header"])
+def test_a_truncated_safetensors_file_is_named(layouts, tmp_path: Path, relative: str, cut: str) -> None:
+    root = _layout_copy(layouts, "diffusers", tmp_path)
+    path = root / relative
+    _truncate(path, path.stat().st_size - 1000 if cut == "data" else 100)
+    with pytest.raises(KstoryError, match="truncated safetensors") as caught:
+        resolve_model(str(root))
+    assert caught.value.path == path.resolve() and "download" in caught.value.fix
+
+
+def test_a_truncated_bin_shard_is_named(layouts, tmp_path: Path) -> None:
+    root = _layout_copy(layouts, "official", tmp_path)
+    shard = root / "text_encoder/pytorch_model-00001-of-00007.bin"
+    _truncate(shard, shard.stat().st_size // 2)
+    with pytest.raises(KstoryError, match="truncated .bin") as caught:
+        resolve_model(str(root))
+    assert caught.value.path == shard.resolve() and "download" in caught.value.fix
+
+
+def test_safetensors_with_bytes_beyond_its_header_are_refused(layouts, tmp_path: Path) -> None:
+    root = _layout_copy(layouts, "official", tmp_path)
+    vae = root / "vae/diffusion_pytorch_model.safetensors"
+    with open(vae, "ab") as handle:
+        handle.write(b"\0" * 64)
+    with pytest.raises(KstoryError, match="more than its header") as caught:
+        resolve_model(str(root))
+    assert caught.value.path == vae.resolve()
+
+
+# --- full-size random weights ---------------------------------------------------------
+
+
+def test_random_full_matches_the_real_sizes_and_shards() -> None:
+    """On the meta device: the real key set, 12.49 GB of ChatGLM cut into the published 7 shards, a 5.16 GB UNet."""
+    from kstory.core.models.random_full import kolors_entries
+    from kstory.core.models.writers import TRANSFORMERS_MAX_SHARD_BYTES, plan_shards
+
+    parts = kolors_entries()
+    totals = {part: sum(entry.nbytes for entry in entries) for part, (entries, _) in parts.items()}
+    assert totals == {"text_encoder": 12_487_168_064, "unet": 5_158_917_640, "vae": 167_307_726}
+    shards = plan_shards(parts["text_encoder"][0], 7, TRANSFORMERS_MAX_SHARD_BYTES)
+    assert [round(sum(e.nbytes for e in shard) / 1e9, 2) for shard in shards] == [1.83, 1.97, 1.93, 1.82, 1.97, 1.93, 1.05]
+    with torch.device("meta"):
+        unet, encoder = SDXLUNet(is_kolors=True), SDXLVAEEncoder()
+    unet_keys = from_diffusers(unet, {e.name: torch.empty(e.shape, device="meta") for e in parts["unet"][0]})[0]
+    assert {k: v.shape for k, v in unet_keys.items()} == {k: v.shape for k, v in unet.state_dict().items()}
+    vae_keys = from_diffusers(encoder, {e.name: torch.empty(e.shape, device="meta") for e in parts["vae"][0]})[0]
+    assert vae_keys.keys() == encoder.state_dict().keys()
+    # DiffSynth's ModelManager recognises files by a hash of their keys and shapes: these are Kolors' own.
+    detector = ModelDetectorFromSingleFile(model_loader_configs)
+    for part, names in (("unet", ["sdxl_unet"]), ("vae", ["sdxl_vae_encoder", "sdxl_vae_decoder"])):
+        keys = {e.name: torch.empty(e.shape, device="meta") for e in parts[part][0]}
+        assert detector.keys_hash_with_shape_dict[hash_state_dict_keys(keys, with_shape=True)][0] == names
+
+
+def test_random_full_at_reduced_size_writes_the_official_layout_and_runs(tmp_path: Path) -> None:
+    from kstory.core.models.random_full import MARKER, STD, write_random_kolors
+
+    spec = TinyKolorsSpec(text_layers=3)
+    root = write_random_kolors(tmp_path / "random", spec=spec, seed=3)
+    written = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert written == sorted([*LAYOUT_FILES["official"], "text_encoder/config.json", MARKER])
+    weights = resolve_model(str(root))
+    assert (weights.text_encoder_dtype, weights.unet_dtype, weights.vae_dtype) == ("float16",) * 3
+    text = _written_tensors(root)["text_encoder"]
+    assert torch.equal(text["encoder.layers.0.input_layernorm.weight"], torch.ones(spec.text_hidden_size, dtype=torch.float16))
+    assert abs(text["encoder.layers.0.mlp.dense_h_to_4h.weight"].float().std().item() - STD) < 0.002
+    again = write_random_kolors(tmp_path / "again", spec=spec, seed=3)
+    assert (again / LAYOUT_FILES["official"][-2]).read_bytes() == (root / LAYOUT_FILES["official"][-2]).read_bytes()
+
+    # At tiny widths DiffSynth cannot detect the UNet by its keys; mark it as a tiny build to load it.
+    (root / "kstory_tiny.json").write_text(json.dumps({"spec": spec.to_json()}))
+    image = _generate(load_kolors_pipeline(resolve_model(str(root))), seed=0)
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_cli_random_full_refuses_an_existing_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from kstory.cli import main
+
+    assert main(["model", "random-full", str(tmp_path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["model", "random-full"]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -14,10 +15,10 @@ import yaml
 from PIL import Image
 
 import kstory  # noqa: F401  (installs the torchvision fix before Data-Juicer imports it)
-from data_prep import prep
-from data_prep.recipe import DEFAULT_RECIPE
-from data_prep.synthetic import BIDI_WRAP, DEFECTS, DUPLICATE_OF, KEPT_FAITHFULLY, clean_name, make_style_dataset
-from kstory.errors import KstoryError
+from kstory.prep import prep
+from kstory.prep.recipe import DEFAULT_RECIPE
+from kstory.prep.synthetic import BIDI_WRAP, DEFECTS, DUPLICATE_OF, KEPT_FAITHFULLY, clean_name, make_style_dataset
+from kstory.core.errors import KstoryError
 
 N_CLEAN = 6
 TRIGGER = "kst style"
@@ -150,8 +151,8 @@ def test_16_bit_pictures_train_as_what_they_show(run, dataset: Path) -> None:
     """Scaled to 8 bits, never clamped to white; the grey one is re-encoded so any trainer reads it right."""
     import cv2
 
-    from kstory.images import to_rgb8
-    from train.cache import open_rgb
+    from kstory.core.images import to_rgb8
+    from kstory.train.cache import open_rgb
 
     result, report = run
     entries = by_id(report)
@@ -212,6 +213,16 @@ def test_refuses_a_previous_run_without_overwrite_and_changes_nothing(run, datas
     assert "--overwrite" in error.value.fix
     assert snapshot(result.out) == old
     assert not [path for path in result.out.parent.iterdir() if path.name.startswith(".")]
+
+
+def test_the_same_prep_again_is_a_no_op_that_says_so(run, dataset: Path, caplog: pytest.LogCaptureFixture) -> None:
+    result, _ = run
+    old = snapshot(result.out)
+    caplog.set_level(logging.INFO, logger="kstory")
+    again = prep(dataset, result.out, trigger_word=TRIGGER, num_proc=1, show_progress=False)  # num_proc: same output
+    assert (again.kept, again.dropped, again.dropped_by) == (result.kept, result.dropped, result.dropped_by)
+    assert snapshot(result.out) == old
+    assert "nothing to do" in caplog.text
 
 
 def test_overwrite_replaces_the_run_as_a_whole(dataset: Path, tmp_path: Path) -> None:

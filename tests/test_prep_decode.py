@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import kstory  # noqa: F401  (installs the torchvision fix before Data-Juicer imports it)
-from data_prep.sources import Sample
-from data_prep.synthetic import make_style_dataset
-from data_prep.validate import check_sample, decode_like_data_juicer
+from kstory.prep.sources import Sample
+from kstory.prep.synthetic import make_style_dataset
+from kstory.prep.validate import check_sample, decode_like_data_juicer
 
 EXIF_ORIENTATION = 0x0112
 
@@ -120,9 +120,9 @@ def test_parallel_pre_check_after_opencv_used_its_threads(tmp_path: Path) -> Non
     """Forked workers must not wait on OpenCV threads that only exist in this process."""
     import cv2
 
-    from data_prep.validate import check_samples, measuring_ops
-    from data_prep.recipe import load_recipe
-    from data_prep.sources import scan_folder
+    from kstory.prep.validate import check_samples, measuring_ops
+    from kstory.prep.recipe import load_recipe
+    from kstory.prep.sources import scan_folder
 
     threads = cv2.getNumThreads()
     cv2.setNumThreads(2)

@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 
 import kstory  # noqa: F401  (installs the torchvision fix before Data-Juicer imports it)
-from data_prep import prep
-from data_prep.layout import check_out, with_trigger
-from data_prep.recipe import load_recipe, no_auto_install
-from data_prep.sources import is_modelscope_id, scan_folder
-from data_prep.synthetic import make_style_dataset
-from data_prep.validate import check_sample, check_samples
-from kstory.errors import KstoryError
+from kstory.prep import prep
+from kstory.prep.layout import check_out, with_trigger
+from kstory.prep.recipe import load_recipe, no_auto_install
+from kstory.prep.sources import is_modelscope_id, scan_folder
+from kstory.prep.synthetic import make_style_dataset
+from kstory.prep.validate import check_sample, check_samples
+from kstory.core.errors import KstoryError
 
 
 def picture(path: Path, size: tuple[int, int] = (64, 48), fmt: str = "PNG") -> Path:
@@ -109,7 +109,7 @@ def test_pre_checks_catch_bad_files_even_after_data_juicer_relaxes_pillow(tmp_pa
 
 
 def test_missing_and_empty_captions(tmp_path: Path) -> None:
-    from data_prep.sources import Sample
+    from kstory.prep.sources import Sample
 
     path = picture(tmp_path / "a.png")
     assert check_sample(Sample("a.png", path, None), [], max_pixels=10**8).reason == "missing_caption"
@@ -142,8 +142,7 @@ def test_unknown_op_and_missing_dependency_are_refused_before_running(
     message = str(wrong.value)
     assert "'min_width' expects type 'int'" in message and "'min_hieght'" in message and "min_height" in message
     assert str(recipe) in message
-    import data_prep.recipe as recipe_module
-
+    import kstory.prep.recipe as recipe_module
     real_find_spec = recipe_module.importlib.util.find_spec
     monkeypatch.setattr(
         recipe_module.importlib.util, "find_spec", lambda name: None if name == "selectolax" else real_find_spec(name)
@@ -319,13 +318,13 @@ def test_quoted_captions_over_several_lines_are_still_fine(tmp_path: Path) -> No
     ],
 )
 def test_captions_are_normalised_and_the_changes_listed(raw: str, clean: str, changes: list[str]) -> None:
-    from data_prep.captions import normalise_caption
+    from kstory.prep.captions import normalise_caption
 
     assert normalise_caption(raw) == (clean, changes)
 
 
 def test_a_caption_of_invisible_characters_is_empty(tmp_path: Path) -> None:
-    from data_prep.sources import Sample
+    from kstory.prep.sources import Sample
 
     path = picture(tmp_path / "a.png")
     check = check_sample(Sample("a.png", path, "\u202e\ufeff\u200f"), [], max_pixels=10**8)
@@ -341,7 +340,7 @@ def test_a_deep_dataset_picture_is_exported_as_it_is(tmp_path: Path) -> None:
     """A ModelScope dataset's 16-bit picture reaches the pre-check unclamped (it scales and reports it)."""
     import numpy as np
 
-    from data_prep.sources import export_picture
+    from kstory.prep.sources import export_picture
 
     deep = Image.fromarray(np.array([[0, 25700, 65535]], dtype=np.uint16))
     assert export_picture(deep, tmp_path, 3) == "000003.tif"

@@ -12,8 +12,8 @@ import yaml
 from PIL import Image
 
 from kstory.cli import main
-from kstory.rundir import read_stamp
-from kstory.runner import run_config
+from kstory.core.rundir import read_stamp
+from kstory.cli.runner import run_config
 
 STAGES = ["prep", "train", "story", "score"]
 
@@ -107,7 +107,7 @@ def test_more_steps_continue_and_fewer_stop_keeping_checkpoints(readme_run: Path
     assert _lora_history(readme_run) == []
     log = (readme_run / "kstory.log").read_text(encoding="utf-8")
     assert "later checkpoints are kept" in log and "continuing the finished output" in log
-    from train.lora_io import read_lora
+    from kstory.train.lora_io import read_lora
 
     assert read_lora(lora / "lora.safetensors")[1]["kstory.step"] == "8"
 

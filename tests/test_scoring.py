@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import scoring
-from kstory.errors import KstoryError
-from scoring import GATE_FAILED_EXIT, PASS_EXIT, exit_status, load_prompts, render_table, score_images
-from scoring.report import ImageScore, summarise
-from scoring.tiny import TINY_MARKER, cached_tiny
+import kstory.scoring as scoring
+from kstory.core.errors import KstoryError
+from kstory.scoring import GATE_FAILED_EXIT, PASS_EXIT, exit_status, load_prompts, render_table, score_images
+from kstory.scoring.report import ImageScore, summarise
+from kstory.scoring.tiny import TINY_MARKER, cached_tiny
 
 
 def _frame(rng: np.random.Generator, size=(256, 256)) -> Image.Image:

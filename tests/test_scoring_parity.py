@@ -19,9 +19,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPProcessor
 
-from kstory.atomic import write_json
-from scoring import score_images
-from scoring.tiny import TINY_OPEN_CLIP, build_tiny_aesthetic_model, write_open_clip_model
+from kstory.core.atomic import write_json
+from kstory.scoring import score_images
+from kstory.scoring.tiny import TINY_OPEN_CLIP, build_tiny_aesthetic_model, write_open_clip_model
 
 TOLERANCE = 1e-4
 
@@ -84,7 +84,7 @@ def test_matches_the_organisers_loop_in_batches(predictor_dir: Path, frames: Pat
 
 def test_a_full_width_predictor_of_another_size_loads(tmp_path: Path, frames: Path):
     """Any CLIP width in the same format: here 3 layers, 48 wide, 24-d projection."""
-    from scoring.tiny import write_aesthetic_model
+    from kstory.scoring.tiny import write_aesthetic_model
 
     folder = write_aesthetic_model(tmp_path / "other", dict(
         hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3,
@@ -188,7 +188,7 @@ def test_plain_gelu_drifts_which_is_why_quick_gelu_is_forced(laion_form, square_
 
 
 def test_clip_t_and_clip_i_match_open_clip(square_frames: Path, tmp_path: Path):
-    from scoring.tiny import build_tiny_clip_model
+    from kstory.scoring.tiny import build_tiny_clip_model
 
     clip_dir = build_tiny_clip_model(tmp_path / "clip", seed=5)
     prompts = {"frame_0.png": "a watercolour fox", "frame_2.png": "a city at night, ink"}

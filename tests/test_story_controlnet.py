@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kstory.errors import KstoryError
-from story.controlnet_kolors import WEIGHTS_NAME, KolorsControlNetConfig, load_kolors_controlnet
-from story.controlnet_union import load_union_controlnet
-from story.controlnets import identify
-from story.tiny import build_tiny_controlnets, tiny_kolors_controlnet_config
+from kstory.core.errors import KstoryError
+from kstory.story.controlnet_kolors import WEIGHTS_NAME, KolorsControlNetConfig, load_kolors_controlnet
+from kstory.story.controlnet_union import load_union_controlnet
+from kstory.story.controlnets import identify
+from kstory.story.tiny import build_tiny_controlnets, tiny_kolors_controlnet_config
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -17,10 +17,10 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-import story
-from kstory.errors import KstoryError
-from story.generate import Session
-from train import TrainSettings, read_lora, train_lora
+import kstory.story as story
+from kstory.core.errors import KstoryError
+from kstory.story.generate import Session
+from kstory.train import TrainSettings, read_lora, train_lora
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -210,10 +210,10 @@ def test_session_frames_match_diffsynths_own_pipeline_call(controlnets):
     """The batched loop is DiffSynth's Kolors sampling: same frame as ``SDXLImagePipeline.__call__`` with the ControlNet."""
     from diffsynth.controlnets import Annotator, ControlNetUnit, MultiControlNetManager
 
-    from kstory.models import load_kolors_pipeline, resolve_model
-    from story.controlnets import identify
-    from story.generate import FramePlan, GuidePlan, batches
-    from story.guides.pose import render_library_pose
+    from kstory.core.models import load_kolors_pipeline, resolve_model
+    from kstory.story.controlnets import identify
+    from kstory.story.generate import FramePlan, GuidePlan, batches
+    from kstory.story.guides.pose import render_library_pose
 
     pose = identify("pose", controlnets["pose"])
     session = Session.load(resolve_model("tiny"), lora=None, lora_scale=None, controlnets={"pose": pose},

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from kstory.errors import KstoryError
-from story.guides.canny import canny_edges
-from story.guides.pose import BODY_COLOURS, draw_openpose, render_keypoints, render_library_pose
-from story.guides.pose_library import library_pose, pose_names
-from story.guides.render import render_guide
-from story.spec import CannyGuide, DepthGuide, ImageGuide, Keypoints, PoseGuide
+from kstory.core.errors import KstoryError
+from kstory.story.guides.canny import canny_edges
+from kstory.story.guides.pose import BODY_COLOURS, draw_openpose, render_keypoints, render_library_pose
+from kstory.story.guides.pose_library import library_pose, pose_names
+from kstory.story.guides.render import render_guide
+from kstory.story.spec import CannyGuide, DepthGuide, ImageGuide, Keypoints, PoseGuide
 
 
 def test_library_has_enough_poses_for_a_story():

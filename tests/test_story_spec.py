@@ -7,8 +7,8 @@ import re
 import pytest
 import yaml
 
-from kstory.errors import KstoryError
-from story.spec import load_spec
+from kstory.core.errors import KstoryError
+from kstory.story.spec import load_spec
 
 
 def write_spec(path, items, **top):

@@ -10,14 +10,14 @@ import torch
 from safetensors import safe_open
 
 import kstory  # noqa: F401
-from kstory.errors import KstoryError
-from kstory.models import resolve_model
-from submissions import export_lora
-from submissions.lora_export import (
+from kstory.core.errors import KstoryError
+from kstory.core.models import resolve_model
+from kstory.submissions import export_lora
+from kstory.submissions.lora_export import (
     diffusers_to_diffsynth, kohya_to_diffsynth, read_safetensors, sdxl_block_prefixes,
 )
-from submissions.parity import export_parity
-from train.lora_io import build_metadata, inject_lora, lora_state_dict, save_lora
+from kstory.submissions.parity import export_parity
+from kstory.train.lora_io import build_metadata, inject_lora, lora_state_dict, save_lora
 
 RANK, ALPHA = 4, 3.0  # alpha != rank, so a lost alpha would show
 
@@ -30,7 +30,7 @@ def weights():
 @pytest.fixture(scope="module")
 def lora(weights, tmp_path_factory) -> Path:
     """A kstory LoRA on the tiny UNet with random (non-zero) A and B factors."""
-    from kstory.models.tiny import load_tiny_models
+    from kstory.core.models.tiny import load_tiny_models
 
     unet = load_tiny_models(weights)["sdxl_unet"]
     inject_lora(unet, RANK, ALPHA, ["to_q", "to_k", "to_v", "to_out"], seed=0)
@@ -55,7 +55,7 @@ def _keys(path: Path) -> list[str]:
 def test_block_table_matches_diffsynth_kolors_and_tiny_unet():
     from diffsynth.models.sdxl_unet import SDXLUNet
 
-    from kstory.models.tiny import TinyKolorsSpec, tiny_unet
+    from kstory.core.models.tiny import TinyKolorsSpec, tiny_unet
 
     with torch.device("meta"):
         tiny, prefixes = tiny_unet(TinyKolorsSpec())
@@ -65,7 +65,7 @@ def test_block_table_matches_diffsynth_kolors_and_tiny_unet():
 
 
 def test_every_tensor_in_every_export_and_lossless_round_trip(lora, exports):
-    from train import read_lora
+    from kstory.train import read_lora
 
     state, _ = read_lora(lora)
     assert set(exports) == {"diffsynth", "diffusers", "kohya"}

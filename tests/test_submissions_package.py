@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 import kstory  # noqa: F401
-from kstory.errors import KstoryError
-from submissions import build_package, validate_model_name, verify_package
-from submissions.naming import MIDDLE
-from submissions.package import PACKAGE_FILE, check_files
+from kstory.core.errors import KstoryError
+from kstory.submissions import build_package, validate_model_name, verify_package
+from kstory.submissions.naming import MIDDLE
+from kstory.submissions.package import PACKAGE_FILE, check_files
 
 TEAM, SUFFIX = "kteam", "watercolour-fox"
 
@@ -28,12 +28,12 @@ def make_quick_run(run: Path) -> Path:
     """
     import torch
 
-    from kstory.demo import DEMO_TRIGGER
-    from kstory.models import resolve_model
-    from kstory.models.tiny import load_tiny_models
-    from scoring import score_images
-    from story import build_tiny_controlnets, generate_story, make_demo_spec
-    from train.lora_io import build_metadata, inject_lora, lora_state_dict, save_lora
+    from kstory.cli.demo import DEMO_TRIGGER
+    from kstory.core.models import resolve_model
+    from kstory.core.models.tiny import load_tiny_models
+    from kstory.scoring import score_images
+    from kstory.story import build_tiny_controlnets, generate_story, make_demo_spec
+    from kstory.train.lora_io import build_metadata, inject_lora, lora_state_dict, save_lora
 
     weights = resolve_model("tiny")
     unet = load_tiny_models(weights)["sdxl_unet"]
@@ -60,7 +60,7 @@ def demo(tmp_path_factory) -> Path:
     """Set KSTORY_FULL_DEMO=1 to package a complete ``run_demo`` run instead (minutes on a small CPU)."""
     run = tmp_path_factory.mktemp("runs") / "demo"
     if os.environ.get("KSTORY_FULL_DEMO") == "1":
-        from kstory.demo import run_demo
+        from kstory.cli.demo import run_demo
 
         run_demo(run)
         return run
@@ -69,8 +69,8 @@ def demo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def package(demo) -> Path:
-    # The tiny scorer has random weights, so the demo's gate fails: packaging needs the override.
-    return build_package(demo, team=TEAM, suffix=SUFFIX, allow_failed_gate=True)
+    # Tiny random-weight models: a test artefact whose gate fails, so packaging needs both overrides.
+    return build_package(demo, team=TEAM, suffix=SUFFIX, allow_failed_gate=True, allow_test_model=True)
 
 
 def _copy_run(demo: Path, target: Path) -> Path:
@@ -93,8 +93,10 @@ def test_package_is_a_modelscope_model_repo(package: Path, demo: Path):
     assert len(list((package / "guides").glob("*.png"))) == 8
     readme = (package / "README.md").read_text(encoding="utf-8")
     front = readme.split("---")[1]
-    for needle in ("frameworks:", "license:", "tags:", "- text-to-image-synthesis", "- Kwai-Kolors/Kolors"):
+    for needle in ("frameworks:", "license:", "tags:", "- text-to-image-synthesis", '- "kstory/tiny-kolors@'):
         assert needle in front, needle
+    assert "Kwai-Kolors/Kolors" not in front and "test-artefact" in front
+    assert "TEST ARTEFACT: this is not a Kolors LoRA" in readme
     assert "kstory style" in readme and "lora_alpha=" in readme and "KolorsImagePipeline" in readme
     manifest = json.loads((package / "manifest.json").read_text())
     table = [line for line in readme.splitlines() if line.startswith("| ") and "frames/" in line]
@@ -103,6 +105,8 @@ def test_package_is_a_modelscope_model_repo(package: Path, demo: Path):
         assert str(frame["seed"]) in line and frame["frame_prompt"] in line
     config = json.loads((package / "configuration.json").read_text())
     assert config["task"] == "text-to-image-synthesis"
+    assert config["test_artefact"] is True and config["base_model"].startswith("kstory/tiny-kolors@")
+    assert any("random-weight" in reason for reason in config["test_reasons"])
     index = json.loads((package / PACKAGE_FILE).read_text())
     assert index["model_name"] == f"{TEAM}-{MIDDLE}-{SUFFIX}"
     assert f"{TEAM}-{MIDDLE}-{SUFFIX}" in (package / "forum_post.md").read_text(encoding="utf-8").splitlines()[0]
@@ -110,9 +114,9 @@ def test_package_is_a_modelscope_model_repo(package: Path, demo: Path):
 
 
 def test_packaged_lora_exports_load_in_diffusers_and_kohya_reader(package: Path):
-    from kstory.models import resolve_model
-    from submissions.lora_export import FILE_NAMES
-    from submissions.parity import export_parity
+    from kstory.core.models import resolve_model
+    from kstory.submissions.lora_export import FILE_NAMES
+    from kstory.submissions.parity import export_parity
 
     exports = {fmt: package / name for fmt, name in FILE_NAMES.items()}
     result = export_parity(package / "lora.safetensors", exports, resolve_model("tiny"))
@@ -150,24 +154,24 @@ def test_gate_failure_refuses_without_override(demo: Path, tmp_path: Path):
     scores["summary"]["gate"] = "fail"
     (run / "scores.json").write_text(json.dumps(scores))
     with pytest.raises(KstoryError, match="gate"):
-        build_package(run, team=TEAM, suffix=SUFFIX)
+        build_package(run, team=TEAM, suffix=SUFFIX, allow_test_model=True)
     assert not (run / "submission").exists()
     scores["summary"]["gate"] = "pass"
     (run / "scores.json").write_text(json.dumps(scores))
-    assert (build_package(run, team=TEAM, suffix=SUFFIX) / PACKAGE_FILE).is_file()
+    assert (build_package(run, team=TEAM, suffix=SUFFIX, allow_test_model=True) / PACKAGE_FILE).is_file()
 
 
 def test_bad_runs_are_refused(demo: Path, tmp_path: Path):
     short = _copy_run(demo, tmp_path / "short")
     (short / "story" / "frames" / "08.png").unlink()
     with pytest.raises(KstoryError, match="at least 8"):
-        build_package(short, team=TEAM, suffix=SUFFIX, allow_failed_gate=True)
+        build_package(short, team=TEAM, suffix=SUFFIX, allow_failed_gate=True, allow_test_model=True)
     no_lora = _copy_run(demo, tmp_path / "nolora")
     (no_lora / "lora" / "lora.safetensors").unlink()
     with pytest.raises(KstoryError, match="no LoRA"):
-        build_package(no_lora, team=TEAM, suffix=SUFFIX, allow_failed_gate=True)
+        build_package(no_lora, team=TEAM, suffix=SUFFIX, allow_failed_gate=True, allow_test_model=True)
     with pytest.raises(KstoryError, match="naming rule"):
-        build_package(_copy_run(demo, tmp_path / "ok"), team="bad team", suffix=SUFFIX, allow_failed_gate=True)
+        build_package(_copy_run(demo, tmp_path / "ok"), team="bad team", suffix=SUFFIX, allow_failed_gate=True, allow_test_model=True)
     assert not (tmp_path / "ok" / "submission").exists()
 
 
@@ -181,3 +185,98 @@ def test_valid_names(name: str):
 def test_invalid_names(name: str):
     with pytest.raises(KstoryError):
         validate_model_name(name)
+
+
+def test_test_artefact_is_refused_without_the_flag(demo: Path, tmp_path: Path):
+    run = _copy_run(demo, tmp_path / "tiny")
+    with pytest.raises(KstoryError, match="test artefact") as caught:
+        build_package(run, team=TEAM, suffix=SUFFIX, allow_failed_gate=True)
+    assert "--allow-test-model" in caught.value.render() and "tiny random-weight" in caught.value.render()
+    assert not (run / "submission").exists()
+
+
+def test_provenance_tells_kolors_from_test_models():
+    from kstory.submissions.provenance import provenance
+
+    kolors = {"model": {"identity": "Kwai-Kolors/Kolors", "tiny": False}, "lora": {"base_model": "Kwai-Kolors/Kolors"}}
+    real_scores = {"summary": {"models": {"aesthetic": {"identity": "challenge", "random_weights": False}}}}
+    tiny_scores = {"summary": {"models": {"aesthetic": {"identity": "kstory/tiny-aesthetic", "random_weights": True}}}}
+    assert not provenance(kolors, real_scores, "Kwai-Kolors/Kolors").is_test
+    assert provenance(kolors, real_scores, "Kwai-Kolors/Kolors").base_model == "Kwai-Kolors/Kolors"
+    scorer = provenance(kolors, tiny_scores, "Kwai-Kolors/Kolors")
+    assert scorer.is_test and "kstory/tiny-aesthetic" in scorer.reasons[0]
+    other = provenance(kolors, real_scores, "stabilityai/sdxl")
+    assert other.is_test and "stabilityai/sdxl" in other.reasons[0]
+    tiny = provenance({"model": {"identity": "kstory/tiny-kolors@abc", "tiny": True}}, real_scores, "kstory/tiny-kolors@abc")
+    assert tiny.is_test and tiny.base_model == "kstory/tiny-kolors@abc"
+
+
+def test_every_frame_must_be_scored(demo: Path, tmp_path: Path):
+    run = _copy_run(demo, tmp_path / "unscored")
+    scores = json.loads((run / "scores.json").read_text())
+    scores["images"] = [i for i in scores["images"] if Path(i["file"]).name != "05.png"]
+    (run / "scores.json").write_text(json.dumps(scores))
+    with pytest.raises(KstoryError, match="does not score frame") as caught:
+        build_package(run, team=TEAM, suffix=SUFFIX, allow_failed_gate=True, allow_test_model=True)
+    assert "scores.json" in caught.value.render() and f"kstory score {run}" in caught.value.render()
+
+
+@pytest.mark.parametrize("where", ["frame", "guide", "absolute"])
+def test_manifest_paths_cannot_leave_the_story_folder(demo: Path, tmp_path: Path, where: str):
+    run = _copy_run(demo, tmp_path / "escape")
+    manifest_path = run / "story" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    outside = tmp_path / "outside.png"
+    shutil.copyfile(run / "story" / "frames" / "01.png", outside)
+    evil = str(outside) if where == "absolute" else "../../outside.png"
+    if where == "guide":
+        manifest["frames"]["1"]["guides"][0]["file"] = evil
+    else:
+        manifest["frames"]["1"]["file"] = evil
+    manifest_path.write_text(json.dumps(manifest))
+    out = tmp_path / "pkg" / "deep" / "submission"
+    with pytest.raises(KstoryError, match="outside the story folder"):
+        build_package(run, team=TEAM, suffix=SUFFIX, out=out, allow_failed_gate=True, allow_test_model=True)
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_card_snippet_uses_the_strength_the_frames_were_made_at(demo: Path, tmp_path: Path):
+    run = _copy_run(demo, tmp_path / "scaled")
+    manifest_path = run / "story" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["lora"]["scale"], manifest["lora"]["strength"] = 0.7, 0.7  # as `kstory story --lora-scale 0.7` records
+    manifest_path.write_text(json.dumps(manifest))
+    package = build_package(run, team=TEAM, suffix=SUFFIX, allow_failed_gate=True, allow_test_model=True)
+    readme = (package / "README.md").read_text(encoding="utf-8")
+    assert 'manager.load_lora("lora.safetensors", lora_alpha=0.7)' in readme
+    assert json.loads((package / "configuration.json").read_text())["lora"]["strength"] == 0.7
+
+
+def test_score_cli_takes_a_run_or_story_folder(demo: Path, tmp_path: Path):
+    from kstory.cli import main
+
+    run = _copy_run(demo, tmp_path / "scored")
+    (run / "scores.json").unlink()
+    status = main(["score", str(run / "story"), "--aesthetic-model", "tiny", "--device", "cpu"])
+    assert status in (0, 3)  # the gate's verdict on random scores
+    scores = json.loads((run / "scores.json").read_text())
+    manifest = json.loads((run / "story" / "manifest.json").read_text())
+    assert [Path(i["file"]).name for i in scores["images"]] == [f"{k:02d}.png" for k in range(1, 9)]
+    assert all(i["prompt"] == manifest["frames"][str(n)]["prompt"] and i["clip_t"] is not None
+               for n, i in enumerate(scores["images"], 1))
+    assert "kstory score on" in (run / "kstory.log").read_text(encoding="utf-8")
+    assert main(["score", str(run), "--aesthetic-model", "tiny", "--device", "cpu"]) == status  # the run folder too
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("not an image")
+    assert main(["score", str(notes), "--aesthetic-model", "tiny", "--device", "cpu"]) == 2  # nothing to score
+
+
+def test_verify_cli_records_its_result_for_upload(package: Path, tmp_path: Path):
+    from kstory.cli import main
+    from kstory.submissions.verify_record import verify_status
+
+    copy = shutil.copytree(package, tmp_path / "submission")
+    assert verify_status(copy) == "missing"
+    assert main(["verify", str(copy), "--no-rescore"]) == 0
+    assert verify_status(copy) == "passed" and check_files(copy) == []

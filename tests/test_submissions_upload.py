@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 import kstory  # noqa: F401
-from kstory.errors import KstoryError
-from submissions import upload_package
-from submissions.naming import MIDDLE
-from submissions.package import FORMAT, PACKAGE_FILE
+from kstory.core.errors import KstoryError
+from kstory.submissions import upload_package
+from kstory.submissions.naming import MIDDLE
+from kstory.submissions.package import FORMAT, PACKAGE_FILE
 from hub_standin import StandInHub
 
 NAME = f"kteam-{MIDDLE}-fox"
@@ -40,11 +40,13 @@ def isolated(tmp_path: Path, monkeypatch) -> Path:
     return tmp_path
 
 
-def make_package(root: Path, name: str = NAME) -> Path:
+def make_package(root: Path, name: str = NAME, *, test: bool = False, gate: str = "pass") -> Path:
     """A small package with the index kstory writes (a real one takes a demo run; see test_submissions_package)."""
     files = {
         "README.md": "---\ntasks:\n- text-to-image-synthesis\n---\n# demo\n".encode(),
-        "configuration.json": b'{"framework": "Pytorch", "task": "text-to-image-synthesis"}',
+        "configuration.json": json.dumps({"framework": "Pytorch", "task": "text-to-image-synthesis",
+                                          "base_model": "Kwai-Kolors/Kolors", "test_artefact": test,
+                                          "test_reasons": ["made with the tiny model"] if test else []}).encode(),
         "lora.safetensors": secrets.token_bytes(200_000),
         "lora_kohya.safetensors": secrets.token_bytes(150_000),
         "manifest.json": b"{}",
@@ -53,7 +55,7 @@ def make_package(root: Path, name: str = NAME) -> Path:
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
-    index = {"format": FORMAT, "model_name": name,
+    index = {"format": FORMAT, "model_name": name, "gate": gate,
              "files": {rel: hashlib.sha256(data).hexdigest() for rel, data in sorted(files.items())}}
     (root / PACKAGE_FILE).write_text(json.dumps(index), encoding="utf-8")
     return root
@@ -151,3 +153,45 @@ def test_upload_refuses_bad_names_edited_packages_and_missing_token(isolated: Pa
     (package / "frames" / "03.png").write_bytes(b"edited")
     with pytest.raises(KstoryError, match="changed after packaging"):
         upload_package(package, MODEL_ID, token=token, dry_run=True)
+
+
+def test_test_artefacts_failed_gates_and_failed_verifies_need_a_flag(isolated: Path, token: str):
+    from types import SimpleNamespace
+
+    from kstory.submissions.verify_record import verify_status, write_verify_record
+
+    test = make_package(isolated / "test", test=True)
+    with pytest.raises(KstoryError, match="test artefact") as caught:
+        upload_package(test, MODEL_ID, dry_run=True)
+    assert "--allow-test-model" in caught.value.render()
+    allowed = upload_package(test, MODEL_ID, dry_run=True, allow_test_model=True)
+    assert any("test artefact" in w for w in allowed.warnings) and "warning: " in allowed.render()
+
+    failed = make_package(isolated / "failed", gate="fail")
+    with pytest.raises(KstoryError, match="gate did not pass") as caught:
+        upload_package(failed, MODEL_ID, dry_run=True)
+    assert "--allow-failed-gate" in caught.value.render()
+    assert upload_package(failed, MODEL_ID, dry_run=True, allow_failed_gate=True).warnings
+
+    package = make_package(isolated / "pkg")
+    assert verify_status(package) == "missing"
+    assert any("not been verified" in w for w in upload_package(package, MODEL_ID, dry_run=True).warnings)
+    bad = SimpleNamespace(verdict="different", passed=False, frames=[], scores_match=None)
+    write_verify_record(package, bad)
+    assert verify_status(package) == "failed"
+    with pytest.raises(KstoryError, match="failed its last `kstory verify`") as caught:
+        upload_package(package, MODEL_ID, dry_run=True)
+    assert "--allow-failed-verify" in caught.value.render()
+    good = SimpleNamespace(verdict="identical", passed=True, frames=[], scores_match=True)
+    write_verify_record(package, good)
+    assert verify_status(package) == "passed"
+    result = upload_package(package, MODEL_ID, dry_run=True)
+    assert result.warnings == [] and "verify.json" not in [path for path, _ in result.files]
+    with StandInHub(token) as hub:  # the local verify record is neither a changed file nor uploaded
+        upload_package(package, MODEL_ID, token=token, endpoint=hub.endpoint, retries=0)
+        uploaded = hub.repos[MODEL_ID].files
+        assert "verify.json" not in uploaded and "README.md" in uploaded
+    index = json.loads((package / PACKAGE_FILE).read_text())
+    index["created_at"] = "rebuilt"
+    (package / PACKAGE_FILE).write_text(json.dumps(index))
+    assert verify_status(package) == "missing"  # a record from before the last build does not count

@@ -20,21 +20,21 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from kstory.errors import KstoryError
+from kstory.core.errors import KstoryError
 from tests.faultfs import fill, small_tmpfs
-from kstory.models import load_kolors_pipeline, resolve_model
-from train import TrainSettings, load_lora_into_pipeline, train_lora
-from train.batches import step_generator
-from train.buckets import bucket_sizes, nearest_bucket
-from train.cache import build_cache
-from train.checkpoint import latest_checkpoint, list_checkpoints
-from train.dataset import read_samples
-from train.lora_io import (
+from kstory.core.models import load_kolors_pipeline, resolve_model
+from kstory.train import TrainSettings, load_lora_into_pipeline, train_lora
+from kstory.train.batches import step_generator
+from kstory.train.buckets import bucket_sizes, nearest_bucket
+from kstory.train.cache import build_cache
+from kstory.train.checkpoint import latest_checkpoint, list_checkpoints
+from kstory.train.dataset import read_samples
+from kstory.train.lora_io import (
     META_ALPHA, META_BASE, META_CONFIG, META_DIFFSYNTH_ALPHA, META_FINGERPRINT, META_KSTORY_FORMAT, META_RANK,
     META_STEP, META_TARGETS, META_TRIGGER, META_VERSION, inject_lora, load_lora_state,
 )
-from train.module import KolorsLoraModule
-from train.validation import kolors_scheduler
+from kstory.train.module import KolorsLoraModule
+from kstory.train.validation import kolors_scheduler
 
 FAST = dict(resolution=64, gradient_checkpointing=False, checkpoint_every=0, batch_size=2)
 
@@ -184,7 +184,7 @@ def test_merged_lora_reproduces_training_time_unet_and_changes_generation(traine
     torch.testing.assert_close(_unet_output(merged.unet, batch), expected, rtol=1e-4, atol=1e-5)
 
     # DiffSynth's own loader, given the recorded alpha, agrees.
-    from kstory.models.pipeline import load_kolors_model_manager
+    from kstory.core.models.pipeline import load_kolors_model_manager
     from diffsynth.pipelines.sdxl_image import SDXLImagePipeline
 
     manager = load_kolors_model_manager(weights)
@@ -269,8 +269,8 @@ def test_training_again_on_a_finished_output_is_a_no_op(trained, data: Path, cac
 
 
 def test_cache_is_keyed_by_content_and_bucket(tmp_path: Path, cache: Path):
-    from kstory.models import kolors_models, load_kolors_model_manager
-    from train.cache import Encoders, MissingCache
+    from kstory.core.models import kolors_models, load_kolors_model_manager
+    from kstory.train.cache import Encoders, MissingCache
 
     data = make_dataset(tmp_path / "data", count=2, sizes=((192, 96), (96, 96)))
     samples = read_samples(data)
@@ -295,8 +295,8 @@ def test_cache_is_keyed_by_content_and_bucket(tmp_path: Path, cache: Path):
 
 def test_a_16_bit_picture_is_cached_as_what_it_shows(tmp_path: Path, cache: Path):
     """Decoded by prep's rule: the latent of a 16-bit grey PNG is its 8-bit twin's, not a white square's."""
-    from kstory.models import kolors_models, load_kolors_model_manager
-    from train.cache import Encoders
+    from kstory.core.models import kolors_models, load_kolors_model_manager
+    from kstory.train.cache import Encoders
 
     folder = tmp_path / "data" / "train"
     folder.mkdir(parents=True)
@@ -316,7 +316,7 @@ def test_a_16_bit_picture_is_cached_as_what_it_shows(tmp_path: Path, cache: Path
 
 
 def test_pixels_without_a_white_level_are_named(tmp_path: Path):
-    from train.cache import open_rgb
+    from kstory.train.cache import open_rgb
 
     path = tmp_path / "odd.tif"
     Image.fromarray(np.array([[0.0, 300.0]], dtype=np.float32)).save(path)
@@ -326,8 +326,7 @@ def test_pixels_without_a_white_level_are_named(tmp_path: Path):
 
 
 def test_encoders_are_freed_before_the_unet_trains(tmp_path: Path, data: Path, cache: Path, monkeypatch):
-    import train.prepare as prepare_module
-
+    import kstory.train.prepare as prepare_module
     freed = []
     real_free = prepare_module.free_models
     monkeypatch.setattr(prepare_module, "free_models", lambda *models: (freed.extend(models), real_free(*models)))
@@ -464,7 +463,7 @@ def test_buckets_keep_area_and_multiples_of_64():
 
 
 def test_a_job_started_with_ctrl_c_ignored_keeps_ignoring_it() -> None:
-    from train.callbacks import RunRecorder
+    from kstory.train.callbacks import RunRecorder
 
     recorder = RunRecorder(
         accumulation=1, checkpoint_every=0, validation_every=0, total_steps=1, loss_log=None,

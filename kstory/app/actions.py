@@ -1,0 +1,133 @@
+"""The dashboard's long actions, each a call into a stage package (never stage logic of its own)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kstory.core.errors import KstoryError
+from kstory.core.rundir import RunDir
+
+
+def reroll_frame(run_root: Path, frame: str, *, seed: int | None, prompt: str | None) -> None:
+    """Regenerate one frame with ``kstory.story.reroll`` (as ``kstory reroll`` does); the manifest keeps the seed history."""
+    from kstory.story import reroll
+
+    run = RunDir(Path(run_root))
+    controlnets, cache_dir = None, None
+    if run.config.is_file():  # like `kstory run`: the config's ControlNets ('tiny' ones are rebuilt offline)
+        from kstory.core.config import load_config
+        from kstory.cli.stages import controlnet_paths
+
+        config = load_config(run.config)
+        cache_dir = config.cache_dir
+        controlnets = controlnet_paths(config.story.controlnets, cache_dir) if config.story else None
+    reroll(run.story, int(frame), seed=seed, prompt=prompt, controlnets=controlnets or None, cache_dir=cache_dir)
+
+
+def rescore(run_root: Path) -> None:
+    """Score the story again, and nothing else.
+
+    With a run config this is the config's score stage alone (``kstory run``'s
+    stamps stay true; prep, train and story are never re-run from here).
+    Without one, the frames are scored with the models ``scores.json``
+    records; with neither, it refuses rather than guess a scorer.
+    """
+    run = RunDir(Path(run_root))
+    if run.config.is_file():
+        from kstory.cli.runner import run_config
+
+        run_config(run.config, until="score", only={"score"})
+        return
+    if not run.scores.is_file():
+        raise KstoryError("this run has no config and no scores.json, so the scorer to use is unknown", path=run.root,
+                          fix="score it once with `kstory score` and the aesthetic model you want")
+    from kstory.scoring import score_images
+    from kstory.scoring.recorded import recorded_models
+
+    scores = json.loads(run.scores.read_text(encoding="utf-8"))
+    aesthetic, clip = recorded_models(scores, run.scores)
+    manifest = json.loads((run.story / "manifest.json").read_text(encoding="utf-8"))
+    frames = [run.story / f["file"] for _, f in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0]))]
+    prompts = {Path(f["file"]).name: f["prompt"] for f in manifest["frames"].values()}
+    threshold = (scores.get("summary") or {}).get("threshold", 6.0)
+    score_images(frames, aesthetic_model=aesthetic, clip_model=clip, prompts=prompts, threshold=threshold,
+                 out=run.scores)
+
+
+def build(run_root: Path, *, team: str, suffix: str, description: str, allow_failed_gate: bool,
+          allow_test_model: bool = False) -> Path:
+    """``kstory.submissions.build_package`` into ``RUN/submission``."""
+    from kstory.submissions import build_package
+
+    return build_package(Path(run_root), team=team, suffix=suffix, description=description or None,
+                         allow_failed_gate=allow_failed_gate, allow_test_model=allow_test_model)
+
+
+def upload(submission: Path, model_id: str, *, token: str, dry_run: bool, endpoint: str | None,
+           allow: dict[str, bool] | None = None) -> str:
+    """``kstory.submissions.upload_package``; returns its report. The token is only passed through, never kept.
+
+    ``allow``: the ``allow_test_model`` / ``allow_failed_gate`` / ``allow_failed_verify`` overrides the user ticked.
+    """
+    from kstory.submissions import upload_package
+
+    if not dry_run and not token.strip():
+        raise KstoryError("no ModelScope token typed", fix="paste an access token from modelscope.cn/my/myaccesstoken")
+    result: Any = upload_package(submission, model_id, token=token or None, dry_run=dry_run, endpoint=endpoint or None,
+                                 **(allow or {}))
+    text = result.render()
+    return text.replace(token, "***") if token else text
+
+
+# --- the same actions as job steps (kstory.jobs): they run in a process of their own --------------------------
+
+def _call(function: str, **kwargs: Any) -> dict[str, Any]:
+    return {"call": f"kstory.app.actions:{function}", "kwargs": kwargs}
+
+
+def reroll_steps(run_root: Path, frame: str, *, seed: int | None, prompt: str | None) -> list[dict[str, Any]]:
+    """Re-roll one frame, then score the story again."""
+    return [_call("reroll_frame", run_root=str(run_root), frame=str(frame), seed=seed, prompt=prompt),
+            _call("rescore", run_root=str(run_root))]
+
+
+def rescore_steps(run_root: Path) -> list[dict[str, Any]]:
+    return [_call("rescore", run_root=str(run_root))]
+
+
+def build_steps(run_root: Path, *, team: str, suffix: str, description: str,
+                allow_failed_gate: bool, allow_test_model: bool = False) -> list[dict[str, Any]]:
+    return [_call("build", run_root=str(run_root), team=team, suffix=suffix, description=description,
+                  allow_failed_gate=allow_failed_gate, allow_test_model=allow_test_model)]
+
+
+def verify_steps(run_root: Path) -> list[dict[str, Any]]:
+    """``kstory verify`` of RUN/submission with the run's base model, ControlNets and cache (from kstory.yaml)."""
+    run = RunDir(Path(run_root))
+    argv = ["verify", str(run.submission)]
+    if run.config.is_file():
+        from kstory.core.config import load_config
+
+        config = load_config(run.config)
+        argv += ["--model", str(config.model)]
+        for name, value in (config.story.controlnets if config.story else {}).items():
+            argv += ["--controlnet", f"{name}={value}"]
+        if config.cache_dir:
+            argv += ["--cache-dir", str(config.cache_dir)]
+    else:
+        manifest = json.loads((run.story / "manifest.json").read_text(encoding="utf-8"))
+        argv += ["--model", str((manifest.get("model") or {}).get("spec", "kolors"))]
+    return [{"argv": argv}]
+
+
+def upload_steps(submission: Path, model_id: str, *, dry_run: bool, endpoint: str | None,
+                 allow: dict[str, bool] | None = None) -> list[dict[str, Any]]:
+    """``kstory upload``; the token goes to the job in its environment ($MODELSCOPE_API_TOKEN), never here.
+
+    ``allow``: the ``allow_test_model`` / ``allow_failed_gate`` / ``allow_failed_verify`` overrides the user ticked.
+    """
+    argv = ["upload", str(submission), "--model-id", model_id]
+    argv += ["--" + name.replace("_", "-") for name, on in (allow or {}).items() if on]
+    return [{"argv": argv + (["--dry-run"] if dry_run else []) + (["--endpoint", endpoint] if endpoint else [])}]

@@ -1,0 +1,322 @@
+"""Generate story frames on DiffSynth's Kolors pipeline with the LoRA and per-frame ControlNet guides.
+
+``Session`` owns the networks, one phase at a time: it encodes every prompt
+of a story once, frees the text encoder before the UNet loads, and denoises frames
+of one size and step count together (positive and negative prompt in one
+batch) through DiffSynth's ``lets_dance_xl``, with each frame's own noise
+from its own seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffsynth.pipelines.dancer import lets_dance_xl
+from PIL import Image
+
+from kstory.core.errors import KstoryError
+from kstory.core.logs import get_logger
+from kstory.core.memory import MemoryPlan, free_models
+from kstory.core.models import KolorsWeights
+from kstory.story.controlnets import ControlNetWeights, ControlUnit, GuidedControl, load, union_task
+
+log = get_logger("story")
+SAMPLER = "ddim"  # DiffSynth's EnhancedDDIMScheduler with Kolors' beta schedule
+_VAE_TILE = 64  # DiffSynth's default tile_size for the SDXL VAE decoder, in latent pixels
+_FREE_MEMORY_FOR_TEXT_ENCODER = 16 << 30  # below this much free GPU memory, 'auto' releases the text encoder
+_OOM_FIX = (
+    "use a smaller memory profile (--memory 12gb, 8gb or cpu), lower generation.batch_size in the story spec "
+    "(1 uses the least memory), set generation.release_text_encoder: always, use smaller frames (width/height), "
+    "fewer ControlNets per frame, or a float16 dtype"
+)
+
+
+@dataclass
+class GuidePlan:
+    """One guide of one frame, ready to run: its image and its ControlNet settings."""
+
+    kind: str
+    task: str | None
+    controlnet: str
+    scale: float
+    start: float
+    end: float
+    image: Image.Image
+    file: str  # path relative to the story folder
+    source: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FramePlan:
+    """Everything that decides one frame's pixels."""
+
+    index: int
+    prompt: str
+    frame_prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    guides: list[GuidePlan] = field(default_factory=list)
+
+    def group(self) -> tuple[int, int, int]:
+        return (self.width, self.height, self.steps)
+
+
+def batches(plans: list[FramePlan], batch_size: int) -> list[list[FramePlan]]:
+    """Frames of one size and step count, in frame order, at most ``batch_size`` at a time.
+
+    A frame's pixels depend (in the last bits) on how many frames share its
+    batch, so batches are always formed from the whole story; re-rolls and
+    partial runs re-run a frame's whole batch and keep only that frame.
+    """
+    groups: dict[tuple[int, int, int], list[FramePlan]] = {}
+    for plan in plans:
+        groups.setdefault(plan.group(), []).append(plan)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str, memory: MemoryPlan | None = None) -> torch.dtype:
+    """fp16 on a GPU; on the CPU float32, or bf16 when the memory profile asks for half precision."""
+    if device.startswith("cuda"):
+        return torch.float16
+    return torch.bfloat16 if memory is not None and memory.half else torch.float32
+
+
+def recorded_memory(manifest: Mapping[str, Any]) -> MemoryPlan | None:
+    """The memory profile a story was made with (its tiled decoding and text-encoder device change pixels)."""
+    record = manifest.get("memory")
+    if not record:
+        return None
+    known = MemoryPlan.__dataclass_fields__
+    return MemoryPlan(**{k: v for k, v in record.items() if k in known})
+
+
+def text_encoder_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
+    """ChatGLM's dtype when it encodes on another device: the story's, but bf16 instead of fp16 on a CPU."""
+    return torch.bfloat16 if str(device).startswith("cpu") and dtype == torch.float16 else dtype
+
+
+class Session:
+    """Kolors for a story, one phase at a time.
+
+    ChatGLM loads, encodes every prompt of the frames to be made and is freed
+    (unless the memory profile keeps it) before the UNet, the ControlNets and
+    the merged LoRA load; the VAE decoder then decodes. The peak is the larger
+    phase, not the sum. A prompt that is new later (a re-roll) loads ChatGLM again.
+    """
+
+    def __init__(
+        self, weights: KolorsWeights, *, lora: Path | None, lora_scale: float | None,
+        controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype,
+        memory: MemoryPlan | None = None,
+    ):
+        self.weights, self.lora, self.lora_scale = weights, lora, lora_scale
+        self.controlnet_weights = dict(controlnets)
+        self.device, self.torch_dtype, self.memory = device, torch_dtype, memory
+        self.tiled_vae = bool(memory and memory.tiled_vae)
+        self.keep_text_encoder = bool(memory and memory.keep_text_encoder)
+        self.text_device = "cpu" if memory and memory.text_encoder_device == "cpu" else device
+        moved = torch.device(self.text_device).type != torch.device(device).type
+        self.text_dtype = text_encoder_dtype(self.text_device, torch_dtype) if moved else torch_dtype
+        self.controlnets: dict[str, tuple[ControlNetWeights, torch.nn.Module]] = {}
+        self.lora_info: dict[str, Any] | None = None
+        self._embeddings: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
+        self._text: tuple[Any, Any] | None = None  # (ModelManager, KolorsPrompter) while ChatGLM is loaded
+        self._pipe: Any = None
+
+    @classmethod
+    def load(
+        cls, weights: KolorsWeights, *, lora: Path | None, lora_scale: float | None,
+        controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype,
+        memory: MemoryPlan | None = None,
+    ) -> Session:
+        """A session on ``weights`` with the LoRA and the named ControlNets; each network loads in its phase."""
+        return cls(weights, lora=lora, lora_scale=lora_scale, controlnets=controlnets, device=device,
+                   torch_dtype=torch_dtype, memory=memory)
+
+    def _prompter(self) -> Any:
+        if self._text is None:
+            from diffsynth.prompters import KolorsPrompter
+
+            from kstory.core.models import load_kolors_model_manager
+
+            log.info("loading the text encoder (%s on the %s)", str(self.text_dtype).removeprefix("torch."),
+                     self.text_device)
+            manager = load_kolors_model_manager(self.weights, device=self.text_device, torch_dtype=self.text_dtype,
+                                                parts=("text_encoder",))
+            prompter = KolorsPrompter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                prompter.fetch_models(manager.fetch_model("kolors_text_encoder"))
+            self._text = (manager, prompter)
+        manager, prompter = self._text
+        prompter.text_encoder.to(self.text_device)  # back from the CPU when a re-roll brings a new prompt
+        return prompter
+
+    def free_text_encoder(self) -> None:
+        """Drop ChatGLM entirely (storage released), so the next phase has its memory."""
+        if self._text is None:
+            return
+        manager, prompter = self._text
+        self._text = None
+        models = list(manager.model)
+        manager.model.clear()
+        prompter.text_encoder = None
+        del manager, prompter
+        free_models(*models)
+        log.info("text encoder freed before denoising (memory profile %s)",
+                 self.memory.profile if self.memory else "none")
+
+    @torch.no_grad()
+    def encode(self, plans: list[FramePlan], release: str = "auto") -> None:
+        """Encode every distinct prompt once; then free ChatGLM (or, when the profile keeps it, maybe park it on the CPU)."""
+        wanted = {(plan.prompt, True) for plan in plans} | {(plan.negative_prompt, False) for plan in plans}
+        missing = sorted(wanted - set(self._embeddings))
+        if missing:
+            prompter = self._prompter()
+            for prompt, positive in missing:
+                pooled, prompt_emb = prompter.encode_prompt(prompt, clip_skip=1, clip_skip_2=2,
+                                                            device=self.text_device, positive=positive)
+                self._embeddings[(prompt, positive)] = {
+                    "encoder_hidden_states": prompt_emb.to(self.device, self.torch_dtype),
+                    "add_text_embeds": pooled.to(self.device, self.torch_dtype),
+                }
+        if not self.keep_text_encoder:
+            self.free_text_encoder()
+        elif self._text is not None and self._should_release(release):
+            self._text[1].text_encoder.to("cpu")
+            torch.cuda.empty_cache()
+            log.info("text encoder moved to the CPU for denoising (generation.release_text_encoder)")
+
+    @property
+    def pipe(self) -> Any:
+        """DiffSynth's Kolors pipeline without ChatGLM and the VAE encoder: UNet (LoRA merged) and VAE decoder."""
+        if self._pipe is None:
+            self._pipe = self._load_denoiser()
+        return self._pipe
+
+    def _load_denoiser(self) -> Any:
+        from diffsynth.pipelines.sdxl_image import SDXLImagePipeline
+        from diffsynth.schedulers import EnhancedDDIMScheduler
+
+        from kstory.core.models import load_kolors_model_manager
+
+        log.info("loading the UNet and VAE decoder (%s on the %s)", str(self.torch_dtype).removeprefix("torch."),
+                 self.device)
+        manager = load_kolors_model_manager(self.weights, device=self.device, torch_dtype=self.torch_dtype,
+                                            parts=("unet", "vae"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            pipe = SDXLImagePipeline.from_model_manager(manager)
+        # DiffSynth switches to Kolors' scheduler only when it sees ChatGLM, which this phase does not load.
+        pipe.scheduler = EnhancedDDIMScheduler(beta_end=0.014, num_train_timesteps=1100)
+        encoder, pipe.vae_encoder = pipe.vae_encoder, None
+        manager.model.clear()
+        free_models(encoder)
+        if self.lora is not None:
+            from kstory.core.lora import load_lora_into_pipeline
+
+            self.lora_info = load_lora_into_pipeline(pipe, self.lora, scale=self.lora_scale)
+        self.controlnets = {name: (cn, load(cn, self.device, self.torch_dtype))
+                            for name, cn in self.controlnet_weights.items()}
+        return pipe
+
+    def _should_release(self, release: str) -> bool:
+        if release == "never" or not str(self.device).startswith("cuda"):
+            return False
+        return release == "always" or torch.cuda.mem_get_info()[0] < _FREE_MEMORY_FOR_TEXT_ENCODER
+
+    @torch.no_grad()
+    def denoise(self, batch: list[FramePlan]) -> list[Image.Image]:
+        """Generate one batch (same size and steps); returns one image per frame, in order."""
+        pipe, first = self.pipe, batch[0]
+        pipe.scheduler.set_timesteps(first.steps)
+        shape = (1, 4, first.height // 8, first.width // 8)
+        latents = torch.cat([pipe.generate_noise(shape, seed=plan.seed, device=self.device, dtype=self.torch_dtype)
+                             for plan in batch])
+        posi = [self._embeddings[(plan.prompt, True)] for plan in batch]
+        nega = [self._embeddings[(plan.negative_prompt, False)] for plan in batch]
+        prompt_emb = {key: torch.cat([e[key] for e in posi + nega]) for key in ("encoder_hidden_states", "add_text_embeds")}
+        cfg = torch.tensor([plan.cfg_scale for plan in batch], device=self.device, dtype=self.torch_dtype).view(-1, 1, 1, 1)
+        units = self._units(batch)
+        size = 2 * len(batch)
+        for step, timestep in enumerate(pipe.scheduler.timesteps):
+            timestep = timestep.unsqueeze(0).to(self.device)
+            model_input = torch.cat([latents, latents])
+            extra = pipe.prepare_extra_input(model_input)
+            control = GuidedControl(units, step, len(pipe.scheduler.timesteps), copies=2)
+            noise = lets_dance_xl(
+                pipe.unet, motion_modules=None, controlnet=control if control else None,
+                sample=model_input, timestep=timestep, **extra, **prompt_emb,
+                controlnet_frames=control.frames().to(self.device, self.torch_dtype) if control else None,
+                unet_batch_size=size, controlnet_batch_size=size, device=self.device,
+            )
+            noise_posi, noise_nega = noise.chunk(2)
+            latents = pipe.scheduler.step(noise_nega + cfg * (noise_posi - noise_nega), timestep, latents)
+        # One frame at a time: the VAE at full size is the memory peak, and frames stay independent.
+        # DiffSynth's tiles are 64 latents (512 px): a smaller frame is one tile, decoded whole.
+        tiled = self.tiled_vae and max(latents.shape[-2:]) > _VAE_TILE
+        return [pipe.decode_image(latents[i : i + 1], tiled=tiled) for i in range(len(batch))]
+
+    def _units(self, batch: list[FramePlan]) -> list[ControlUnit]:
+        """One unit per (ControlNet, task) used in the batch; frames without such a guide get scale 0."""
+        keys = []
+        for plan in batch:
+            for guide in plan.guides:
+                if (guide.controlnet, guide.task) not in keys:
+                    keys.append((guide.controlnet, guide.task))
+        units = []
+        for name, task in keys:
+            weights, model = self.controlnets[name]
+            images, scales, starts, ends = [], [], [], []
+            for plan in batch:
+                guide = next((g for g in plan.guides if (g.controlnet, g.task) == (name, task)), None)
+                blank = Image.new("RGB", (plan.width, plan.height))
+                images.append(_to_tensor(guide.image if guide else blank))
+                scales.append(guide.scale if guide else 0.0)
+                starts.append(guide.start if guide else 0.0)
+                ends.append(guide.end if guide else 1.0)
+            processor = union_task(task, name) if weights.kind == "union" else None
+            units.append(ControlUnit(model, processor, torch.stack(images), scales, starts, ends))
+        return units
+
+    def generate(self, groups: list[list[FramePlan]]) -> Iterator[tuple[list[FramePlan], list[Image.Image], float]]:
+        """Yield (batch, images, seconds) batch by batch; out-of-memory becomes a KstoryError naming the knobs."""
+        for batch in groups:
+            started = time.perf_counter()
+            try:
+                images = self.denoise(batch)
+            except torch.cuda.OutOfMemoryError as error:
+                raise KstoryError(_oom_message(batch, error), fix=_OOM_FIX) from error
+            except RuntimeError as error:
+                if "out of memory" not in str(error).lower() and "can't allocate memory" not in str(error).lower():
+                    raise
+                raise KstoryError(_oom_message(batch, error), fix=_OOM_FIX) from error
+            yield batch, images, time.perf_counter() - started
+
+
+def _oom_message(batch: list[FramePlan], error: Exception) -> str:
+    frames = ", ".join(str(plan.index) for plan in batch)
+    first = batch[0]
+    return (f"ran out of memory generating frames {frames} ({first.width}x{first.height}, {first.steps} steps, "
+            f"{len(batch)} frames per batch): {str(error).splitlines()[0]}")
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """A guide as ControlNets expect it: (3, H, W) in [0, 1] (what DiffSynth's process_image makes)."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)

@@ -1,0 +1,457 @@
+"""``generate_story``: a spec in, frames + guides + story.yaml + manifest.json out.
+
+Bad input is caught before any weights load: spec errors, missing guide
+files, unknown ControlNet names or layouts, and a LoRA from another base
+model all fail in the first seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kstory.core.atomic import write_bytes, write_text
+from kstory.core.errors import KstoryError
+from kstory.core.logs import get_logger
+from kstory.core.models import KolorsWeights, resolve_model
+from kstory.story.controlnets import ControlNetWeights, identify
+from kstory.core.memory import MemoryPlan, describe, plan_memory
+from kstory.story.generate import (SAMPLER, FramePlan, GuidePlan, Session, batches, default_device, default_dtype,
+                                   text_encoder_dtype)
+from kstory.story.guides.render import render_guide
+from kstory.story.build import StoryBuild, plan_key
+from kstory.story.manifest import FORMAT, frame_name, package_versions, png_bytes, read_manifest, save_png, sha256_bytes
+from kstory.story.spec import StorySpec, load_spec
+from kstory.story.spec_copy import SPEC_COPY, derive_spec_text
+
+log = get_logger("story")
+
+
+@dataclass(frozen=True)
+class StoryResult:
+    """Where the story landed and how long it took (``peak_vram_bytes`` is None off the GPU)."""
+
+    out_dir: Path
+    manifest_path: Path
+    frames: dict[int, Path]  # every frame in the folder, by 1-based number
+    frame_hashes: dict[int, str]
+    generated: list[int]  # the frames this call made
+    seconds: float  # denoising + decoding only
+    seconds_per_frame: float
+    peak_vram_bytes: int | None
+    device: str
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    path: Path
+    scale: float | None
+    sha256: str
+    metadata: dict[str, str]
+
+
+def check_lora(lora: Path | None, scale: float | None, weights: KolorsWeights) -> LoraChoice | None:
+    """Read the LoRA's metadata and refuse one trained on another base model."""
+    if lora is None:
+        return None
+    from kstory.core.lora import read_lora
+
+    lora = Path(lora).expanduser().resolve()
+    _, metadata = read_lora(lora)
+    trained_on = metadata.get("kstory.base_fingerprint", "")
+    if trained_on != weights.fingerprint and metadata.get("kstory.base_model") == weights.identity:
+        # Same published model or folder, other fingerprint: a LoRA from before content fingerprints, or the
+        # weights changed in place. Say so rather than refuse a LoRA that may well be right.
+        log.warning("%s was trained on %s with fingerprint %s, which differs from today's %s (LoRAs made before "
+                    "kstory hashed weights by content carry the old kind); check the base model is the same",
+                    lora.name, weights.identity, trained_on[:12] or "none", weights.fingerprint[:12])
+    elif trained_on != weights.fingerprint:
+        raise KstoryError(
+            f"this LoRA was trained on {metadata.get('kstory.base_model') or 'another model'} "
+            f"(fingerprint {trained_on[:12] or 'none'}), the story uses {weights.identity} "
+            f"(fingerprint {weights.fingerprint[:12]})",
+            path=lora, fix="generate with the base model the LoRA was trained on (--model), or train it on this one",
+        )
+    return LoraChoice(lora, scale, hashlib.sha256(lora.read_bytes()).hexdigest(), metadata)
+
+
+def resolve_controlnets(
+    spec: StorySpec, spec_dir: Path, given: Mapping[str, Path] | None, needed: set[str]
+) -> dict[str, ControlNetWeights]:
+    """Name -> identified weights for every ControlNet a guide uses (given ones override the spec's)."""
+    paths = {name: ref.path if ref.path.is_absolute() else spec_dir / ref.path for name, ref in spec.controlnets.items()}
+    paths.update({name: Path(path) for name, path in (given or {}).items()})
+    missing = sorted(needed - set(paths))
+    if missing:
+        raise KstoryError(
+            f"guides use ControlNet(s) {', '.join(missing)} but none was given (known: {', '.join(sorted(paths)) or 'none'})",
+            fix="add them under controlnets: in the spec, pass --controlnet NAME=PATH, or set controlnet: on the guide",
+        )
+    return {name: identify(name, paths[name]) for name in sorted(needed)}
+
+
+def guide_controlnet(guide: Any) -> str:
+    return guide.controlnet or guide.type
+
+
+def plan_frames(spec: StorySpec, indices: list[int], spec_dir: Path, trigger_word: str) -> list[FramePlan]:
+    """Render every guide of the selected frames and fix each frame's prompt and settings."""
+    plans = []
+    for index in indices:
+        frame = spec.frames[index - 1]
+        width, height, steps, cfg = spec.settings(index)
+        guides, seen = [], {}
+        for guide in frame.guides:
+            rendered = render_guide(guide, width, height, spec_dir)
+            seen[rendered.kind] = seen.get(rendered.kind, 0) + 1
+            suffix = "" if seen[rendered.kind] == 1 else f"-{seen[rendered.kind]}"
+            guides.append(GuidePlan(
+                kind=rendered.kind, task=rendered.task, controlnet=guide_controlnet(guide), scale=guide.scale,
+                start=guide.start, end=guide.end, image=rendered.image,
+                file=f"guides/{frame_name(index)}-{rendered.kind}{suffix}.png",
+                source=rendered.source, notes=rendered.notes,
+            ))
+        plans.append(FramePlan(
+            index=index, prompt=spec.prompt(index, trigger_word), frame_prompt=frame.prompt,
+            negative_prompt=spec.negative_prompt(index), seed=frame.seed,
+            width=width, height=height, steps=steps, cfg_scale=cfg, guides=guides,
+        ))
+    return plans
+
+
+def setup_record(
+    model: str, weights: KolorsWeights, lora: LoraChoice | None,
+    controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype, batch_size: int,
+    memory: MemoryPlan | None = None,
+) -> dict[str, Any]:
+    """The manifest's description of the networks and runtime; frames are only comparable within one setup.
+
+    ``memory`` adds the profile in effect; of its choices only tiled decoding and a text encoder on
+    another device change pixels, so only those (when used) join the setup id.
+    """
+    from kstory.core.lora import lora_strength
+
+    extra: dict[str, Any] = {}
+    if memory is not None:
+        extra["memory"] = memory.as_record()
+        if memory.tiled_vae:
+            extra["vae_decode"] = "tiled"
+        text_device = "cpu" if memory.text_encoder_device == "cpu" else device
+        if torch.device(text_device).type != torch.device(device).type:
+            extra["text_encoder"] = f"{text_device}-{str(text_encoder_dtype(text_device, torch_dtype)).removeprefix('torch.')}"
+    return {
+        "model": {"spec": model, "identity": weights.identity, "fingerprint": weights.fingerprint, "tiny": weights.is_tiny},
+        "lora": None if lora is None else {
+            "path": str(lora.path), "sha256": lora.sha256, "scale": 1.0 if lora.scale is None else lora.scale,
+            "strength": lora_strength(lora.metadata, lora.scale),
+            "rank": int(lora.metadata.get("kstory.rank", 0)), "alpha": float(lora.metadata.get("kstory.alpha", 0)),
+            "trigger_word": lora.metadata.get("kstory.trigger_word", ""),
+            "base_model": lora.metadata.get("kstory.base_model", ""),
+        },
+        "controlnets": {name: {"kind": cn.kind, "path": str(cn.path), "sha256": cn.sha256} for name, cn in controlnets.items()},
+        "sampler": {"name": SAMPLER, "scheduler": "EnhancedDDIMScheduler", "num_train_timesteps": 1100, "beta_end": 0.014},
+        "device": torch.device(device).type, "dtype": str(torch_dtype).removeprefix("torch."), "batch_size": batch_size,
+        **extra,
+    }
+
+
+def setup_id(setup: dict[str, Any]) -> str:
+    """What must match for frames to sit in one folder: weights, LoRA, sampler, device kind and dtype."""
+    keep = {k: setup[k] for k in ("model", "sampler", "device", "dtype")}
+    keep["lora"] = None if setup["lora"] is None else {k: setup["lora"][k] for k in ("sha256", "scale")}
+    keep["controlnets"] = {name: cn["sha256"] for name, cn in setup["controlnets"].items()}
+    keep["model"] = setup["model"]["fingerprint"]
+    keep.update({k: setup[k] for k in ("vae_decode", "text_encoder") if k in setup})  # only when not the default
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+def frame_record(plan: FramePlan, sha256: str, batch: list[int], previous: dict[str, Any] | None,
+                 guide_hashes: list[str], seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
+    """One frame of the manifest; the seed history carries over from ``previous``.
+
+    ``extra`` holds the frame's key, its origin (spec or reroll) and the seed and prompt the user's spec
+    gave it (``spec_seed``, ``spec_frame_prompt``), which decide whether a re-roll still stands.
+    """
+    history = list(previous.get("seed_history", [])) if previous else []
+    attempt = {"seed": plan.seed, "prompt": plan.frame_prompt, "sha256": sha256,
+               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if not history or (history[-1]["seed"], history[-1]["prompt"]) != (plan.seed, plan.frame_prompt):
+        history.append(attempt)
+    else:
+        history[-1] = attempt
+    return {
+        "file": f"frames/{frame_name(plan.index)}.png",
+        "sha256": sha256,
+        "prompt": plan.prompt,
+        "frame_prompt": plan.frame_prompt,
+        "negative_prompt": plan.negative_prompt,
+        "seed": plan.seed,
+        "width": plan.width,
+        "height": plan.height,
+        "steps": plan.steps,
+        "cfg_scale": plan.cfg_scale,
+        "sampler": SAMPLER,
+        "batch": batch,
+        "guides": [
+            {"kind": g.kind, "task": g.task, "file": g.file, "sha256": digest, "controlnet": g.controlnet,
+             "scale": g.scale, "start": g.start, "end": g.end, "source": g.source, "notes": g.notes}
+            for g, digest in zip(plan.guides, guide_hashes)
+        ],
+        "seconds": round(seconds, 3),
+        **extra,
+        "seed_history": history,
+    }
+
+
+def spec_values(record: dict[str, Any]) -> tuple[int, str]:
+    """The seed and frame prompt the user's spec gave a frame when its current picture was made.
+
+    Manifests written before these were recorded fall back to the first attempt in the seed history.
+    """
+    history = record.get("seed_history") or [{"seed": record["seed"], "prompt": record["frame_prompt"]}]
+    return (int(record.get("spec_seed", history[0]["seed"])),
+            str(record.get("spec_frame_prompt", history[0]["prompt"])))
+
+
+def is_rerolled(record: dict[str, Any]) -> bool:
+    return (int(record["seed"]), str(record["frame_prompt"])) != spec_values(record)
+
+
+def carry_rerolls(spec: StorySpec, plans: list[FramePlan], records: Mapping[str, Any], trigger_word: str) -> list[int]:
+    """Keep re-rolled frames re-rolled: a frame whose spec entry is unchanged since its re-roll takes the re-roll's
+    seed and prompt; a frame the user edited in the spec since then follows the spec. Returns the carried frames."""
+    carried = []
+    for plan in plans:
+        record = records.get(str(plan.index))
+        if not record or not is_rerolled(record) or spec_values(record) != (plan.seed, plan.frame_prompt):
+            continue
+        plan.seed, plan.frame_prompt = int(record["seed"]), str(record["frame_prompt"])
+        frame = spec.frames[plan.index - 1]
+        original, frame.prompt = frame.prompt, plan.frame_prompt
+        plan.prompt = spec.prompt(plan.index, trigger_word)
+        frame.prompt = original
+        carried.append(plan.index)
+    return carried
+
+
+@dataclass(frozen=True)
+class FrameWork:
+    """What to do with one frame of a build: its plan, key, record extras, and the guide images as PNG bytes."""
+
+    plan: FramePlan
+    key: str
+    extra: dict[str, Any]
+    guide_pngs: list[bytes]
+
+
+def frame_work(groups: list[list[FramePlan]], setup: str, origin: Mapping[int, str],
+               spec_value: Mapping[int, tuple[int, str]]) -> dict[int, FrameWork]:
+    """Key and record extras of every planned frame (guide images encoded once)."""
+    work = {}
+    for batch in groups:
+        members = [plan.index for plan in batch]
+        for plan in batch:
+            pngs = [png_bytes(g.image) for g in plan.guides]
+            key = plan_key(plan, members, setup, SAMPLER, [sha256_bytes(data) for data in pngs])
+            seed, prompt = spec_value[plan.index]
+            extra = {"key": key, "origin": origin.get(plan.index, "spec"), "spec_seed": seed,
+                     "spec_frame_prompt": prompt}
+            work[plan.index] = FrameWork(plan, key, extra, pngs)
+    return work
+
+
+def run_plans(
+    out_dir: Path, groups: list[list[FramePlan]], keep: set[int], *, session: Session, manifest: dict[str, Any],
+    earlier: dict[str, Any], release: str, work: Mapping[int, FrameWork], save: Callable[[dict[str, Any]], None],
+) -> tuple[list[int], float, int | None]:
+    """Generate the batches ``groups`` into ``out_dir``, writing only frames in ``keep``.
+
+    ``save`` writes the manifest after every batch (so an interrupted run keeps finished frames);
+    ``earlier`` holds the previous manifest's frames, whose seed histories continue.
+    """
+    cuda = str(session.device).startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    plans = [plan for batch in groups for plan in batch]
+    guide_hashes = {}
+    for plan in plans:
+        if plan.index in keep:
+            guide_hashes[plan.index] = [sha256_bytes(data) for data in work[plan.index].guide_pngs]
+            for guide, data in zip(plan.guides, work[plan.index].guide_pngs):
+                write_bytes(out_dir / guide.file, data)
+    session.encode(plans, release)
+    generated, seconds = [], 0.0
+    for batch, images, batch_seconds in session.generate(groups):
+        seconds += batch_seconds
+        members = [plan.index for plan in batch]
+        for plan, image in zip(batch, images):
+            if plan.index not in keep:
+                continue
+            digest = save_png(image, out_dir / "frames" / f"{frame_name(plan.index)}.png")
+            key = str(plan.index)
+            manifest["frames"][key] = frame_record(plan, digest, members, earlier.get(key), guide_hashes[plan.index],
+                                                   batch_seconds / len(batch), work[plan.index].extra)
+            generated.append(plan.index)
+        save(manifest)
+        log.info("frames %s done in %.1f s", ", ".join(str(i) for i in members if i in keep), batch_seconds)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    return generated, seconds, peak
+
+
+def new_manifest(spec: StorySpec, setup: dict[str, Any], spec_sha256: str, trigger_word: str) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "title": spec.title,
+        "frame_count": spec.frame_count,
+        "spec": {"file": SPEC_COPY, "source_sha256": spec_sha256},
+        "trigger_word": trigger_word,
+        "setup_id": setup_id(setup),
+        **setup,
+        "versions": package_versions(),
+        "frames": {},
+    }
+
+
+def result_of(out_dir: Path, manifest: dict[str, Any], generated: list[int], seconds: float,
+              peak: int | None, device: str) -> StoryResult:
+    frames = {int(k): out_dir / v["file"] for k, v in manifest["frames"].items()}
+    hashes = {int(k): v["sha256"] for k, v in manifest["frames"].items()}
+    per_frame = seconds / len(generated) if generated else 0.0
+    return StoryResult(out_dir, out_dir / "manifest.json", frames, hashes, sorted(generated), seconds, per_frame, peak, device)
+
+
+def build_story(
+    build: StoryBuild, manifest: dict[str, Any], groups: list[list[FramePlan]], wanted: set[int],
+    work: Mapping[int, FrameWork], *, load_session: Callable[[], Session], spec_text: str, release: str, device: str,
+) -> StoryResult:
+    """Make the frames ``wanted`` in ``build``'s staging folder (reusing unchanged ones) and swap it in.
+
+    Frames outside ``wanted`` must already be in ``manifest`` (taken from the story folder).
+    """
+    to_make = set()
+    for index in sorted(wanted):
+        found = build.reusable(index, work[index].key)
+        if found is None:
+            to_make.add(index)
+        else:
+            build.take(found[0], index, found[1], manifest)
+    log.info("%d frame(s) unchanged and kept, %d to generate", len(wanted) - len(to_make), len(to_make))
+    build.save(manifest)
+    spec_copy_text = derive_spec_text(spec_text, manifest) if not to_make else None
+    if not to_make and build.unchanged(manifest, spec_copy_text, SPEC_COPY):
+        build.abandon(manifest)
+        log.info("story up to date: every frame matches its inputs, nothing generated (%s)", build.out_dir)
+        return result_of(build.out_dir, manifest, [], 0.0, None, device)
+    generated, seconds, peak = [], 0.0, None
+    if to_make:
+        session = load_session()
+        groups = [batch for batch in groups if any(plan.index in to_make for plan in batch)]
+        earlier = dict((build.current or {}).get("frames", {}))
+        generated, seconds, peak = run_plans(build.staging, groups, to_make, session=session, manifest=manifest,
+                                             earlier=earlier, release=release, work=work, save=build.save)
+    text = derive_spec_text(spec_text, manifest)
+    build.finish(manifest, lambda folder: write_text(folder / SPEC_COPY, text))
+    return result_of(build.out_dir, manifest, generated, seconds, peak, device)
+
+
+def generate_story(
+    spec_path: Path,
+    out_dir: Path,
+    *,
+    model: str = "tiny",
+    lora: Path | None = None,
+    lora_scale: float | None = None,
+    controlnets: Mapping[str, Path] | None = None,
+    cache_dir: Path | None = None,
+    frames: list[int] | None = None,
+    device: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    memory: str = "auto",
+    text_encoder_device: str = "auto",
+) -> StoryResult:
+    """Generate the story of ``spec_path`` (or only ``frames``, 1-based) into ``out_dir``.
+
+    Writes ``frames/NN.png``, ``guides/NN-<kind>.png``, ``story.yaml`` (the
+    spec as last generated) and ``manifest.json``, all through a staging folder
+    swapped in at the end (the previous story goes to the run's ``.history/``).
+    Frames whose inputs are unchanged are kept, not regenerated; a full run
+    keeps re-rolled frames whose spec entry is unchanged. Same spec, weights,
+    device and dtype give bit-identical frames. With ``frames``, the other
+    frames of an existing folder stay as they are (same weights required).
+    ``memory`` is a profile of :mod:`kstory.core.memory` (``auto``: picked from the free memory); it decides
+    the dtype when ``torch_dtype`` is not given and caps the frames per batch. ``text_encoder_device="cpu"``
+    encodes the prompts on the CPU whatever the profile says.
+    """
+    spec_path, out_dir = Path(spec_path).resolve(), Path(out_dir)
+    spec = load_spec(spec_path)
+    indices = sorted(set(frames)) if frames else list(range(1, spec.frame_count + 1))
+    bad = [i for i in indices if not 1 <= i <= spec.frame_count]
+    if bad:
+        raise KstoryError(f"no frame {bad[0]}: frames are numbered 1..{spec.frame_count}", fix="pick existing frames")
+    weights = resolve_model(model, cache_dir)
+    lora_choice = check_lora(lora, lora_scale, weights)
+    lora_trigger = lora_choice.metadata.get("kstory.trigger_word", "") if lora_choice else ""
+    trigger = spec.character.trigger_word or lora_trigger
+    if lora_trigger and trigger != lora_trigger:
+        log.warning("the spec's trigger word %r differs from the LoRA's %r", trigger, lora_trigger)
+    plans = plan_frames(spec, list(range(1, spec.frame_count + 1)), spec_path.parent, trigger)
+    from_spec = {plan.index: (plan.seed, plan.frame_prompt) for plan in plans}
+    current = read_manifest(out_dir)
+    origin: dict[int, str] = {}
+    if frames is None and current is not None:
+        carried = carry_rerolls(spec, plans, current.get("frames", {}), trigger)
+        origin = {index: "reroll" for index in carried}
+        if carried:
+            log.info("keeping the re-rolled seed or prompt of frame(s) %s", ", ".join(map(str, carried)))
+    groups = batches(plans, spec.generation.batch_size)
+    if frames:
+        groups = [batch for batch in groups if any(plan.index in indices for plan in batch)]
+    needed = {guide.controlnet for batch in groups for plan in batch for guide in plan.guides}
+    controlnet_weights = resolve_controlnets(spec, spec_path.parent, controlnets, needed)
+    device = device or default_device()
+    memory_plan = plan_memory(memory, weights, task="story", device=device, frames=spec.generation.batch_size,
+                              pixels=max(p.width * p.height for p in plans),
+                              controlnets=[cn.path for cn in controlnet_weights.values()],
+                              text_encoder_device=text_encoder_device)
+    log.info("%s", describe(memory_plan, "story"))
+    batch_size = min(spec.generation.batch_size, memory_plan.max_batch or spec.generation.batch_size)
+    if batch_size < spec.generation.batch_size:  # smaller batches may need fewer ControlNets
+        groups = batches(plans, batch_size)
+        if frames:
+            groups = [batch for batch in groups if any(plan.index in indices for plan in batch)]
+        needed = {guide.controlnet for batch in groups for plan in batch for guide in plan.guides}
+        controlnet_weights = {name: cn for name, cn in controlnet_weights.items() if name in needed}
+    torch_dtype = torch_dtype or default_dtype(device, memory_plan)
+    setup = setup_record(model, weights, lora_choice, controlnet_weights, device, torch_dtype, batch_size,
+                         memory_plan)
+    spec_bytes = spec_path.read_bytes()
+    manifest = new_manifest(spec, setup, sha256_bytes(spec_bytes), trigger)
+    if current is not None and frames:
+        if current.get("setup_id") != manifest["setup_id"]:
+            raise KstoryError(
+                "this story folder was generated with other weights, LoRA, ControlNets, device or dtype",
+                path=out_dir, fix="regenerate all frames (leave out the frame selection) or use another folder",
+            )
+    work = frame_work(groups, manifest["setup_id"], origin, from_spec)
+    build = StoryBuild(out_dir, current)
+    build.open()
+    if current is not None and frames:
+        for key, record in current["frames"].items():
+            if int(key) not in indices:
+                build.take(out_dir, int(key), record, manifest)
+
+    def load_session() -> Session:
+        return Session.load(weights, lora=lora_choice.path if lora_choice else None, lora_scale=lora_scale,
+                            controlnets=controlnet_weights, device=device, torch_dtype=torch_dtype,
+                            memory=memory_plan)
+
+    return build_story(build, manifest, groups, set(indices), work, load_session=load_session,
+                       spec_text=spec_bytes.decode("utf-8"), release=spec.generation.release_text_encoder,
+                       device=device)

@@ -1,0 +1,257 @@
+"""``kstory verify SUBMISSION``: regenerate every frame from the package alone and compare.
+
+Uses only what the package holds (``manifest.json``, ``story.yaml``, the
+DiffSynth-format LoRA, the ``guides/`` images) plus the base model and the
+ControlNets named in the manifest, each checked by its sha256. The spec is
+re-run with every frame's guides replaced by the packaged guide images
+(``type: image``), so no reference photo or pose detector is needed. Each
+frame is reported identical (same PNG bytes) or with its PSNR/SSIM against
+the packaged frame; the frames are then re-scored and compared with
+``scores.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from kstory.core.errors import KstoryError
+from kstory.core.hashing import sha256_file
+from kstory.core.logs import get_logger
+from kstory.submissions.package import check_files, read_package
+
+log = get_logger("package")
+SCORE_TOLERANCE = 1e-3
+SSIM_WINDOW = 7
+
+
+@dataclass
+class FrameCheck:
+    index: int
+    file: str
+    identical: bool
+    expected_sha256: str
+    regenerated_sha256: str
+    psnr: float | None = None  # dB; None when identical (infinite)
+    ssim: float | None = None
+    prompt_matches: bool = True
+
+
+@dataclass
+class ScoreCheck:
+    file: str
+    recorded: float | None
+    rescored: float
+    diff: float | None
+
+
+@dataclass
+class VerifyReport:
+    submission: str
+    verdict: str  # identical | different | modified
+    passed: bool
+    file_problems: list[str] = field(default_factory=list)
+    frames: list[FrameCheck] = field(default_factory=list)
+    scores: list[ScoreCheck] = field(default_factory=list)
+    recorded_mean: float | None = None
+    rescored_mean: float | None = None
+    scores_match: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def render(self) -> str:
+        lines = [f"{self.submission}: {self.verdict.upper()}"]
+        lines += [f"  file: {p}" for p in self.file_problems]
+        for f in self.frames:
+            state = "identical" if f.identical else f"differs: PSNR {f.psnr:.2f} dB, SSIM {f.ssim:.4f}"
+            lines.append(f"  frame {f.index:2d} {f.file}: {state}" + ("" if f.prompt_matches else " (prompt differs)"))
+        if self.rescored_mean is not None:
+            lines.append(f"  scores: recorded mean {self.recorded_mean}, re-scored {self.rescored_mean:.4f} "
+                         f"({'match' if self.scores_match else 'DIFFER'})")
+        return "\n".join(lines)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _box(x: np.ndarray, k: int) -> np.ndarray:
+    """Mean over every k x k window ('valid' positions), per channel, via summed-area tables."""
+    s = np.pad(x, ((1, 0), (1, 0), (0, 0))).cumsum(0).cumsum(1)
+    return (s[k:, k:] - s[:-k, k:] - s[k:, :-k] + s[:-k, :-k]) / (k * k)
+
+
+def ssim(a: np.ndarray, b: np.ndarray, window: int = SSIM_WINDOW) -> float:
+    """Mean SSIM (uniform window, the usual constants) over the channels of two HxWxC uint8 images."""
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    if x.ndim == 2:
+        x, y = x[..., None], y[..., None]
+    k = min(window, x.shape[0], x.shape[1])
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = _box(x, k), _box(y, k)
+    vx, vy = _box(x * x, k) - mx * mx, _box(y * y, k) - my * my
+    cxy = _box(x * y, k) - mx * my
+    value = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(value.mean())
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _controlnets(manifest: dict[str, Any], given: dict[str, Path] | None, cache_dir: Path | None) -> dict[str, Path]:
+    """Local weights for each ControlNet of the manifest, found by sha256."""
+    from kstory.story.controlnets import identify
+
+    wanted = manifest.get("controlnets") or {}
+    if not wanted:
+        return {}
+    candidates: list[Path] = [Path(p) for p in (given or {}).values()]
+    if (manifest.get("model") or {}).get("tiny"):
+        from kstory.story import build_tiny_controlnets
+
+        candidates += list(build_tiny_controlnets(cache_dir).values())
+    candidates += [Path(cn["path"]) for cn in wanted.values() if cn.get("path")]
+    found: dict[str, Path] = {}
+    for name, cn in wanted.items():
+        preferred = [Path(given[name])] if given and name in given else []
+        for path in preferred + candidates:
+            if not path.exists():
+                continue
+            try:
+                if identify(name, path).sha256 == cn["sha256"]:
+                    found[name] = path
+                    break
+            except KstoryError:
+                continue
+        else:
+            raise KstoryError(
+                f"ControlNet {name!r} ({cn.get('kind')}, sha256 {cn['sha256'][:12]}) not found",
+                path=cn.get("path"), fix=f"pass --controlnet {name}=PATH with the weights the story used",
+            )
+    return found
+
+
+def _package_spec(submission: Path, manifest: dict[str, Any], target: Path) -> Path:
+    """story.yaml with each frame's seed and prompt from the manifest and its guides replaced by the packaged
+    guide images."""
+    spec = yaml.safe_load((submission / "story.yaml").read_text(encoding="utf-8")) or {}
+    spec.pop("controlnets", None)  # given explicitly, found by hash
+    frames = spec.get("frames") or []
+    for key, frame in manifest["frames"].items():
+        index = int(key) - 1
+        if not 0 <= index < len(frames):
+            raise KstoryError(f"manifest frame {key} is not in story.yaml", path=submission / "story.yaml",
+                              fix="repackage the run")
+        frames[index]["seed"] = frame["seed"]  # the manifest is the source of truth for each frame
+        frames[index]["prompt"] = frame["frame_prompt"]
+        frames[index]["guides"] = [
+            {"type": "image", "image": str((submission / g["file"]).resolve()), "controlnet": g["controlnet"],
+             "task": g.get("task"), "scale": g["scale"], "start": g["start"], "end": g["end"]}
+            for g in frame.get("guides", [])
+        ]
+    target.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return target
+
+
+def _scoring_model(info: dict[str, Any] | None, default: str) -> str:
+    if not info:
+        return default
+    return "tiny" if info.get("random_weights") else str(info.get("identity") or default)
+
+
+def verify_package(
+    submission_dir: str | Path, *, model: str = "tiny", cache_dir: str | Path | None = None,
+    controlnets: dict[str, Path] | None = None, rescore: bool = True, device: str | None = None,
+) -> VerifyReport:
+    """Regenerate the package's frames and compare; see the module docstring.
+
+    ``verdict``: ``identical`` (every frame byte-identical, files intact, scores
+    match), ``different`` (some frame or score differs; PSNR/SSIM say how much)
+    or ``modified`` (a packaged file changed after packaging).
+    """
+    import torch
+
+    from kstory.core.models import resolve_model
+    from kstory.story import generate_story
+
+    submission = Path(submission_dir).resolve()
+    read_package(submission)  # a KstoryError if this is not a package
+    problems = check_files(submission)
+    manifest = json.loads((submission / "manifest.json").read_text(encoding="utf-8"))
+    cache = Path(cache_dir) if cache_dir is not None else None
+    weights = resolve_model(model, cache)
+    recorded = (manifest.get("model") or {}).get("fingerprint")
+    if recorded != weights.fingerprint:
+        raise KstoryError(
+            f"the package was made with {(manifest.get('model') or {}).get('identity')}, not {weights.identity}",
+            fix="pass --model with the base model the story was generated on",
+        )
+    lora = submission / "lora.safetensors"
+    if not lora.is_file():
+        raise KstoryError("the package has no lora.safetensors", path=lora, fix="repackage the run")
+    nets = _controlnets(manifest, controlnets, cache)
+    lora_info = manifest.get("lora") or {}
+    dtype = getattr(torch, manifest.get("dtype", "float32"))
+    device = device or manifest.get("device") or None
+    report = VerifyReport(str(submission), "identical", True, file_problems=problems)
+    with tempfile.TemporaryDirectory(prefix="kstory-verify-") as tmp:
+        spec = _package_spec(submission, manifest, Path(tmp) / "story.yaml")
+        # The recorded memory profile: its batch cap, tiled decoding and text-encoder device decide pixels too.
+        memory = (manifest.get("memory") or {}).get("profile") or "none"
+        result = generate_story(spec, Path(tmp) / "regen", model=model, lora=lora, lora_scale=lora_info.get("scale"),
+                                controlnets=nets, cache_dir=cache, device=device, torch_dtype=dtype, memory=memory)
+        regen_manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))
+        for key, frame in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0])):
+            packaged, regenerated = submission / frame["file"], result.frames[int(key)]
+            got = sha256_file(regenerated)
+            on_disk = sha256_file(packaged) if packaged.is_file() else ""
+            check = FrameCheck(int(key), frame["file"], got == frame["sha256"] == on_disk, frame["sha256"], got,
+                               prompt_matches=regen_manifest["frames"][key]["prompt"] == frame["prompt"])
+            if not check.identical:
+                a = _pixels(regenerated)
+                b = _pixels(packaged) if packaged.is_file() else np.zeros_like(a)
+                check.psnr, check.ssim = (psnr(a, b), ssim(a, b)) if a.shape == b.shape else (0.0, 0.0)
+            report.frames.append(check)
+        if rescore and (submission / "scores.json").is_file():
+            _rescore(report, submission, manifest, result.frames)
+    if problems:
+        report.verdict, report.passed = "modified", False
+    elif not all(f.identical and f.prompt_matches for f in report.frames) or report.scores_match is False:
+        report.verdict, report.passed = "different", False
+    log.info("verify %s: %s", submission, report.verdict)
+    return report
+
+
+def _rescore(report: VerifyReport, submission: Path, manifest: dict[str, Any], frames: dict[int, Path]) -> None:
+    from kstory.scoring import score_images
+
+    scores = json.loads((submission / "scores.json").read_text(encoding="utf-8"))
+    models = scores.get("summary", {}).get("models", {})
+    recorded = {Path(i["file"]).name: i.get("aesthetic") for i in scores.get("images", [])}
+    paths = [frames[int(k)] for k in sorted(manifest["frames"], key=int)]
+    prompts = {str(frames[int(k)]): f["prompt"] for k, f in manifest["frames"].items()}
+    clip = models.get("clip")
+    fresh = score_images(paths, aesthetic_model=_scoring_model(models.get("aesthetic"), "tiny"),
+                         clip_model=_scoring_model(clip, "tiny") if clip else None, prompts=prompts,
+                         threshold=scores.get("summary", {}).get("threshold", 6.0))
+    for image in fresh.images:
+        old = recorded.get(Path(image.file).name)
+        diff = None if old is None else abs(image.aesthetic - old)
+        report.scores.append(ScoreCheck(Path(image.file).name, old, image.aesthetic, diff))
+    report.recorded_mean = scores.get("summary", {}).get("mean")
+    report.rescored_mean = fresh.summary.mean
+    report.scores_match = all(s.diff is not None and s.diff <= SCORE_TOLERANCE for s in report.scores) and (
+        report.recorded_mean is not None and fresh.summary.mean is not None
+        and abs(report.recorded_mean - fresh.summary.mean) <= SCORE_TOLERANCE)

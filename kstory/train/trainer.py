@@ -1,0 +1,427 @@
+"""``train_lora``: from a prepared dataset to ``lora.safetensors``, resumable at any step.
+
+Order matters for memory: the text encoder and VAE encode the whole dataset
+into the on-disk cache first and are then freed (train.prepare), so only the
+UNet with its LoRA (plus the small VAE decoder, parked on the CPU, when
+validation images are wanted) is in memory while training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+
+from kstory.core.atomic import write_json
+from kstory.core.errors import KstoryError
+from kstory.core.oserrors import os_fault
+from kstory.core.logs import get_logger
+from kstory.core.train_settings import DEFAULT_MAX_STEPS, TrainSettings
+
+log = get_logger("train")
+
+OUTPUTS = ("lora.safetensors", "loss.csv", "train.json", "checkpoints", "validation")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run produced (also written to ``train.json``)."""
+
+    out_dir: Path
+    lora_path: Path
+    steps: int
+    resumed_from: int
+    final_loss: float | None
+    seconds: float
+    last_checkpoint: Path | None
+    validation_dir: Path | None
+    device: str
+    precision: str
+    peak_vram_bytes: int | None
+    memory: dict[str, Any] | None = None  # the memory profile in effect (kstory.core.memory.MemoryPlan.as_record)
+
+
+def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
+    """Optimizer steps of the whole run: max_steps, or epochs over the bucketed batches."""
+    if settings.max_steps is not None:
+        return settings.max_steps
+    if settings.epochs is not None:
+        return max(1, math.ceil(batches_per_epoch * settings.epochs / settings.grad_accumulation))
+    return DEFAULT_MAX_STEPS
+
+
+def _clear_outputs(out_dir: Path) -> None:
+    for name in OUTPUTS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _data_fingerprint(cache: Any) -> str:
+    digest = hashlib.sha256()
+    for sample in cache.samples:
+        digest.update(f"{sample.latent.name}:{sample.text.name}\n".encode())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet_lightning(quiet: bool):
+    """Lightning logs device banners and tips at INFO; kstory logs its own progress."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [logger.level for logger in loggers]
+    if quiet:
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+class _Outputs:
+    """Writes the LoRA, checkpoints and validation images of one run (global rank 0 only)."""
+
+    def __init__(self, out_dir: Path, settings: TrainSettings, weights: Any, identity: dict[str, Any],
+                 prepared: Any, runtime: Any, resumed: Any):
+        self.out_dir, self.settings, self.weights, self.identity = out_dir, settings, weights, identity
+        self.prepared, self.runtime, self.resumed = prepared, runtime, resumed
+        self.trainer: Any = None
+        self.texts = {**prepared.cache.validation_texts, "": prepared.cache.empty_text}
+
+    def metadata(self, step: int) -> dict[str, str]:
+        from kstory.train.lora_io import build_metadata
+
+        s = self.settings
+        return build_metadata(
+            rank=s.rank, alpha=s.lora_alpha, target_modules=list(s.target_modules), base_model=self.weights.identity,
+            base_fingerprint=self.weights.fingerprint, trigger_word=s.trigger_word, training_config=s.config_json(),
+            step=step,
+        )
+
+    def finite_lora(self, step: int) -> dict[str, torch.Tensor]:
+        """The LoRA factors, refusing NaN/inf so no file is ever written from broken weights."""
+        from kstory.train.lora_io import lora_state_dict
+        from kstory.train.module import NonFiniteLoss
+
+        state = lora_state_dict(self.prepared.unet)
+        if not all(torch.isfinite(t).all() for t in state.values()):
+            raise NonFiniteLoss(step, float("nan"))
+        return state
+
+    def save_checkpoint(self, module: Any) -> Path | None:
+        from kstory.train.checkpoint import save_checkpoint
+
+        if not self.trainer.is_global_zero:
+            return None
+        step = module.step
+        if self.resumed is not None and step <= self.resumed.step:
+            return self.resumed.path
+        sharded = self.settings.strategy.startswith("deepspeed") or not self.trainer.optimizers
+        world = self.trainer.world_size
+        try:
+            return save_checkpoint(
+                self.out_dir, step=step, micro_step=step * self.settings.grad_accumulation * world,
+                lora_state=self.finite_lora(step), lora_metadata=self.metadata(step),
+                optimizer=None if sharded else self.trainer.optimizers[0],  # DeepSpeed shards optimizer state
+                lr_scheduler=module.lr_scheduler, trainer=self.trainer, identity={**self.identity, "world_size": world},
+            )
+        except (OSError, SafetensorError, KstoryError) as error:  # safetensors reports a failed write as its own type
+            action = f"could not save the checkpoint for step {step}"
+            fault = os_fault(error, self.out_dir / "checkpoints", action=action)
+            if fault is None and isinstance(error, KstoryError):
+                raise
+            then = "training resumes from the last complete checkpoint"
+            raise KstoryError(
+                fault.message if fault else f"{action}: {error}", path=self.out_dir / "checkpoints",
+                fix=f"{fault.fix}; {then}" if fault else f"free disk space (or fix permissions) and run again; {then}",
+            ) from error
+
+    def validate(self, module: Any) -> Path | None:
+        from kstory.train.validation import render_validation
+
+        s = self.settings
+        if not self.trainer.is_global_zero or not s.validation_prompts:
+            return None
+        unet = self.prepared.unet
+        return render_validation(
+            self.out_dir, module.step, unet, self.prepared.vae_decoder, s.validation_prompts, self.texts,
+            resolution=s.resolution, steps=s.validation_steps, cfg_scale=s.validation_cfg_scale,
+            device=next(unet.parameters()).device, autocast_dtype=self.runtime.autocast_dtype,
+        )
+
+
+def train_lora(
+    data_dir: Path, out_dir: Path, settings: TrainSettings, *, model: str = "tiny", cache_dir: Path | None = None,
+    resume: bool = True, callbacks: list[Any] | None = None, memory: str = "auto",
+    text_encoder_device: str = "auto",
+) -> TrainResult:
+    """Train a Kolors LoRA on ``data_dir`` (prep's output) into ``out_dir``.
+
+    ``resume=True`` continues from the newest complete checkpoint in
+    ``out_dir/checkpoints`` (refusing one from another base model or rank);
+    ``resume=False`` deletes earlier outputs there and starts over. Extra
+    Lightning ``callbacks`` are appended to the trainer's. Ctrl-C saves a
+    checkpoint at the end of the current step and re-raises KeyboardInterrupt.
+    ``memory`` is a profile of :mod:`kstory.core.memory` (``auto`` picks one from the free memory);
+    ``text_encoder_device="cpu"`` encodes the captions on the CPU whatever the profile says.
+    """
+    import lightning as pl
+
+    from kstory.core.models import resolve_model
+    from kstory.core.models.resolve import default_cache_dir
+    from kstory.train.batches import BatchPlan, StepDataset
+    from kstory.train.callbacks import LossLog, RunRecorder
+    from kstory.train.checkpoint import check_compatible, latest_checkpoint, load_checkpoint
+    from kstory.train.dataset import read_samples
+    from kstory.train.lora_io import inject_lora, save_lora
+    from kstory.train.module import KolorsLoraModule, NonFiniteLoss
+    from kstory.train.prepare import prepare
+    from kstory.train.runtime import resolve_runtime, secondary_rank
+    from kstory.train.validation import kolors_scheduler
+    from kstory.core.memory import describe
+
+    started = time.monotonic()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    samples = read_samples(data_dir, settings.trigger_word)  # bad data fails before any model loads
+    runtime = resolve_runtime(settings)
+    weights = resolve_model(model, cache_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and not secondary_rank():
+        _clear_outputs(out_dir)
+    identity = {
+        "base_model": weights.identity, "base_fingerprint": weights.fingerprint, "rank": settings.rank,
+        "alpha": settings.lora_alpha, "target_modules": list(settings.target_modules),
+        "settings_fingerprint": settings.fingerprint(),
+    }
+    resumed = None
+    if resume and (found := latest_checkpoint(out_dir)) is not None:
+        resumed = load_checkpoint(found)
+        check_compatible(resumed, identity)  # refuse before minutes of model loading
+        if (done := _already_finished(out_dir, settings, resumed, started)) is not None:
+            return done
+
+    # 1. cache every caption and image, free the encoders; then load the UNet.
+    memory_plan = _memory_plan(memory, weights, settings, runtime, text_encoder_device)
+    if memory_plan is not None:
+        runtime = resolve_runtime(settings, memory_plan)
+        log.info("%s", describe(memory_plan, "train"))
+    prepared = prepare(weights, samples, settings, runtime,
+                       (Path(cache_dir) if cache_dir else default_cache_dir()) / "train-cache")
+    cache, unet = prepared.cache, prepared.unet
+
+    # 2. LoRA, resume state, Lightning module and trainer.
+    plan = BatchPlan(cache.samples, settings.batch_size, settings.seed)
+    steps_total = total_steps(settings, plan.batches_per_epoch)
+    identity["data_fingerprint"] = _data_fingerprint(cache)
+    identity["parameter_names"] = inject_lora(unet, settings.rank, settings.lora_alpha, settings.target_modules,
+                                              settings.seed)
+    if resumed is not None and resumed.step > steps_total:
+        resumed = _checkpoint_within(out_dir, resumed, steps_total)
+    start_step = 0
+    if resumed is not None:
+        for warning in check_compatible(resumed, identity):
+            log.warning(warning)
+        resumed.apply_lora(unet)
+        start_step = resumed.step
+        log.info("resuming from %s (step %d of %d)", resumed.path, start_step, steps_total)
+    scheduler = kolors_scheduler()
+    scheduler.set_timesteps(scheduler.num_train_timesteps)  # the 1100 training timesteps, as DiffSynth's example
+    module = KolorsLoraModule(
+        unet, settings, alphas_cumprod=torch.tensor(scheduler.alphas_cumprod, dtype=torch.float64),
+        timesteps=scheduler.timesteps, prediction_type=scheduler.prediction_type, total_steps=steps_total,
+        start_step=start_step,
+    )
+    module.restore = resumed
+    if memory_plan is not None and memory_plan.gradient_checkpointing:
+        module.gradient_checkpointing = True
+    module.train()  # DiffSynth hands models over in eval mode
+    remaining = steps_total - start_step
+    try:
+        with _quiet_lightning(not settings.progress_bar):
+            trainer = pl.Trainer(
+                accelerator=runtime.accelerator, devices=settings.devices, strategy=settings.strategy,
+                precision=runtime.lightning_precision, max_epochs=1, max_steps=max(1, remaining),
+                accumulate_grad_batches=settings.grad_accumulation, gradient_clip_val=settings.max_grad_norm,
+                logger=False, enable_checkpointing=False, enable_progress_bar=settings.progress_bar,
+                enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(out_dir),
+            )
+    except Exception as error:  # Lightning raises MisconfigurationException and others for bad device setups
+        raise KstoryError(f"cannot set up training on this machine: {error}",
+                          fix="check accelerator / devices / strategy in the train settings") from error
+    outputs = _Outputs(out_dir, settings, weights, identity, prepared, runtime, resumed)
+    outputs.trainer = trainer
+    loss_log = LossLog(out_dir / "loss.csv", keep_until=start_step) if trainer.is_global_zero else None
+    recorder = RunRecorder(
+        accumulation=settings.grad_accumulation, checkpoint_every=settings.checkpoint_every,
+        validation_every=settings.validation_every, total_steps=steps_total, loss_log=loss_log,
+        save=outputs.save_checkpoint, validate=outputs.validate if settings.validation_prompts else None,
+    )
+    trainer.callbacks.extend([recorder, *(callbacks or [])])
+
+    # 3. train.
+    final_step = start_step
+    if remaining > 0:
+        micro_per_step = settings.grad_accumulation * trainer.world_size
+        dataset = StepDataset(
+            cache, plan, start=start_step * micro_per_step, length=remaining * micro_per_step,
+            num_train_timesteps=len(scheduler.timesteps), random_flip=settings.random_flip,
+            caption_dropout=settings.caption_dropout, seed=settings.seed,
+        )
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=settings.num_workers)
+        log.info("training %d step(s) (%d..%d) on %d image(s) in %d bucket(s), %s, %s precision", remaining,
+                 start_step + 1, steps_total, len(samples), len(plan.groups), runtime.accelerator, runtime.precision)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        recorder.install_signal_handler()
+        try:
+            with warnings.catch_warnings(), _quiet_lightning(not settings.progress_bar):
+                warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+                trainer.fit(module, train_dataloaders=loader)
+        except NonFiniteLoss as error:
+            last = latest_checkpoint(out_dir)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+            raise KstoryError(
+                f"training stopped: {error} (not finite); {kept}",
+                fix="lower learning_rate, use mixed_precision bf16 or no instead of fp16, check the data; "
+                    "run again to resume from the last good checkpoint, or start fresh",
+            ) from error
+        except SystemExit as error:  # Lightning turns a KeyboardInterrupt into sys.exit(1)
+            if recorder.interrupted:
+                raise KeyboardInterrupt from error
+            raise
+        finally:
+            recorder.restore_signal_handler()
+        if recorder.interrupted:
+            log.warning("stopped at step %d; checkpoint: %s; run again to resume", module.step, recorder.last_checkpoint)
+            raise KeyboardInterrupt
+        final_step = module.step
+    else:
+        log.info("nothing to train: the checkpoint is already at step %d of %d", start_step, steps_total)
+    if loss_log is not None:
+        loss_log.close()
+
+    # 4. outputs: final checkpoint (so a longer run can continue), LoRA, validation, summary.
+    last_checkpoint = recorder.last_checkpoint or (resumed.path if resumed is not None else None)
+    validation_dir = None
+    lora_path = out_dir / "lora.safetensors"
+    if trainer.is_global_zero:
+        if remaining > 0:
+            last_checkpoint = outputs.save_checkpoint(module)
+        save_lora(lora_path, outputs.finite_lora(final_step), outputs.metadata(final_step))
+        if settings.validation_prompts and remaining > 0:
+            unet.to(runtime.device)  # Lightning's teardown parks the model on the CPU
+            validation_dir = outputs.validate(module)
+    result = TrainResult(
+        out_dir=out_dir, lora_path=lora_path, steps=final_step, resumed_from=start_step,
+        final_loss=recorder.last_loss if recorder.last_loss is not None else _logged_loss(out_dir / "loss.csv", final_step),
+        seconds=time.monotonic() - started, last_checkpoint=last_checkpoint,
+        validation_dir=validation_dir, device=str(runtime.device), precision=runtime.precision,
+        peak_vram_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        memory=memory_plan.as_record() if memory_plan is not None else None,
+    )
+    if trainer.is_global_zero:
+        _write_summary(out_dir / "train.json", result, settings, weights, cache, steps_total)
+    return result
+
+
+def _memory_plan(memory: str, weights: Any, settings: TrainSettings, runtime: Any, text_encoder_device: str) -> Any:
+    """The memory profile for this training on this machine (None on Apple's MPS, which has no profiles)."""
+    from kstory.core.memory import plan_memory
+
+    if runtime.accelerator == "mps":
+        return None
+    return plan_memory(memory, weights, task="train", device="cuda" if runtime.accelerator == "gpu" else "cpu",
+                       pixels=settings.resolution ** 2, frames=settings.batch_size,
+                       gradient_checkpointing=settings.gradient_checkpointing, text_encoder_device=text_encoder_device)
+
+
+def _already_finished(out_dir: Path, settings: TrainSettings, latest: Any, started: float) -> TrainResult | None:
+    """The recorded result when ``out_dir`` already holds the finished run these settings ask for, else None.
+
+    Only a ``max_steps`` schedule is known before the dataset is loaded; with
+    ``epochs`` the run goes on to count the batches (and finds nothing to train).
+    """
+    if settings.epochs is not None or latest.step != total_steps(settings, 0):
+        return None
+    try:
+        summary = json.loads((out_dir / "train.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    lora_path = out_dir / "lora.safetensors"
+    if summary.get("status") != "finished" or summary.get("steps") != latest.step or not lora_path.is_file():
+        return None
+    try:
+        same_settings = TrainSettings.model_validate(summary.get("settings")).fingerprint() == settings.fingerprint()
+    except ValueError:  # pydantic's ValidationError: a summary from other settings
+        same_settings = False
+    if not same_settings:
+        return None  # the full path re-exports the LoRA and warns about the changed settings
+    log.info("already trained: %s is at step %d of %d, nothing to do (raise max_steps to continue)",
+             out_dir, latest.step, latest.step)
+    validation = summary.get("validation_dir")
+    return TrainResult(
+        out_dir=out_dir, lora_path=lora_path, steps=latest.step, resumed_from=latest.step,
+        final_loss=summary.get("final_loss"), seconds=time.monotonic() - started, last_checkpoint=latest.path,
+        validation_dir=Path(validation) if validation else None, device=summary.get("device", ""),
+        precision=summary.get("precision", ""), peak_vram_bytes=None,
+    )
+
+
+def _checkpoint_within(out_dir: Path, latest: Any, steps_total: int) -> Any:
+    """A shorter schedule stops at its own last step: resume from the newest checkpoint within it.
+
+    The later checkpoints stay where they are, so raising the steps again continues from them.
+    """
+    from kstory.train.checkpoint import list_checkpoints, load_checkpoint
+
+    within = [path for step, path in list_checkpoints(out_dir) if step <= steps_total]
+    chosen = load_checkpoint(within[-1]) if within else None
+    log.info("the schedule now ends at step %d, before the latest checkpoint (step %d): %s; later checkpoints are kept",
+             steps_total, latest.step,
+             f"the LoRA is taken from step {steps_total}" if chosen is not None and chosen.step == steps_total
+             else f"training continues from step {chosen.step if chosen else 0} to {steps_total}")
+    return chosen
+
+
+def _logged_loss(path: Path, step: int) -> float | None:
+    """The loss loss.csv recorded for ``step`` (a run that trained no step of its own reports it)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("step") == str(step):
+                    return float(row["loss"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return None
+
+
+def _write_summary(path: Path, result: TrainResult, settings: TrainSettings, weights: Any, cache: Any,
+                   steps_total: int) -> None:
+    buckets: dict[str, int] = {}
+    for sample in cache.samples:
+        key = f"{sample.size[0]}x{sample.size[1]}"
+        buckets[key] = buckets.get(key, 0) + 1
+    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
+    summary.update({
+        "status": "finished", "total_steps": steps_total, "samples": len(cache.samples), "buckets": buckets,
+        "base_model": weights.identity, "base_fingerprint": weights.fingerprint, "cache": str(cache.root),
+        "settings": json.loads(settings.config_json()),
+    })
+    write_json(path, summary)
