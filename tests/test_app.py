@@ -15,7 +15,7 @@ from kstory.core.errors import KstoryError
 
 from streamlit.testing.v1 import AppTest
 
-from kstory.app import review
+from kstory.story import review
 
 from kstory.core import run_access
 from kstory.cli.launch import RUN_ENV, RUNS_ROOT_ENV
@@ -175,8 +175,29 @@ def test_training_pick_checkpoint(demo_runs: Path, monkeypatch: pytest.MonkeyPat
     at.selectbox(key="checkpoint").set_value("step-000006").run()
     at.button(key="pick_checkpoint").click().run()
     assert not at.exception
-    assert review.load(demo_runs / "demo" / "story").checkpoint == "step-000006"
-    assert any("picked step-000006" in s.value for s in at.success)
+    story = demo_runs / "demo" / "story"
+    try:
+        assert review.load(story).checkpoint == "step-000006"
+        assert any("picked step-000006" in s.value for s in at.success)
+        # the pick is not the story's LoRA until the story stage runs again, and the Story page says so
+        at = _goto(_app(monkeypatch, demo_runs), "Story")
+        assert any("checkpoint step-000006 is picked" in i.value for i in at.info), _texts(at)
+    finally:
+        review.drop_checkpoint(story)  # the shared demo run's story stays up to date for the tests after this one
+
+
+def test_training_deleted_pick_and_final_lora(demo_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "runs"
+    shutil.copytree(demo_runs / "demo", root / "demo", ignore=shutil.ignore_patterns(".history", ".jobs", "submission"))
+    step = sorted(p.name for p in (root / "demo" / "lora" / "checkpoints").iterdir())[0]
+    review.save(root / "demo" / "story", review.Review(checkpoint=step))
+    shutil.rmtree(root / "demo" / "lora" / "checkpoints" / step)
+    at = _goto(_app(monkeypatch, root), "Training")
+    assert any(f"picked checkpoint {step} has no LoRA" in e.value for e in at.error)
+    at.button(key="use_final_lora").click().run()
+    assert not at.exception and not at.error
+    assert review.load(root / "demo" / "story").checkpoint is None
+    assert any("pick cleared" in s.value for s in at.success)
 
 
 def test_story_lock_and_reorder(demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,10 +56,10 @@ def test_browser_loads_run_rerolls_and_packages(demo_runs: Path) -> None:
             page.get_by_role("button", name="Re-roll frame 1").click()
             page.get_by_role("button", name="Cancel").wait_for()  # the job's panel, polled while it runs
             page.get_by_text("Re-roll frame 1 and score the story: done").wait_for(timeout=180_000)
-            page.get_by_text("8. frame 8").wait_for()
+            page.get_by_text("8. frame 8").first.wait_for()  # the page may still hold the previous run's copy
             scored = page.get_by_text(re.compile(r"^seed \d+ · aesthetic"))
             deadline = time.monotonic() + 60
-            while scored.count() < 8 and time.monotonic() < deadline:
+            while scored.count() != 8 and time.monotonic() < deadline:
                 time.sleep(0.5)
             assert scored.count() == 8
             page.wait_for_timeout(1000)  # let the last images paint before the screenshot
@@ -71,6 +71,7 @@ def test_browser_loads_run_rerolls_and_packages(demo_runs: Path) -> None:
             page.get_by_label("Suffix").press("Enter")
             page.get_by_text("model name: kteam").wait_for()
             page.get_by_text("Package even though the gate failed").click()
+            page.get_by_text("Package a test artefact").click()  # the tiny models: labelled as a test artefact
             page.get_by_role("button", name="Build package").click()
             page.get_by_text(re.compile(r"Build the package .*: done")).wait_for(timeout=180_000)
             page.get_by_text("Model card preview").wait_for()

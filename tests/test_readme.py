@@ -105,11 +105,14 @@ def test_readme_use_block_runs_on_the_tiny_preset(tmp_path: Path, monkeypatch: p
         assert status in expected, f"kstory {' '.join(args)} -> {status}\n{out.out}\n{out.err}"
         ran.append(command)
         statuses[command] = status
+        if command == "status":  # after `kstory run`, every stage of the README's run is up to date
+            assert all(f"{stage} " in out.out and "up to date" in out.out for stage in ("prep", "train", "story"))
+            assert "out of date" not in out.out, out.out
         if command == "score":  # `kstory score RUN`: the manifest's 8 frames with their prompts, into RUN/scores.json
             scores = json.loads((tmp_path / "runs" / "mine" / "scores.json").read_text(encoding="utf-8"))
             assert len(scores["images"]) == 8 and all(image["prompt"] for image in scores["images"])
     assert ran == ["demo", "prep", "train", "story", "reroll", "score", "package", "verify", "upload", "run",
-                   "doctor"]
+                   "status", "doctor"]
     run = tmp_path / "runs" / "mine"
     log = (run / "kstory.log").read_text(encoding="utf-8")
     for command in ("prep", "train", "story", "reroll", "score", "package", "verify", "upload"):

@@ -221,6 +221,6 @@ def test_package_import_is_lazy():
     import subprocess
     import sys
 
-    code = "import scoring, sys; assert 'torch' not in sys.modules; scoring.render_table; print('ok')"
+    code = "import kstory.scoring as scoring, sys; assert 'torch' not in sys.modules; scoring.render_table; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
     assert callable(scoring.build_tiny_clip_model)

@@ -7,12 +7,12 @@ from typing import Any
 
 import streamlit as st
 
-from kstory.app import actions, jobs_panel, review
-
-from kstory.core import run_access
+from kstory.app import actions, jobs_panel
 from kstory.app.ui import Context, show_image
+from kstory.core import run_access
 from kstory.core.hashing import sha256_file
 from kstory.core.rundir import RunDir
+from kstory.story import review
 
 COLUMNS = 4
 
@@ -138,6 +138,11 @@ def render(ctx: Context) -> None:
     summary = _summary(run_access.read_json(run.scores, "the scores", "kstory score"))
     scores = _scores_by_name(run_access.read_json(run.scores, "the scores", "kstory score").data or {})
     state = review.load(run.story)
+    made_with = (manifest.data.get("lora") or {}).get("checkpoint") if isinstance(manifest.data.get("lora"), dict) else None
+    if state.checkpoint != made_with:
+        st.info(f"checkpoint {state.checkpoint or 'none (the final LoRA)'} is picked, the frames were made with "
+                f"{made_with or 'the final LoRA'}: `kstory run` makes the story with the pick; re-rolls keep "
+                "the story's LoRA until then")
     keys = list(records)
     order = state.ordered(keys)
     for start in range(0, len(order), COLUMNS):

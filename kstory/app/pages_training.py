@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from kstory.app import review
-
-from kstory.core import run_access
 from kstory.app.ui import Context, show_image
+from kstory.core import run_access
+from kstory.core.errors import KstoryError
 from kstory.core.rundir import RunDir
+from kstory.story import review
 
 
 def _steps(folder: Path) -> list[str]:
@@ -65,20 +65,40 @@ def render(ctx: Context) -> None:
     checkpoints = _steps(run.lora / "checkpoints")
     validations = _steps(run.lora / "validation")
     steps = sorted(set(checkpoints) | set(validations))
+    state = review.load(run.story)
+    _final_lora(run, state)
     if not steps:
         st.info("no checkpoints or validation images yet")
         return
     st.subheader("Checkpoints")
-    state = review.load(run.story)
     default = steps.index(state.checkpoint) if state.checkpoint in steps else len(steps) - 1
     step = st.selectbox("Checkpoint", steps, index=default, key="checkpoint")
     info = run_access.read_json(run.lora / "checkpoints" / step / "state.json", "checkpoint state", "kstory train")
     if info.ok:
         st.caption(", ".join(f"{k}: {v}" for k, v in info.data.items() if isinstance(v, (int, float, str)))[:500])
     _validation(run.lora, step)
-    if st.button("Pick this checkpoint", key="pick_checkpoint"):
+    if st.button("Pick this checkpoint", key="pick_checkpoint", disabled=step not in checkpoints,
+                 help="the story is made with this checkpoint's LoRA the next time `kstory run` runs"):
         state.checkpoint = step
         review.save(run.story, state)
-        st.success(f"picked {step} (noted in story/review.json); its LoRA is {run.lora / 'checkpoints' / step / 'lora.safetensors'}")
+        st.success(f"picked {step} (noted in story/review.json): `kstory run` makes the story with "
+                   f"{review.checkpoint_lora(run.lora, step)}")
     elif state.checkpoint:
-        st.caption(f"picked checkpoint: {state.checkpoint}")
+        st.caption(f"picked checkpoint: {state.checkpoint} (the story's LoRA)")
+
+
+def _final_lora(run: RunDir, state: review.Review) -> None:
+    """A pick whose checkpoint is gone stops the story stage; going back to the final LoRA is the user's call."""
+    if not state.checkpoint:
+        return
+    problem = st.empty()  # filled below unless this run clears the pick
+    if st.button("Use the final LoRA", key="use_final_lora",
+                 help=f"clear the pick ({state.checkpoint}): the story is made with lora/lora.safetensors"):
+        review.drop_checkpoint(run.story)
+        state.checkpoint = None
+        st.success("pick cleared: `kstory run` makes the story with lora/lora.safetensors")
+        return
+    try:
+        review.story_lora(run.lora, run.story)
+    except KstoryError as error:
+        problem.error(f"{error.message} ({error.path}); fix: {error.fix}")

@@ -59,7 +59,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from kstory.cli.runner import run_config
 
-    _print_outcomes(run_config(Path(args.config), model=args.model, until=args.until))
+    _print_outcomes(run_config(Path(args.config), model=args.model, until=args.until,
+                               use_final_lora=args.use_final_lora))
     return 0
 
 
@@ -365,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="run config YAML (e.g. runs/demo/kstory.yaml)")
     run.add_argument("--model", default=None, help="override the config's base model")
     run.add_argument("--until", metavar="STAGE", help="stop after this stage (e.g. prep)")
+    run.add_argument("--use-final-lora", action="store_true",
+                     help="clear the checkpoint picked on the dashboard (story/review.json) and make the story "
+                          "with lora/lora.safetensors")
     run.set_defaults(func=_cmd_run)
 
     prep = commands.add_parser(

@@ -36,13 +36,16 @@ def _keep_config_copy(config_path: Path, run: RunDir) -> None:
 
 
 def run_config(config_path: str | Path, *, model: str | None = None, until: str | None = None,
-               only: set[str] | None = None) -> list[StageOutcome]:
+               only: set[str] | None = None, use_final_lora: bool = False) -> list[StageOutcome]:
     """Run the stages of the config at ``config_path`` in order; return what ran and what was skipped.
 
     ``until`` stops after the named stage, so a notebook can walk the run one
     stage per cell with the same stamps and skipping as ``kstory run``.
     ``only`` runs just the named stages when they are out of date and leaves
     the others as they are (the dashboard re-scores without touching the story).
+    ``use_final_lora`` clears the checkpoint picked on the dashboard first, so the
+    story is made with ``lora/lora.safetensors`` (the user's confirmation when the
+    picked checkpoint is gone).
     """
     config_path = Path(config_path)
     stages = _stages_until(until)
@@ -54,6 +57,13 @@ def run_config(config_path: str | Path, *, model: str | None = None, until: str 
     with log_to_file(run.log):
         log.info("run %s in %s (model: %s)", config.name, run.root, config.model)
         _keep_config_copy(config_path, run)
+        if use_final_lora:
+            from kstory.story.review import drop_checkpoint
+
+            dropped = drop_checkpoint(run.story)
+            if dropped:
+                log.info("dropped the picked checkpoint %s (--use-final-lora): the story uses lora/lora.safetensors",
+                         dropped)
         try:
             _run_stages(config, run, stages, outcomes, only)
         except BaseException as exc:

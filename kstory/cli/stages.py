@@ -160,19 +160,25 @@ def _story_digest(config: RunConfig, run: RunDir) -> str:
                    for name, value in sorted(story.controlnets.items())}
     spec = story.spec
     references = _story_references(spec) if spec.is_file() else []
+    # The checkpoint picked on the dashboard (only that field of review.json): a new pick is a new LoRA.
+    from kstory.story.review import load
+
+    picked = load(run.story).checkpoint
     settings = {"lora_scale": story.lora_scale}
     for name in ("memory", "text_encoder_device"):  # may change pixels; unset keeps older runs' digests
         if name in config.model_fields_set:
             settings[name] = getattr(config, name)
-    return fingerprint("story", settings, controlnets, path_digest(spec), references)
+    return fingerprint("story", settings, controlnets, path_digest(spec), references,
+                       *([{"checkpoint": picked}] if picked else []))
 
 
 def _story_run(config: RunConfig, run: RunDir) -> None:
     from kstory.story import generate_story
+    from kstory.story.review import story_lora
 
-    lora = run.lora / "lora.safetensors"
+    lora, checkpoint = story_lora(run.lora, run.story)  # the picked checkpoint's LoRA, else the final one
     generate_story(
-        config.story.spec, run.story, model=config.model, lora=lora if lora.is_file() else None,
+        config.story.spec, run.story, model=config.model, lora=lora, lora_checkpoint=checkpoint,
         lora_scale=config.story.lora_scale, controlnets=controlnet_paths(config.story.controlnets, config.cache_dir),
         cache_dir=config.cache_dir, memory=config.memory, text_encoder_device=config.text_encoder_device,
     )

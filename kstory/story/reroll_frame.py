@@ -25,6 +25,7 @@ from kstory.story.controlnets import identify
 from kstory.story.generate import FramePlan, GuidePlan, Session, recorded_memory
 from kstory.story.manifest import read_manifest, sha256_bytes
 from kstory.story.build import StoryBuild
+from kstory.story.review import FINAL_LORA, checkpoint_lora
 from kstory.story.run import StoryResult, build_story, frame_work, spec_values
 from kstory.story.spec_copy import SPEC_COPY
 from kstory.story.spec import load_spec
@@ -53,9 +54,11 @@ def _plan_from_record(out_dir: Path, index: int, record: dict[str, Any]) -> Fram
 
 
 def _lora_file(out_dir: Path, lora: dict[str, Any]) -> Path:
-    """The LoRA the story was made with: at its recorded path, or in the run's lora/ folder after a move."""
+    """The LoRA the story was made with: at its recorded path, or in the run's lora/ folder after a move
+    (``lora/checkpoints/<name>/`` when the manifest names the picked checkpoint)."""
     recorded = Path(lora["path"])
-    moved = Path(out_dir).resolve().parent / "lora" / "lora.safetensors"
+    lora_dir = Path(out_dir).resolve().parent / "lora"
+    moved = checkpoint_lora(lora_dir, lora["checkpoint"]) if lora.get("checkpoint") else lora_dir / FINAL_LORA
     for candidate in (recorded, moved):
         if candidate.is_file() and sha256_bytes(candidate.read_bytes()) == lora["sha256"]:
             return candidate

@@ -55,9 +55,11 @@ class LoraChoice:
     scale: float | None
     sha256: str
     metadata: dict[str, str]
+    checkpoint: str | None = None  # the training checkpoint picked on the dashboard; None: the LoRA as given
 
 
-def check_lora(lora: Path | None, scale: float | None, weights: KolorsWeights) -> LoraChoice | None:
+def check_lora(lora: Path | None, scale: float | None, weights: KolorsWeights,
+               checkpoint: str | None = None) -> LoraChoice | None:
     """Read the LoRA's metadata and refuse one trained on another base model."""
     if lora is None:
         return None
@@ -79,7 +81,7 @@ def check_lora(lora: Path | None, scale: float | None, weights: KolorsWeights) -
             f"(fingerprint {weights.fingerprint[:12]})",
             path=lora, fix="generate with the base model the LoRA was trained on (--model), or train it on this one",
         )
-    return LoraChoice(lora, scale, hashlib.sha256(lora.read_bytes()).hexdigest(), metadata)
+    return LoraChoice(lora, scale, hashlib.sha256(lora.read_bytes()).hexdigest(), metadata, checkpoint)
 
 
 def resolve_controlnets(
@@ -149,7 +151,7 @@ def setup_record(
     return {
         "model": {"spec": model, "identity": weights.identity, "fingerprint": weights.fingerprint, "tiny": weights.is_tiny},
         "lora": None if lora is None else {
-            "path": str(lora.path), "sha256": lora.sha256, "scale": 1.0 if lora.scale is None else lora.scale,
+            "path": str(lora.path), "checkpoint": lora.checkpoint, "sha256": lora.sha256, "scale": 1.0 if lora.scale is None else lora.scale,
             "strength": lora_strength(lora.metadata, lora.scale),
             "rank": int(lora.metadata.get("kstory.rank", 0)), "alpha": float(lora.metadata.get("kstory.alpha", 0)),
             "trigger_word": lora.metadata.get("kstory.trigger_word", ""),
@@ -368,6 +370,7 @@ def generate_story(
     model: str = "tiny",
     lora: Path | None = None,
     lora_scale: float | None = None,
+    lora_checkpoint: str | None = None,
     controlnets: Mapping[str, Path] | None = None,
     cache_dir: Path | None = None,
     frames: list[int] | None = None,
@@ -388,6 +391,7 @@ def generate_story(
     ``memory`` is a profile of :mod:`kstory.core.memory` (``auto``: picked from the free memory); it decides
     the dtype when ``torch_dtype`` is not given and caps the frames per batch. ``text_encoder_device="cpu"``
     encodes the prompts on the CPU whatever the profile says.
+    ``lora_checkpoint`` names the training checkpoint ``lora`` comes from (recorded in the manifest).
     """
     spec_path, out_dir = Path(spec_path).resolve(), Path(out_dir)
     spec = load_spec(spec_path)
@@ -396,7 +400,7 @@ def generate_story(
     if bad:
         raise KstoryError(f"no frame {bad[0]}: frames are numbered 1..{spec.frame_count}", fix="pick existing frames")
     weights = resolve_model(model, cache_dir)
-    lora_choice = check_lora(lora, lora_scale, weights)
+    lora_choice = check_lora(lora, lora_scale, weights, lora_checkpoint)
     lora_trigger = lora_choice.metadata.get("kstory.trigger_word", "") if lora_choice else ""
     trigger = spec.character.trigger_word or lora_trigger
     if lora_trigger and trigger != lora_trigger:

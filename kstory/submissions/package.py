@@ -4,10 +4,10 @@ Layout (docs/submissions.md)::
 
     README.md                          model card: ModelScope front matter + description, images, snippet
     configuration.json                 ModelScope's framework/task file
-    lora.safetensors                   the LoRA in DiffSynth's own (kstory) key format
+    lora.safetensors                   the LoRA the frames were made with, in DiffSynth's own (kstory) key format
     pytorch_lora_weights.safetensors   diffusers format (KolorsPipeline.load_lora_weights)
     lora_kohya.safetensors             kohya/WebUI format (ComfyUI LoraLoader)
-    frames/NN.png  guides/*.png  story.yaml  manifest.json  scores.json
+    frames/NN.png  guides/*.png  story.yaml  manifest.json  scores.json   in the order of story/review.json
     forum_post.md                      the forum post, title in the required format
     kstory_package.json                what was packaged, with the sha256 of every file above
 
@@ -17,6 +17,7 @@ The package is built in a staging folder and moved into place; an older
 
 from __future__ import annotations
 
+import copy
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +28,7 @@ from kstory.core.errors import KstoryError
 from kstory.core.hashing import sha256_file
 from kstory.core.logs import get_logger
 from kstory.submissions.naming import MIDDLE, model_name
+from kstory.story import review
 from kstory.submissions.provenance import ALLOW_FLAG, Provenance, provenance
 
 log = get_logger("package")
@@ -60,14 +62,43 @@ def _inside(story: Path, relative: Any, what: str) -> Path:
     return target
 
 
-def _check_run(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any], Path, dict[str, str]]:
-    """The run's LoRA, manifest, scores and story folder, checked against each other."""
-    from kstory.core.lora import read_lora
+def _story_lora(lora_dir: Path, manifest: dict[str, Any]) -> Path:
+    """The LoRA the manifest's frames were made with, found by sha256 in the run's ``lora/`` folder.
 
-    lora = run_dir / "lora" / "lora.safetensors"
-    if not lora.is_file():
-        raise KstoryError("the run has no LoRA", path=lora, fix="run `kstory train` (or `kstory run`) first")
-    _, lora_meta = read_lora(lora)
+    The checkpoint the manifest names is tried first, then ``lora/lora.safetensors``, then every checkpoint.
+    """
+    from kstory.story.review import CHECKPOINTS, FINAL_LORA, checkpoint_lora
+
+    used = manifest.get("lora") or {}
+    if not used.get("sha256"):
+        raise KstoryError("the story was generated without a LoRA", path=lora_dir.parent / "story" / "manifest.json",
+                          fix="run `kstory run` (or `kstory story --lora`) again so the story uses the run's LoRA")
+    named = used.get("checkpoint")
+    first = checkpoint_lora(lora_dir, named) if named else lora_dir / FINAL_LORA
+    seen: set[Path] = set()
+    for path in [first, lora_dir / FINAL_LORA, *sorted((lora_dir / CHECKPOINTS).glob(f"*/{FINAL_LORA}"))]:
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        if sha256_file(path) == used["sha256"]:
+            return path
+    what = f"checkpoint {named}" if named else "the final LoRA"
+    raise KstoryError(
+        f"the run has no LoRA with the sha256 the story was made with ({what}, {used['sha256'][:12]}); "
+        "it was retrained or deleted since", path=first,
+        fix="run `kstory run` (or `kstory story`) again so the frames are made with a LoRA the run has",
+    )
+
+
+def _check_run(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any], Path, dict[str, str]]:
+    """The LoRA the story was made with, the manifest, scores and story folder, checked against each other."""
+    from kstory.core.lora import read_lora
+    from kstory.story.review import CHECKPOINTS, FINAL_LORA
+
+    lora_dir = run_dir / "lora"
+    if not (lora_dir / FINAL_LORA).is_file() and not any((lora_dir / CHECKPOINTS).glob(f"*/{FINAL_LORA}")):
+        raise KstoryError("the run has no LoRA", path=lora_dir / FINAL_LORA,
+                          fix="run `kstory train` (or `kstory run`) first")
     story = run_dir / "story"
     manifest = _read_json(story / "manifest.json", "story manifest", "run `kstory story` first")
     frames = manifest.get("frames", {})
@@ -92,13 +123,8 @@ def _check_run(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any], Pat
             if not (story / guide["file"]).is_file():
                 raise KstoryError("guide image missing", path=story / guide["file"], fix="regenerate the story")
     _check_spec_copy(story, manifest)
-    lora_sha = sha256_file(lora)
-    used = (manifest.get("lora") or {}).get("sha256")
-    if used != lora_sha:
-        raise KstoryError(
-            "the story was not generated with this LoRA" if used else "the story was generated without a LoRA",
-            path=lora, fix="run `kstory story` again with the current LoRA",
-        )
+    lora = _story_lora(lora_dir, manifest)
+    _, lora_meta = read_lora(lora)
     scores = _read_json(run_dir / "scores.json", "scores.json", "run `kstory score` first")
     scored = {Path(i["file"]).name: i.get("sha256") for i in scores.get("images", [])}
     unscored = sorted((k for k, f in frames.items() if Path(f["file"]).name not in scored), key=int)
@@ -126,6 +152,51 @@ def _check_spec_copy(story: Path, manifest: dict[str, Any]) -> None:
             fix="the manifest is the source of truth: re-roll the frame again (`kstory reroll`) or regenerate the "
                 "story with `kstory story`, which write both",
         )
+
+
+def _in_order(manifest: dict[str, Any], order: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The manifest with its frames renumbered 1.. in ``order`` (story frame keys) and files renamed to match.
+
+    Each frame keeps its story number in ``story_frame`` (verify regenerates it from that spec entry).
+    Returns the new manifest and old -> new relative file names (frames and guides).
+    """
+    from kstory.story.manifest import frame_name
+
+    frames, renames = {}, {}
+    for position, key in enumerate(order, start=1):
+        record = copy.deepcopy(manifest["frames"][key])
+        old, new = frame_name(int(key)), frame_name(position)
+        renames[record["file"]] = f"frames/{new}.png"
+        record["file"] = renames[record["file"]]
+        for guide in record.get("guides", []):
+            name = Path(guide["file"]).name
+            renamed = new + name[len(old):] if name.startswith(f"{old}-") else f"{new}-{name}"
+            renames[guide["file"]] = f"guides/{renamed}"
+            guide["file"] = renames[guide["file"]]
+        record["story_frame"] = int(key)
+        frames[str(position)] = record
+    return {**manifest, "frames": frames}, renames
+
+
+def _scores_in_order(scores: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """scores.json with frame file names changed by ``names`` (old -> new file name) and images in the new order."""
+
+    def rename(text: Any) -> Any:
+        if not isinstance(text, str) or Path(text).name not in names:
+            return text
+        return Path(text).with_name(names[Path(text).name]).as_posix()
+
+    out = copy.deepcopy(scores)
+    for group in ("images", "skipped"):
+        for item in out.get(group, []):
+            item["file"] = rename(item.get("file"))
+    summary = out.get("summary", {})
+    for item in summary.get("weakest", []) or []:
+        item["file"] = rename(item.get("file"))
+    if "odd_one_out" in summary:
+        summary["odd_one_out"] = rename(summary["odd_one_out"])
+    out["images"] = sorted(out.get("images", []), key=lambda item: Path(str(item.get("file"))).name)
+    return out
 
 
 def _training_summary(run_dir: Path, lora_meta: dict[str, str]) -> dict[str, Any]:
@@ -270,11 +341,13 @@ def build_package(
     """Package the run into ``out`` (default ``RUN/submission``); returns the folder.
 
     Refuses (KstoryError) a missing LoRA, fewer than 8 frames, frames edited
-    after generation, a story made with another LoRA, a manifest naming files
+    after generation, a story whose LoRA the run's lora/ folder no longer has, a manifest naming files
     outside the story folder, a scores.json missing a frame, a name breaking the
     rule; unless ``allow_failed_gate``, a run whose score gate did not pass; and
     unless ``allow_test_model``, a run made with a test model (submissions.provenance),
     which is then labelled a test artefact in the model card and configuration.json.
+    The frames go out in the order chosen on the dashboard (``story/review.json``),
+    renumbered 1..N; the locked ones are recorded in ``kstory_package.json``.
     """
     from kstory.submissions.lora_export import FILE_NAMES, export_lora
 
@@ -312,18 +385,29 @@ def build_package(
     scale = float(recorded.get("scale") or 1.0)
     strength = float(recorded.get("strength") or float(lora_meta["kstory.alpha"]) / int(lora_meta["kstory.rank"]) * scale)
     training = _training_summary(run_dir, lora_meta)
+    checkpoint = recorded.get("checkpoint")
+    if checkpoint:
+        training["checkpoint"] = checkpoint
+    # The dashboard's choices (story/review.json): the frames go out in the chosen order, locked ones as they are.
+    choices = review.load(story)
+    if choices.checkpoint != checkpoint:
+        log.warning("the picked checkpoint (%s) is not the LoRA the story was made with (%s): the package ships the "
+                    "story's; run `kstory run` to make the story with the pick", choices.checkpoint or "none",
+                    checkpoint or "lora/lora.safetensors")
+    order = choices.ordered(list(manifest["frames"]))
+    shipped, renames = _in_order(manifest, order)
+    names = {Path(old).name: Path(new).name for old, new in renames.items() if old.startswith("frames/")}
+    shipped_scores = _scores_in_order(scores, names)
     with atomic_directory(out) as staging:
         exports = export_lora(lora, staging)
-        for key, frame in manifest["frames"].items():
-            copy_file(story / frame["file"], staging / frame["file"])
-            for guide in frame.get("guides", []):
-                copy_file(story / guide["file"], staging / guide["file"])
+        for old, new in renames.items():
+            copy_file(story / old, staging / new)
         copy_file(story / "story.yaml", staging / "story.yaml")
-        copy_file(story / "manifest.json", staging / "manifest.json")
-        copy_file(run_dir / "scores.json", staging / "scores.json")
+        write_json(staging / "manifest.json", shipped)
+        write_json(staging / "scores.json", shipped_scores)
         write_text(staging / "README.md", _readme(
-            name, description=description, trigger=trigger, training=training, manifest=manifest, scores=scores,
-            strength=strength, license_id=license_id, origin=origin))
+            name, description=description, trigger=trigger, training=training, manifest=shipped,
+            scores=shipped_scores, strength=strength, license_id=license_id, origin=origin))
         write_json(staging / "configuration.json", {
             "framework": "Pytorch", "task": TASK, **origin.to_json(),
             "model": {"type": "lora", "files": {fmt: p.name for fmt, p in exports.items()}},
@@ -344,6 +428,11 @@ def build_package(
             **origin.to_json(),
             "allow_test_model": bool(allow_test_model),
             "lora_files": dict(FILE_NAMES),
+            "lora_checkpoint": checkpoint,
+            # package frame number -> the story's frame number (the order chosen on the dashboard)
+            "story_frames": {key: frame["story_frame"] for key, frame in shipped["frames"].items()},
+            "locked_frames": [key for key, frame in shipped["frames"].items()
+                              if str(frame["story_frame"]) in choices.locked],
             "forum_title": FORUM_TITLE.format(name=name),
             "files": {rel: sha256_file(staging / rel) for rel in files},
         })

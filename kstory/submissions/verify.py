@@ -7,7 +7,9 @@ re-run with every frame's guides replaced by the packaged guide images
 (``type: image``), so no reference photo or pose detector is needed. Each
 frame is reported identical (same PNG bytes) or with its PSNR/SSIM against
 the packaged frame; the frames are then re-scored and compared with
-``scores.json``.
+``scores.json``. A package keeps the order chosen on the dashboard: its
+frame N is the story's frame ``story_frame`` of the manifest, regenerated
+from that spec entry.
 """
 
 from __future__ import annotations
@@ -143,6 +145,11 @@ def _controlnets(manifest: dict[str, Any], given: dict[str, Path] | None, cache_
     return found
 
 
+def story_frame(key: str, frame: dict[str, Any]) -> int:
+    """The story's number of package frame ``key`` (packages keep the dashboard's order; older ones the story's)."""
+    return int(frame.get("story_frame", key))
+
+
 def _package_spec(submission: Path, manifest: dict[str, Any], target: Path) -> Path:
     """story.yaml with each frame's seed and prompt from the manifest and its guides replaced by the packaged
     guide images."""
@@ -150,7 +157,7 @@ def _package_spec(submission: Path, manifest: dict[str, Any], target: Path) -> P
     spec.pop("controlnets", None)  # given explicitly, found by hash
     frames = spec.get("frames") or []
     for key, frame in manifest["frames"].items():
-        index = int(key) - 1
+        index = story_frame(key, frame) - 1
         if not 0 <= index < len(frames):
             raise KstoryError(f"manifest frame {key} is not in story.yaml", path=submission / "story.yaml",
                               fix="repackage the run")
@@ -214,11 +221,12 @@ def verify_package(
                                 controlnets=nets, cache_dir=cache, device=device, torch_dtype=dtype, memory=memory)
         regen_manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))
         for key, frame in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0])):
-            packaged, regenerated = submission / frame["file"], result.frames[int(key)]
+            index = story_frame(key, frame)
+            packaged, regenerated = submission / frame["file"], result.frames[index]
             got = sha256_file(regenerated)
             on_disk = sha256_file(packaged) if packaged.is_file() else ""
             check = FrameCheck(int(key), frame["file"], got == frame["sha256"] == on_disk, frame["sha256"], got,
-                               prompt_matches=regen_manifest["frames"][key]["prompt"] == frame["prompt"])
+                               prompt_matches=regen_manifest["frames"][str(index)]["prompt"] == frame["prompt"])
             if not check.identical:
                 a = _pixels(regenerated)
                 b = _pixels(packaged) if packaged.is_file() else np.zeros_like(a)
@@ -240,16 +248,20 @@ def _rescore(report: VerifyReport, submission: Path, manifest: dict[str, Any], f
     scores = json.loads((submission / "scores.json").read_text(encoding="utf-8"))
     models = scores.get("summary", {}).get("models", {})
     recorded = {Path(i["file"]).name: i.get("aesthetic") for i in scores.get("images", [])}
-    paths = [frames[int(k)] for k in sorted(manifest["frames"], key=int)]
-    prompts = {str(frames[int(k)]): f["prompt"] for k, f in manifest["frames"].items()}
+    ordered = sorted(manifest["frames"].items(), key=lambda kv: int(kv[0]))
+    paths = [frames[story_frame(k, f)] for k, f in ordered]
+    prompts = {str(frames[story_frame(k, f)]): f["prompt"] for k, f in ordered}
+    # the regenerated files carry the story's numbers, the package's files its own order
+    packaged = {frames[story_frame(k, f)].name: Path(f["file"]).name for k, f in ordered}
     clip = models.get("clip")
     fresh = score_images(paths, aesthetic_model=_scoring_model(models.get("aesthetic"), "tiny"),
                          clip_model=_scoring_model(clip, "tiny") if clip else None, prompts=prompts,
                          threshold=scores.get("summary", {}).get("threshold", 6.0))
     for image in fresh.images:
-        old = recorded.get(Path(image.file).name)
+        name = packaged.get(Path(image.file).name, Path(image.file).name)
+        old = recorded.get(name)
         diff = None if old is None else abs(image.aesthetic - old)
-        report.scores.append(ScoreCheck(Path(image.file).name, old, image.aesthetic, diff))
+        report.scores.append(ScoreCheck(name, old, image.aesthetic, diff))
     report.recorded_mean = scores.get("summary", {}).get("mean")
     report.rescored_mean = fresh.summary.mean
     report.scores_match = all(s.diff is not None and s.diff <= SCORE_TOLERANCE for s in report.scores) and (

@@ -1,4 +1,8 @@
-"""``story/review.json``: the dashboard's only own file, the frames a user locked and the order they chose.
+"""``story/review.json``: the reviewer's choices for a story (locked frames, order, picked checkpoint).
+
+The dashboard writes it; the story stage reads the picked checkpoint (the LoRA
+the story is made with) and ``kstory package`` the order and the locked frames.
+It lives here, in the story stage, so every layer above can read it.
 
 Format (docs/app.md)::
 
@@ -20,6 +24,8 @@ from kstory.core.errors import KstoryError
 
 FILE = "review.json"
 FORMAT = "kstory-review/1"
+FINAL_LORA = "lora.safetensors"
+CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -69,3 +75,41 @@ def save(story_dir: Path, review: Review) -> Path:
     payload = {"format": FORMAT, "locked": sorted(review.locked, key=_frame_number), "order": review.order,
                "checkpoint": review.checkpoint}
     return atomic.write_json(Path(story_dir) / FILE, payload)
+
+
+def checkpoint_lora(lora_dir: Path, checkpoint: str) -> Path:
+    """``lora/checkpoints/<checkpoint>/lora.safetensors``; a name that is not one plain folder name is refused."""
+    name = str(checkpoint)
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise KstoryError(f"review.json picks checkpoint {name!r}, which is not a checkpoint name",
+                          fix="pick a checkpoint again on the dashboard's Training page (e.g. step-000012)")
+    return Path(lora_dir) / CHECKPOINTS / name / FINAL_LORA
+
+
+def story_lora(lora_dir: Path, story_dir: Path) -> tuple[Path | None, str | None]:
+    """The LoRA the story is made with and the picked checkpoint's name (None: the final LoRA).
+
+    The picked checkpoint's LoRA when ``review.json`` names one, else ``lora/lora.safetensors``
+    (None when there is none). A picked checkpoint that is gone is a KstoryError: falling back
+    to the final LoRA is the user's call (``kstory run --use-final-lora`` or the Training page).
+    """
+    picked = load(story_dir).checkpoint
+    if picked:
+        path = checkpoint_lora(lora_dir, picked)
+        if not path.is_file():
+            raise KstoryError(
+                f"the picked checkpoint {picked} has no LoRA (deleted?)", path=path,
+                fix="pick another checkpoint on the dashboard's Training page, or use the final LoRA: "
+                    "`kstory run CONFIG --use-final-lora` (or \"Use the final LoRA\" on the Training page)")
+        return path, picked
+    final = Path(lora_dir) / FINAL_LORA
+    return (final if final.is_file() else None), None
+
+
+def drop_checkpoint(story_dir: Path) -> str | None:
+    """Clear the picked checkpoint (the story goes back to the final LoRA); returns the name it had."""
+    state = load(story_dir)
+    picked, state.checkpoint = state.checkpoint, None
+    if picked:
+        save(story_dir, state)
+    return picked
