@@ -210,7 +210,7 @@ def test_session_frames_match_diffsynths_own_pipeline_call(controlnets):
     """The batched loop is DiffSynth's Kolors sampling: same frame as ``SDXLImagePipeline.__call__`` with the ControlNet."""
     from diffsynth.controlnets import Annotator, ControlNetUnit, MultiControlNetManager
 
-    from kstory.core.models import resolve_model
+    from kstory.core.models import load_kolors_pipeline, resolve_model
     from kstory.story.controlnets import identify
     from kstory.story.generate import FramePlan, GuidePlan, batches
     from kstory.story.guides.pose import render_library_pose
@@ -225,7 +225,7 @@ def test_session_frames_match_diffsynths_own_pipeline_call(controlnets):
              for i in (1, 2)]
     session.encode(plans, "never")
     ours = [image for _, images, _ in session.generate(batches(plans, 2)) for image in images]
-    pipe = session.pipe
+    pipe = load_kolors_pipeline(resolve_model("tiny"), device="cpu", torch_dtype=torch.float32)  # DiffSynth's whole pipeline
     pipe.controlnet = MultiControlNetManager([ControlNetUnit(Annotator("none", device="cpu"), session.controlnets["pose"][1], 0.7)])
     for plan, image in zip(plans, ours):
         theirs = pipe(prompt=plan.prompt, negative_prompt="blurry", cfg_scale=5.0, height=64, width=64,

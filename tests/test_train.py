@@ -330,7 +330,7 @@ def test_encoders_are_freed_before_the_unet_trains(tmp_path: Path, data: Path, c
     freed = []
     real_free = prepare_module.free_models
     monkeypatch.setattr(prepare_module, "free_models", lambda *models: (freed.extend(models), real_free(*models)))
-    train_lora(data, tmp_path / "out", TrainSettings(**FAST, max_steps=1), cache_dir=cache)
+    train_lora(data, tmp_path / "out", TrainSettings(**FAST, max_steps=1), cache_dir=tmp_path / "cold-cache")
     names = sorted(type(model).__name__ for model in freed)
     assert names == ["ChatGLMModel", "SDXLVAEDecoder", "SDXLVAEEncoder"]  # no validation prompts: decoder too
     assert all(p.device.type == "meta" for model in freed for p in model.parameters())

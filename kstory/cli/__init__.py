@@ -83,6 +83,9 @@ def _cmd_prep(args: argparse.Namespace) -> int:
     return 0
 
 
+MEMORY_CHOICES = ["auto", "none", "24gb", "16gb", "12gb", "8gb", "cpu"]  # kstory.core.memory.PROFILES, without importing torch
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from kstory.train import TrainSettings, train_lora
@@ -106,7 +109,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"previous output moved to {set_aside(out)}")
     with logging_to_run(out, "train"):
         result = train_lora(Path(args.data), out, settings, model=args.model,
-                            cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+                            cache_dir=Path(args.cache_dir) if args.cache_dir else None, memory=args.memory,
+                            text_encoder_device=args.text_encoder_device)
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     if result.steps == result.resumed_from:
         print(f"already trained to step {result.steps}: nothing left to train (raise --steps to continue)")
@@ -129,6 +133,8 @@ def _controlnet_args(pairs: list[str] | None) -> dict[str, str]:
 
 
 def _cmd_story(args: argparse.Namespace) -> int:
+    import torch
+
     from kstory.story import generate_story
 
     from kstory.cli.stages import controlnet_paths
@@ -139,7 +145,8 @@ def _cmd_story(args: argparse.Namespace) -> int:
         result = generate_story(
             Path(args.spec), Path(args.out), model=args.model, lora=Path(args.lora) if args.lora else None,
             lora_scale=args.lora_scale, controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir),
-            cache_dir=cache_dir, frames=frames,
+            cache_dir=cache_dir, frames=frames, memory=args.memory, text_encoder_device=args.text_encoder_device,
+            torch_dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
         )
     print(f"{len(result.generated)} frame(s) in {Path(args.out) / 'frames'} "
           f"({result.seconds_per_frame:.1f} s/frame); manifest: {Path(args.out) / 'manifest.json'}")
@@ -397,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--trigger-word", help="put this word in front of captions that lack it")
     train.add_argument("--fresh", action="store_true", help="move an existing OUT aside and start over")
     train.add_argument("--cache-dir", help="model and latent cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
+    train.add_argument("--memory", default="auto", choices=MEMORY_CHOICES,
+                       help="memory profile (default auto: picked from the free memory; see docs/performance.md)")
+    train.add_argument("--text-encoder-device", default="auto", choices=["auto", "cpu"],
+                       help="cpu: encode captions on the CPU (default: as the memory profile says)")
     train.set_defaults(func=_cmd_train)
 
     story = commands.add_parser(
@@ -413,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ControlNet weights for the spec's guides (repeatable); PATH may be 'tiny' (offline, random)")
     story.add_argument("--frames", help="only these frames, e.g. 1,3 or 2-5 (the others are kept)")
     story.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
+    story.add_argument("--memory", default="auto", choices=MEMORY_CHOICES,
+                       help="memory profile (default auto: picked from the free memory; see docs/performance.md)")
+    story.add_argument("--text-encoder-device", default="auto", choices=["auto", "cpu"],
+                       help="cpu: encode prompts on the CPU (default: as the memory profile says)")
+    story.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights' dtype (default: the profile's; fp16 on a GPU, float32 or bf16 on the CPU)")
     story.set_defaults(func=_cmd_story)
 
     reroll = commands.add_parser(

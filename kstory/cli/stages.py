@@ -109,7 +109,8 @@ def _train_schedule(config: RunConfig) -> str:
 def _train_run(config: RunConfig, run: RunDir) -> None:
     from kstory.train import train_lora
 
-    train_lora(run.data, run.lora, config.train_settings(), model=config.model, cache_dir=config.cache_dir)
+    train_lora(run.data, run.lora, config.train_settings(), model=config.model, cache_dir=config.cache_dir,
+               memory=config.memory, text_encoder_device=config.text_encoder_device)
 
 
 def controlnet_paths(controlnets: dict[str, str], cache_dir: Path | None) -> dict[str, Path]:
@@ -163,7 +164,11 @@ def _story_digest(config: RunConfig, run: RunDir) -> str:
     from kstory.story.review import load
 
     picked = load(run.story).checkpoint
-    return fingerprint("story", {"lora_scale": story.lora_scale}, controlnets, path_digest(spec), references,
+    settings = {"lora_scale": story.lora_scale}
+    for name in ("memory", "text_encoder_device"):  # may change pixels; unset keeps older runs' digests
+        if name in config.model_fields_set:
+            settings[name] = getattr(config, name)
+    return fingerprint("story", settings, controlnets, path_digest(spec), references,
                        *([{"checkpoint": picked}] if picked else []))
 
 
@@ -175,7 +180,7 @@ def _story_run(config: RunConfig, run: RunDir) -> None:
     generate_story(
         config.story.spec, run.story, model=config.model, lora=lora, lora_checkpoint=checkpoint,
         lora_scale=config.story.lora_scale, controlnets=controlnet_paths(config.story.controlnets, config.cache_dir),
-        cache_dir=config.cache_dir,
+        cache_dir=config.cache_dir, memory=config.memory, text_encoder_device=config.text_encoder_device,
     )
 
 

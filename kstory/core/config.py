@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -71,6 +71,11 @@ class RunConfig(Section):
     model: str = Field(default="tiny", description="Base model: 'kolors', 'tiny', or a local folder.")
     cache_dir: Path | None = Field(default=None, description="Model cache; $KSTORY_CACHE or ~/.cache/kstory when empty.")
     seed: Seed = Field(default=0, description="Seed for everything random in the run (0 to 2**63-1).")
+    memory: Literal["auto", "none", "24gb", "16gb", "12gb", "8gb", "cpu"] = Field(
+        default="auto", description="Memory profile for train and story (docs/performance.md#memory-profiles); "
+        "auto picks one from the free memory.")
+    text_encoder_device: Literal["auto", "cpu"] = Field(
+        default="auto", description="cpu: ChatGLM encodes on the CPU in train and story (auto: as the profile says).")
     prep: PrepSettings
     train: TrainSettings = Field(default_factory=TrainSettings, description="LoRA training (docs/train.md).")
     story: StorySettings | None = Field(default=None, description="Story generation; without it the run ends after train.")

@@ -20,8 +20,15 @@ def _version(name: str) -> str:
         return "not installed"
 
 
+def memory_lines() -> list[str]:
+    """The memory plan ``auto`` makes on this machine for the full Kolors (kstory.core.memory)."""
+    from kstory.core.memory import doctor_lines
+
+    return ["memory plan (Kwai-Kolors/Kolors, 1024 px, auto):", *("  " + line for line in doctor_lines())]
+
+
 def report() -> str:
-    """Versions, accelerator, torchvision mode and cache location."""
+    """Versions, accelerator, torchvision mode, cache location and the memory plan."""
     import torch
 
     from kstory.core.torchvision_compat import ensure_torchvision_ops
@@ -33,4 +40,5 @@ def report() -> str:
     lines.append("torchvision  " + ("compiled ops missing: kstory's CPU fallback for nms is active"
                                     if patched else "own compiled ops in use"))
     lines.append(f"model cache  {os.environ.get('KSTORY_CACHE', '~/.cache/kstory (default)')}")
+    lines += memory_lines()
     return "\n".join(lines)

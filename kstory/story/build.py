@@ -116,7 +116,7 @@ class StoryBuild:
         """True when the new state equals the story folder's: same setup, frames and spec copy."""
         if self.current is None:
             return False
-        ignore = {"versions", "frames"}
+        ignore = {"versions", "frames", "memory"}  # memory: how the frames were made (what changes pixels is in setup_id)
         same_top = {k: v for k, v in manifest.items() if k not in ignore} == \
             {k: v for k, v in self.current.items() if k not in ignore}
         copy = self.out_dir / spec_copy

@@ -1,7 +1,7 @@
 """Generate story frames on DiffSynth's Kolors pipeline with the LoRA and per-frame ControlNet guides.
 
-``Session`` owns the loaded networks: it encodes every prompt of a story once,
-can move the text encoder off the GPU before denoising, and denoises frames
+``Session`` owns the networks, one phase at a time: it encodes every prompt
+of a story once, frees the text encoder before the UNet loads, and denoises frames
 of one size and step count together (positive and negative prompt in one
 batch) through DiffSynth's ``lets_dance_xl``, with each frame's own noise
 from its own seed.
@@ -9,6 +9,8 @@ from its own seed.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,15 +23,18 @@ from PIL import Image
 
 from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
+from kstory.core.memory import MemoryPlan, free_models
 from kstory.core.models import KolorsWeights
 from kstory.story.controlnets import ControlNetWeights, ControlUnit, GuidedControl, load, union_task
 
 log = get_logger("story")
 SAMPLER = "ddim"  # DiffSynth's EnhancedDDIMScheduler with Kolors' beta schedule
+_VAE_TILE = 64  # DiffSynth's default tile_size for the SDXL VAE decoder, in latent pixels
 _FREE_MEMORY_FOR_TEXT_ENCODER = 16 << 30  # below this much free GPU memory, 'auto' releases the text encoder
 _OOM_FIX = (
-    "lower generation.batch_size in the story spec (1 uses the least memory), set generation.release_text_encoder: "
-    "always, use smaller frames (width/height), fewer ControlNets per frame, or a float16 dtype"
+    "use a smaller memory profile (--memory 12gb, 8gb or cpu), lower generation.batch_size in the story spec "
+    "(1 uses the least memory), set generation.release_text_encoder: always, use smaller frames (width/height), "
+    "fewer ControlNets per frame, or a float16 dtype"
 )
 
 
@@ -85,51 +90,149 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_dtype(device: str) -> torch.dtype:
-    return torch.float16 if device.startswith("cuda") else torch.float32
+def default_dtype(device: str, memory: MemoryPlan | None = None) -> torch.dtype:
+    """fp16 on a GPU; on the CPU float32, or bf16 when the memory profile asks for half precision."""
+    if device.startswith("cuda"):
+        return torch.float16
+    return torch.bfloat16 if memory is not None and memory.half else torch.float32
+
+
+def recorded_memory(manifest: Mapping[str, Any]) -> MemoryPlan | None:
+    """The memory profile a story was made with (its tiled decoding and text-encoder device change pixels)."""
+    record = manifest.get("memory")
+    if not record:
+        return None
+    known = MemoryPlan.__dataclass_fields__
+    return MemoryPlan(**{k: v for k, v in record.items() if k in known})
+
+
+def text_encoder_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
+    """ChatGLM's dtype when it encodes on another device: the story's, but bf16 instead of fp16 on a CPU."""
+    return torch.bfloat16 if str(device).startswith("cpu") and dtype == torch.float16 else dtype
 
 
 class Session:
-    """A Kolors pipeline with the LoRA merged and the story's ControlNets loaded."""
+    """Kolors for a story, one phase at a time.
+
+    ChatGLM loads, encodes every prompt of the frames to be made and is freed
+    (unless the memory profile keeps it) before the UNet, the ControlNets and
+    the merged LoRA load; the VAE decoder then decodes. The peak is the larger
+    phase, not the sum. A prompt that is new later (a re-roll) loads ChatGLM again.
+    """
 
     def __init__(
-        self, pipe: Any, controlnets: Mapping[str, tuple[ControlNetWeights, torch.nn.Module]],
-        lora_info: dict[str, Any] | None = None,
+        self, weights: KolorsWeights, *, lora: Path | None, lora_scale: float | None,
+        controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype,
+        memory: MemoryPlan | None = None,
     ):
-        self.pipe, self.controlnets, self.lora_info = pipe, dict(controlnets), lora_info
-        self.device, self.torch_dtype = pipe.device, pipe.torch_dtype
+        self.weights, self.lora, self.lora_scale = weights, lora, lora_scale
+        self.controlnet_weights = dict(controlnets)
+        self.device, self.torch_dtype, self.memory = device, torch_dtype, memory
+        self.tiled_vae = bool(memory and memory.tiled_vae)
+        self.keep_text_encoder = bool(memory and memory.keep_text_encoder)
+        self.text_device = "cpu" if memory and memory.text_encoder_device == "cpu" else device
+        moved = torch.device(self.text_device).type != torch.device(device).type
+        self.text_dtype = text_encoder_dtype(self.text_device, torch_dtype) if moved else torch_dtype
+        self.controlnets: dict[str, tuple[ControlNetWeights, torch.nn.Module]] = {}
+        self.lora_info: dict[str, Any] | None = None
         self._embeddings: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
+        self._text: tuple[Any, Any] | None = None  # (ModelManager, KolorsPrompter) while ChatGLM is loaded
+        self._pipe: Any = None
 
     @classmethod
     def load(
         cls, weights: KolorsWeights, *, lora: Path | None, lora_scale: float | None,
         controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype,
+        memory: MemoryPlan | None = None,
     ) -> Session:
-        """Load the pipeline from ``weights``, merge the LoRA, load the named ControlNets."""
-        from kstory.core.models import load_kolors_pipeline
+        """A session on ``weights`` with the LoRA and the named ControlNets; each network loads in its phase."""
+        return cls(weights, lora=lora, lora_scale=lora_scale, controlnets=controlnets, device=device,
+                   torch_dtype=torch_dtype, memory=memory)
 
-        pipe = load_kolors_pipeline(weights, device=device, torch_dtype=torch_dtype)
-        lora_info = None
-        if lora is not None:
-            from kstory.core.lora import load_lora_into_pipeline
+    def _prompter(self) -> Any:
+        if self._text is None:
+            from diffsynth.prompters import KolorsPrompter
 
-            lora_info = load_lora_into_pipeline(pipe, lora, scale=lora_scale)
-        loaded = {name: (cn, load(cn, device, torch_dtype)) for name, cn in controlnets.items()}
-        return cls(pipe, loaded, lora_info)
+            from kstory.core.models import load_kolors_model_manager
+
+            log.info("loading the text encoder (%s on the %s)", str(self.text_dtype).removeprefix("torch."),
+                     self.text_device)
+            manager = load_kolors_model_manager(self.weights, device=self.text_device, torch_dtype=self.text_dtype,
+                                                parts=("text_encoder",))
+            prompter = KolorsPrompter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                prompter.fetch_models(manager.fetch_model("kolors_text_encoder"))
+            self._text = (manager, prompter)
+        manager, prompter = self._text
+        prompter.text_encoder.to(self.text_device)  # back from the CPU when a re-roll brings a new prompt
+        return prompter
+
+    def free_text_encoder(self) -> None:
+        """Drop ChatGLM entirely (storage released), so the next phase has its memory."""
+        if self._text is None:
+            return
+        manager, prompter = self._text
+        self._text = None
+        models = list(manager.model)
+        manager.model.clear()
+        prompter.text_encoder = None
+        del manager, prompter
+        free_models(*models)
+        log.info("text encoder freed before denoising (memory profile %s)",
+                 self.memory.profile if self.memory else "none")
 
     @torch.no_grad()
     def encode(self, plans: list[FramePlan], release: str = "auto") -> None:
-        """Encode every distinct prompt once, then maybe move the text encoder to the CPU."""
+        """Encode every distinct prompt once; then free ChatGLM (or, when the profile keeps it, maybe park it on the CPU)."""
         wanted = {(plan.prompt, True) for plan in plans} | {(plan.negative_prompt, False) for plan in plans}
-        encoder, missing = self.pipe.text_encoder_kolors, sorted(wanted - set(self._embeddings))
+        missing = sorted(wanted - set(self._embeddings))
         if missing:
-            encoder.to(self.device)  # back from the CPU when a re-roll brings a new prompt
-        for prompt, positive in missing:
-            self._embeddings[(prompt, positive)] = self.pipe.encode_prompt(prompt, positive=positive)
-        if self._should_release(release):
-            encoder.to("cpu")
+            prompter = self._prompter()
+            for prompt, positive in missing:
+                pooled, prompt_emb = prompter.encode_prompt(prompt, clip_skip=1, clip_skip_2=2,
+                                                            device=self.text_device, positive=positive)
+                self._embeddings[(prompt, positive)] = {
+                    "encoder_hidden_states": prompt_emb.to(self.device, self.torch_dtype),
+                    "add_text_embeds": pooled.to(self.device, self.torch_dtype),
+                }
+        if not self.keep_text_encoder:
+            self.free_text_encoder()
+        elif self._text is not None and self._should_release(release):
+            self._text[1].text_encoder.to("cpu")
             torch.cuda.empty_cache()
             log.info("text encoder moved to the CPU for denoising (generation.release_text_encoder)")
+
+    @property
+    def pipe(self) -> Any:
+        """DiffSynth's Kolors pipeline without ChatGLM and the VAE encoder: UNet (LoRA merged) and VAE decoder."""
+        if self._pipe is None:
+            self._pipe = self._load_denoiser()
+        return self._pipe
+
+    def _load_denoiser(self) -> Any:
+        from diffsynth.pipelines.sdxl_image import SDXLImagePipeline
+        from diffsynth.schedulers import EnhancedDDIMScheduler
+
+        from kstory.core.models import load_kolors_model_manager
+
+        log.info("loading the UNet and VAE decoder (%s on the %s)", str(self.torch_dtype).removeprefix("torch."),
+                 self.device)
+        manager = load_kolors_model_manager(self.weights, device=self.device, torch_dtype=self.torch_dtype,
+                                            parts=("unet", "vae"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            pipe = SDXLImagePipeline.from_model_manager(manager)
+        # DiffSynth switches to Kolors' scheduler only when it sees ChatGLM, which this phase does not load.
+        pipe.scheduler = EnhancedDDIMScheduler(beta_end=0.014, num_train_timesteps=1100)
+        encoder, pipe.vae_encoder = pipe.vae_encoder, None
+        manager.model.clear()
+        free_models(encoder)
+        if self.lora is not None:
+            from kstory.core.lora import load_lora_into_pipeline
+
+            self.lora_info = load_lora_into_pipeline(pipe, self.lora, scale=self.lora_scale)
+        self.controlnets = {name: (cn, load(cn, self.device, self.torch_dtype))
+                            for name, cn in self.controlnet_weights.items()}
+        return pipe
 
     def _should_release(self, release: str) -> bool:
         if release == "never" or not str(self.device).startswith("cuda"):
@@ -164,7 +267,9 @@ class Session:
             noise_posi, noise_nega = noise.chunk(2)
             latents = pipe.scheduler.step(noise_nega + cfg * (noise_posi - noise_nega), timestep, latents)
         # One frame at a time: the VAE at full size is the memory peak, and frames stay independent.
-        return [pipe.decode_image(latents[i : i + 1]) for i in range(len(batch))]
+        # DiffSynth's tiles are 64 latents (512 px): a smaller frame is one tile, decoded whole.
+        tiled = self.tiled_vae and max(latents.shape[-2:]) > _VAE_TILE
+        return [pipe.decode_image(latents[i : i + 1], tiled=tiled) for i in range(len(batch))]
 
     def _units(self, batch: list[FramePlan]) -> list[ControlUnit]:
         """One unit per (ControlNet, task) used in the batch; frames without such a guide get scale 0."""

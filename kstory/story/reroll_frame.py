@@ -22,7 +22,7 @@ from kstory.core.logs import get_logger
 from kstory.core.models import resolve_model
 from kstory.core.seeds import SEED_LIMIT
 from kstory.story.controlnets import identify
-from kstory.story.generate import FramePlan, GuidePlan, Session
+from kstory.story.generate import FramePlan, GuidePlan, Session, recorded_memory
 from kstory.story.manifest import read_manifest, sha256_bytes
 from kstory.story.build import StoryBuild
 from kstory.story.review import FINAL_LORA, checkpoint_lora
@@ -143,7 +143,7 @@ def reroll(
 
     def load_session() -> Session:
         return Session.load(weights, lora=lora_path, lora_scale=lora["scale"] if lora else None, controlnets=found,
-                            device=device, torch_dtype=getattr(torch, manifest["dtype"]))
+                            device=device, torch_dtype=getattr(torch, manifest["dtype"]), memory=recorded_memory(manifest))
 
     log.info("re-rolling frame %d with seed %d (batch %s)", frame, target.seed, companions)
     return build_story(build, new, [plans], {frame}, work, load_session=load_session, spec_text=spec_text,

@@ -22,7 +22,9 @@ from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
 from kstory.core.models import KolorsWeights, resolve_model
 from kstory.story.controlnets import ControlNetWeights, identify
-from kstory.story.generate import SAMPLER, FramePlan, GuidePlan, Session, batches, default_device, default_dtype
+from kstory.core.memory import MemoryPlan, describe, plan_memory
+from kstory.story.generate import (SAMPLER, FramePlan, GuidePlan, Session, batches, default_device, default_dtype,
+                                   text_encoder_dtype)
 from kstory.story.guides.render import render_guide
 from kstory.story.build import StoryBuild, plan_key
 from kstory.story.manifest import FORMAT, frame_name, package_versions, png_bytes, read_manifest, save_png, sha256_bytes
@@ -129,10 +131,23 @@ def plan_frames(spec: StorySpec, indices: list[int], spec_dir: Path, trigger_wor
 def setup_record(
     model: str, weights: KolorsWeights, lora: LoraChoice | None,
     controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype, batch_size: int,
+    memory: MemoryPlan | None = None,
 ) -> dict[str, Any]:
-    """The manifest's description of the networks and runtime; frames are only comparable within one setup."""
+    """The manifest's description of the networks and runtime; frames are only comparable within one setup.
+
+    ``memory`` adds the profile in effect; of its choices only tiled decoding and a text encoder on
+    another device change pixels, so only those (when used) join the setup id.
+    """
     from kstory.core.lora import lora_strength
 
+    extra: dict[str, Any] = {}
+    if memory is not None:
+        extra["memory"] = memory.as_record()
+        if memory.tiled_vae:
+            extra["vae_decode"] = "tiled"
+        text_device = "cpu" if memory.text_encoder_device == "cpu" else device
+        if torch.device(text_device).type != torch.device(device).type:
+            extra["text_encoder"] = f"{text_device}-{str(text_encoder_dtype(text_device, torch_dtype)).removeprefix('torch.')}"
     return {
         "model": {"spec": model, "identity": weights.identity, "fingerprint": weights.fingerprint, "tiny": weights.is_tiny},
         "lora": None if lora is None else {
@@ -145,6 +160,7 @@ def setup_record(
         "controlnets": {name: {"kind": cn.kind, "path": str(cn.path), "sha256": cn.sha256} for name, cn in controlnets.items()},
         "sampler": {"name": SAMPLER, "scheduler": "EnhancedDDIMScheduler", "num_train_timesteps": 1100, "beta_end": 0.014},
         "device": torch.device(device).type, "dtype": str(torch_dtype).removeprefix("torch."), "batch_size": batch_size,
+        **extra,
     }
 
 
@@ -154,6 +170,7 @@ def setup_id(setup: dict[str, Any]) -> str:
     keep["lora"] = None if setup["lora"] is None else {k: setup["lora"][k] for k in ("sha256", "scale")}
     keep["controlnets"] = {name: cn["sha256"] for name, cn in setup["controlnets"].items()}
     keep["model"] = setup["model"]["fingerprint"]
+    keep.update({k: setup[k] for k in ("vae_decode", "text_encoder") if k in setup})  # only when not the default
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
@@ -359,6 +376,8 @@ def generate_story(
     frames: list[int] | None = None,
     device: str | None = None,
     torch_dtype: torch.dtype | None = None,
+    memory: str = "auto",
+    text_encoder_device: str = "auto",
 ) -> StoryResult:
     """Generate the story of ``spec_path`` (or only ``frames``, 1-based) into ``out_dir``.
 
@@ -369,6 +388,9 @@ def generate_story(
     keeps re-rolled frames whose spec entry is unchanged. Same spec, weights,
     device and dtype give bit-identical frames. With ``frames``, the other
     frames of an existing folder stay as they are (same weights required).
+    ``memory`` is a profile of :mod:`kstory.core.memory` (``auto``: picked from the free memory); it decides
+    the dtype when ``torch_dtype`` is not given and caps the frames per batch. ``text_encoder_device="cpu"``
+    encodes the prompts on the CPU whatever the profile says.
     ``lora_checkpoint`` names the training checkpoint ``lora`` comes from (recorded in the manifest).
     """
     spec_path, out_dir = Path(spec_path).resolve(), Path(out_dir)
@@ -398,9 +420,21 @@ def generate_story(
     needed = {guide.controlnet for batch in groups for plan in batch for guide in plan.guides}
     controlnet_weights = resolve_controlnets(spec, spec_path.parent, controlnets, needed)
     device = device or default_device()
-    torch_dtype = torch_dtype or default_dtype(device)
-    setup = setup_record(model, weights, lora_choice, controlnet_weights, device, torch_dtype,
-                         spec.generation.batch_size)
+    memory_plan = plan_memory(memory, weights, task="story", device=device, frames=spec.generation.batch_size,
+                              pixels=max(p.width * p.height for p in plans),
+                              controlnets=[cn.path for cn in controlnet_weights.values()],
+                              text_encoder_device=text_encoder_device)
+    log.info("%s", describe(memory_plan, "story"))
+    batch_size = min(spec.generation.batch_size, memory_plan.max_batch or spec.generation.batch_size)
+    if batch_size < spec.generation.batch_size:  # smaller batches may need fewer ControlNets
+        groups = batches(plans, batch_size)
+        if frames:
+            groups = [batch for batch in groups if any(plan.index in indices for plan in batch)]
+        needed = {guide.controlnet for batch in groups for plan in batch for guide in plan.guides}
+        controlnet_weights = {name: cn for name, cn in controlnet_weights.items() if name in needed}
+    torch_dtype = torch_dtype or default_dtype(device, memory_plan)
+    setup = setup_record(model, weights, lora_choice, controlnet_weights, device, torch_dtype, batch_size,
+                         memory_plan)
     spec_bytes = spec_path.read_bytes()
     manifest = new_manifest(spec, setup, sha256_bytes(spec_bytes), trigger)
     if current is not None and frames:
@@ -419,7 +453,8 @@ def generate_story(
 
     def load_session() -> Session:
         return Session.load(weights, lora=lora_choice.path if lora_choice else None, lora_scale=lora_scale,
-                            controlnets=controlnet_weights, device=device, torch_dtype=torch_dtype)
+                            controlnets=controlnet_weights, device=device, torch_dtype=torch_dtype,
+                            memory=memory_plan)
 
     return build_story(build, manifest, groups, set(indices), work, load_session=load_session,
                        spec_text=spec_bytes.decode("utf-8"), release=spec.generation.release_text_encoder,

@@ -215,8 +215,10 @@ def verify_package(
     report = VerifyReport(str(submission), "identical", True, file_problems=problems)
     with tempfile.TemporaryDirectory(prefix="kstory-verify-") as tmp:
         spec = _package_spec(submission, manifest, Path(tmp) / "story.yaml")
+        # The recorded memory profile: its batch cap, tiled decoding and text-encoder device decide pixels too.
+        memory = (manifest.get("memory") or {}).get("profile") or "none"
         result = generate_story(spec, Path(tmp) / "regen", model=model, lora=lora, lora_scale=lora_info.get("scale"),
-                                controlnets=nets, cache_dir=cache, device=device, torch_dtype=dtype)
+                                controlnets=nets, cache_dir=cache, device=device, torch_dtype=dtype, memory=memory)
         regen_manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))
         for key, frame in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0])):
             index = story_frame(key, frame)

@@ -52,10 +52,10 @@ class TrainCache:
     root: Path
 
 
-def cache_root(base: Path, fingerprint: str, text_dtype: torch.dtype) -> Path:
-    """One folder per base model and text-encoder precision."""
+def cache_root(base: Path, fingerprint: str, text_dtype: torch.dtype, extra: str = "") -> Path:
+    """One folder per base model and encoder precision (``extra``: where captions were encoded, if elsewhere)."""
     tag = str(text_dtype).removeprefix("torch.")
-    return Path(base) / f"{CACHE_FORMAT}-{fingerprint[:16]}-{tag}"
+    return Path(base) / f"{CACHE_FORMAT}-{fingerprint[:16]}-{tag}{extra}"
 
 
 def _digest(data: bytes) -> str:
@@ -119,21 +119,30 @@ def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 class Encoders:
-    """The text encoder and VAE encoder, on the training device only while caching."""
+    """The text encoder and VAE encoder (either may be None when nothing needs it), only while caching."""
 
-    def __init__(self, text_encoder: torch.nn.Module, vae_encoder: torch.nn.Module, device: torch.device):
+    def __init__(self, text_encoder: torch.nn.Module | None, vae_encoder: torch.nn.Module | None,
+                 device: torch.device, text_device: torch.device | None = None):
         from diffsynth.prompters import KolorsPrompter
 
         self.device = device
+        self.text_device = text_device or device
         self.text_encoder = text_encoder
         self.vae_encoder = vae_encoder
-        self.prompter = KolorsPrompter()
-        self.prompter.fetch_models(text_encoder)
+        self.prompter = None
+        if text_encoder is not None:
+            self.prompter = KolorsPrompter()
+            self.prompter.fetch_models(text_encoder)
+
+    def release(self) -> None:
+        """Drop every reference to the networks, so freeing them frees their memory."""
+        self.text_encoder = self.vae_encoder = self.prompter = None
 
     @torch.no_grad()
     def encode_text(self, text: str) -> dict[str, torch.Tensor]:
-        self.text_encoder.to(self.device)
-        pooled, prompt_emb = self.prompter.encode_prompt(text, clip_skip=1, clip_skip_2=2, positive=True, device=self.device)
+        self.text_encoder.to(self.text_device)
+        pooled, prompt_emb = self.prompter.encode_prompt(text, clip_skip=1, clip_skip_2=2, positive=True,
+                                                         device=self.text_device)
         return {"prompt_emb": prompt_emb[0].float(), "pooled": pooled[0].float()}
 
     @torch.no_grad()

@@ -70,6 +70,7 @@ class KolorsLoraModule(pl.LightningModule):
         self.step_losses: list[float] = []  # micro-batch losses of the optimizer step in progress
         self.step_lr = settings.learning_rate
         self.restore: Any = None  # a train.checkpoint.Checkpoint to load on train start
+        self.gradient_checkpointing = settings.gradient_checkpointing  # a memory profile may turn it on
 
     @property
     def step(self) -> int:
@@ -97,7 +98,7 @@ class KolorsLoraModule(pl.LightningModule):
         prediction = self.unet(
             noisy, timestep=timesteps, encoder_hidden_states=batch["prompt_emb"].to(self.device),
             add_text_embeds=batch["pooled"].to(self.device), add_time_id=add_time_id,
-            use_gradient_checkpointing=self.settings.gradient_checkpointing,
+            use_gradient_checkpointing=self.gradient_checkpointing,
         )
         return torch.nn.functional.mse_loss(prediction.float(), target.float())
 

@@ -1,9 +1,8 @@
-"""Load the base model, fill the latent/embedding cache, and free everything the UNet step does not need."""
+"""Fill the latent/embedding cache with the encoders alone, free them, then load the UNet: one phase at a time."""
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from kstory.core.logs import get_logger
+from kstory.core.memory import free_models  # noqa: F401 - re-exported
 from kstory.core.models.resolve import KolorsWeights
 from kstory.train.cache import Encoders, MissingCache, TrainCache, build_cache, cache_root
 from kstory.train.dataset import Sample
@@ -31,16 +31,6 @@ class Prepared:
     vae_decoder: torch.nn.Module | None
 
 
-def free_models(*modules: Any) -> None:
-    """Give big models' memory back: storage moved to 'meta' (even if a reference survives), gc, CUDA cache."""
-    for module in modules:
-        if isinstance(module, torch.nn.Module):
-            module.to("meta")
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _drop_from_manager(manager: Any, keep: set[str]) -> list[Any]:
     """Remove every model but ``keep`` from a DiffSynth ModelManager; returns the removed models."""
     entries = list(zip(manager.model, manager.model_name, manager.model_path, strict=True))
@@ -53,23 +43,55 @@ def _drop_from_manager(manager: Any, keep: set[str]) -> list[Any]:
 def prepare(
     weights: KolorsWeights, samples: list[Sample], settings: TrainSettings, runtime: Runtime, cache_base: Path,
 ) -> Prepared:
-    """Encode what the cache lacks (text encoder and VAE on the device), then free both encoders."""
-    from kstory.core.models.pipeline import kolors_models, load_kolors_model_manager
+    """One phase at a time: encode what the cache lacks and free the encoders, then load the UNet.
 
-    log.info("loading %s (%s)", weights.identity, str(runtime.weight_dtype).removeprefix("torch."))
-    with contextlib.redirect_stdout(io.StringIO()):  # DiffSynth prints every model it loads and fetches
-        manager = load_kolors_model_manager(weights, device="cpu", torch_dtype=runtime.weight_dtype)
-        nets = kolors_models(manager)
-    root = cache_root(cache_base, weights.fingerprint, runtime.weight_dtype)
+    ChatGLM is loaded only when a caption is missing from the cache and the VAE
+    only when an image is; both are gone before the UNet loads, so the peak is
+    the larger phase, not their sum.
+    """
+    from kstory.core.models.pipeline import load_kolors_model_manager
+
+    root = cache_root(cache_base, weights.fingerprint, runtime.weight_dtype, runtime.cache_tag)
     options = {"resolution": settings.resolution, "center_crop": settings.center_crop,
                "random_flip": settings.random_flip, "extra_texts": validation_texts(settings.validation_prompts)}
     try:
         cache = build_cache(samples, None, root, **options)
-    except MissingCache:
-        cache = build_cache(samples, Encoders(nets.text_encoder, nets.vae_encoder, runtime.device), root, **options)
-    keep = {"sdxl_unet"} | ({"sdxl_vae_decoder"} if settings.validation_prompts else set())
-    prepared = Prepared(cache, nets.unet, nets.vae_decoder if settings.validation_prompts else None)
-    removed = _drop_from_manager(manager, keep)
-    del nets, manager
+        log.info("every caption and image is cached (%s): the text encoder and VAE encoder are not loaded", root)
+    except MissingCache as missing:
+        cache = _encode(weights, samples, runtime, root, options, missing)
+    parts = ("unet", "vae") if settings.validation_prompts else ("unet",)
+    log.info("loading the UNet of %s (%s)%s", weights.identity, str(runtime.weight_dtype).removeprefix("torch."),
+             " and the VAE decoder for validation images" if settings.validation_prompts else "")
+    with contextlib.redirect_stdout(io.StringIO()):  # DiffSynth prints every model it loads and fetches
+        manager = load_kolors_model_manager(weights, device="cpu", torch_dtype=runtime.weight_dtype, parts=parts)
+        unet = manager.fetch_model("sdxl_unet")
+        decoder = manager.fetch_model("sdxl_vae_decoder") if settings.validation_prompts else None
+    removed = _drop_from_manager(manager, keep={"sdxl_unet", "sdxl_vae_decoder"})  # the VAE encoder goes
+    del manager
     free_models(*removed)
-    return prepared
+    return Prepared(cache, unet, decoder)
+
+
+def _encode(weights: KolorsWeights, samples: list[Sample], runtime: Runtime, root: Path, options: dict[str, Any],
+            missing: MissingCache) -> TrainCache:
+    """Load only the encoders the missing entries need, fill the cache, and free them."""
+    from kstory.core.models.pipeline import load_kolors_model_manager
+
+    parts = (("text_encoder",) if missing.texts else ()) + (("vae",) if missing.images else ())
+    log.info("loading %s of %s (%s) to encode %d caption(s) and %d image(s)",
+             " and ".join(p.replace("_", " ") for p in parts), weights.identity,
+             str(runtime.text_encoder_dtype).removeprefix("torch."), missing.texts, missing.images)
+    with contextlib.redirect_stdout(io.StringIO()):
+        manager = load_kolors_model_manager(weights, device="cpu", torch_dtype=runtime.text_encoder_dtype,
+                                            parts=parts)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            text_encoder, vae_encoder = (manager.fetch_model(name) for name in ("kolors_text_encoder", "sdxl_vae_encoder"))
+        encoders = Encoders(text_encoder, vae_encoder, runtime.device, text_device=runtime.text_encoder_device)
+        del text_encoder, vae_encoder
+        try:
+            return build_cache(samples, encoders, root, **options)
+        finally:
+            encoders.release()
+    finally:
+        free_models(*_drop_from_manager(manager, keep=set()))

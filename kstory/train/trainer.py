@@ -49,6 +49,7 @@ class TrainResult:
     device: str
     precision: str
     peak_vram_bytes: int | None
+    memory: dict[str, Any] | None = None  # the memory profile in effect (kstory.core.memory.MemoryPlan.as_record)
 
 
 def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
@@ -165,7 +166,8 @@ class _Outputs:
 
 def train_lora(
     data_dir: Path, out_dir: Path, settings: TrainSettings, *, model: str = "tiny", cache_dir: Path | None = None,
-    resume: bool = True, callbacks: list[Any] | None = None,
+    resume: bool = True, callbacks: list[Any] | None = None, memory: str = "auto",
+    text_encoder_device: str = "auto",
 ) -> TrainResult:
     """Train a Kolors LoRA on ``data_dir`` (prep's output) into ``out_dir``.
 
@@ -174,6 +176,8 @@ def train_lora(
     ``resume=False`` deletes earlier outputs there and starts over. Extra
     Lightning ``callbacks`` are appended to the trainer's. Ctrl-C saves a
     checkpoint at the end of the current step and re-raises KeyboardInterrupt.
+    ``memory`` is a profile of :mod:`kstory.core.memory` (``auto`` picks one from the free memory);
+    ``text_encoder_device="cpu"`` encodes the captions on the CPU whatever the profile says.
     """
     import lightning as pl
 
@@ -188,6 +192,7 @@ def train_lora(
     from kstory.train.prepare import prepare
     from kstory.train.runtime import resolve_runtime, secondary_rank
     from kstory.train.validation import kolors_scheduler
+    from kstory.core.memory import describe
 
     started = time.monotonic()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -209,7 +214,11 @@ def train_lora(
         if (done := _already_finished(out_dir, settings, resumed, started)) is not None:
             return done
 
-    # 1. cache every caption and image, free the encoders.
+    # 1. cache every caption and image, free the encoders; then load the UNet.
+    memory_plan = _memory_plan(memory, weights, settings, runtime, text_encoder_device)
+    if memory_plan is not None:
+        runtime = resolve_runtime(settings, memory_plan)
+        log.info("%s", describe(memory_plan, "train"))
     prepared = prepare(weights, samples, settings, runtime,
                        (Path(cache_dir) if cache_dir else default_cache_dir()) / "train-cache")
     cache, unet = prepared.cache, prepared.unet
@@ -237,6 +246,8 @@ def train_lora(
         start_step=start_step,
     )
     module.restore = resumed
+    if memory_plan is not None and memory_plan.gradient_checkpointing:
+        module.gradient_checkpointing = True
     module.train()  # DiffSynth hands models over in eval mode
     remaining = steps_total - start_step
     try:
@@ -321,10 +332,22 @@ def train_lora(
         seconds=time.monotonic() - started, last_checkpoint=last_checkpoint,
         validation_dir=validation_dir, device=str(runtime.device), precision=runtime.precision,
         peak_vram_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        memory=memory_plan.as_record() if memory_plan is not None else None,
     )
     if trainer.is_global_zero:
         _write_summary(out_dir / "train.json", result, settings, weights, cache, steps_total)
     return result
+
+
+def _memory_plan(memory: str, weights: Any, settings: TrainSettings, runtime: Any, text_encoder_device: str) -> Any:
+    """The memory profile for this training on this machine (None on Apple's MPS, which has no profiles)."""
+    from kstory.core.memory import plan_memory
+
+    if runtime.accelerator == "mps":
+        return None
+    return plan_memory(memory, weights, task="train", device="cuda" if runtime.accelerator == "gpu" else "cpu",
+                       pixels=settings.resolution ** 2, frames=settings.batch_size,
+                       gradient_checkpointing=settings.gradient_checkpointing, text_encoder_device=text_encoder_device)
 
 
 def _already_finished(out_dir: Path, settings: TrainSettings, latest: Any, started: float) -> TrainResult | None:

@@ -34,6 +34,7 @@ _REQUIRED = {
     "sdxl_vae_encoder": "vae",
     "sdxl_vae_decoder": "vae",
 }
+PARTS = ("text_encoder", "unet", "vae")  # what a caller may load on its own, one phase at a time
 
 
 @dataclass(frozen=True)
@@ -56,32 +57,65 @@ class _PrintsToLog(io.TextIOBase):
 
 
 def load_kolors_model_manager(
-    weights: KolorsWeights, device: str = "cpu", torch_dtype: torch.dtype = torch.float32
+    weights: KolorsWeights, device: str = "cpu", torch_dtype: torch.dtype = torch.float32,
+    parts: tuple[str, ...] = PARTS,
 ) -> ModelManager:
-    """A DiffSynth ``ModelManager`` holding the Kolors text encoder, UNet and VAE."""
+    """A DiffSynth ``ModelManager`` holding the Kolors ``parts`` (text encoder, UNet, VAE; default all).
+
+    Loading only the parts a phase needs keeps ChatGLM (6B parameters) and the
+    UNet out of memory at the same time.
+    """
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown Kolors parts {sorted(unknown)}; known: {PARTS}")
     with contextlib.redirect_stdout(_PrintsToLog()):
-        return _load_manager(weights, device, torch_dtype)
+        return _load_manager(weights, device, torch_dtype, parts)
 
 
-def _load_manager(weights: KolorsWeights, device: str, torch_dtype: torch.dtype) -> ModelManager:
+def _load_converted(manager: ModelManager, path: str, torch_dtype: torch.dtype) -> None:
+    """``ModelManager.load_model`` with each tensor converted to ``torch_dtype`` as it is read.
+
+    DiffSynth reads the whole file in its stored dtype and converts the built
+    model afterwards, holding both copies at once; converting tensor by tensor
+    holds one (an fp16 UNet loads as bf16 in 5 GB, not 5 + 5).
+    """
+    from diffsynth.models.utils import load_state_dict
+
+    state_dict = load_state_dict(path, torch_dtype=torch_dtype)
+    for detector in manager.model_detector:
+        if detector.match(path, state_dict):
+            names, models = detector.load(path, state_dict, device=manager.device, torch_dtype=torch_dtype,
+                                          allowed_model_names=None, model_manager=manager)
+            for name, model in zip(names, models):
+                manager.model.append(model)
+                manager.model_path.append(path)
+                manager.model_name.append(name)
+            return
+
+
+def _load_manager(weights: KolorsWeights, device: str, torch_dtype: torch.dtype, parts: tuple[str, ...]) -> ModelManager:
     manager = ModelManager(torch_dtype=torch_dtype, device=device)
     # DiffSynth passes transformers' deprecated ``torch_dtype``; the warning is not the user's to fix.
     transformers_logging.set_verbosity_error()
+    if "text_encoder" in parts:
+        _load_text_encoder(manager, weights, device, torch_dtype)  # transformers converts shard by shard
     if weights.is_tiny:
-        # DiffSynth detects the text encoder folder by its config.json; the
-        # tiny UNet/VAE would be instantiated full size, so they are built at
-        # tiny width and registered the way ModelManager registers its own.
-        _load_text_encoder(manager, weights, device, torch_dtype)
+        # The tiny UNet/VAE would be instantiated full size by DiffSynth's
+        # detectors, so they are built at tiny width and registered the way
+        # ModelManager registers its own.
         paths = {"sdxl_unet": weights.unet, "sdxl_vae_encoder": weights.vae, "sdxl_vae_decoder": weights.vae}
-        for name, model in load_tiny_models(weights, device=device, torch_dtype=torch_dtype).items():
+        wanted = [p for p in parts if p != "text_encoder"]
+        for name, model in load_tiny_models(weights, device=device, torch_dtype=torch_dtype, parts=wanted).items():
             manager.model.append(model)
             manager.model_path.append(str(paths[name]))
             manager.model_name.append(name)
     else:
-        _load_text_encoder(manager, weights, device, torch_dtype)
-        manager.load_models([str(weights.unet), str(weights.vae)])
+        if "unet" in parts:
+            _load_converted(manager, str(weights.unet), torch_dtype)
+        if "vae" in parts:
+            manager.load_model(str(weights.vae))  # kept as stored: DiffSynth upcasts the VAE to float32
     for name, slot in _REQUIRED.items():
-        if name not in manager.model_name:
+        if slot in parts and name not in manager.model_name:
             raise KstoryError(
                 f"DiffSynth did not recognise this file as a Kolors {slot} (no {name} was loaded)",
                 path=getattr(weights, slot),

@@ -500,14 +500,20 @@ def _load_single_file_models(
 
 
 def load_tiny_models(
-    weights: KolorsWeights, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32
+    weights: KolorsWeights, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32,
+    parts: list[str] | tuple[str, ...] = ("unet", "vae"),
 ) -> dict[str, torch.nn.Module]:
-    """The tiny UNet and VAE halves, keyed by DiffSynth's ModelManager names."""
+    """The tiny UNet and/or VAE halves (``parts``), keyed by DiffSynth's ModelManager names."""
     spec = TinyKolorsSpec.from_json(read_tiny_manifest(weights.root)["spec"])
-    with torch.device("meta"):
-        unet, _ = tiny_unet(spec)
-        encoder, _ = tiny_vae_encoder(spec)
-        decoder, _ = tiny_vae_decoder(spec)
-    (unet,) = _load_single_file_models(weights.unet, [unet], device, torch_dtype)
-    encoder, decoder = _load_single_file_models(weights.vae, [encoder, decoder], device, torch_dtype)
-    return {"sdxl_unet": unet, "sdxl_vae_encoder": encoder, "sdxl_vae_decoder": decoder}
+    loaded: dict[str, torch.nn.Module] = {}
+    if "unet" in parts:
+        with torch.device("meta"):
+            unet, _ = tiny_unet(spec)
+        (loaded["sdxl_unet"],) = _load_single_file_models(weights.unet, [unet], device, torch_dtype)
+    if "vae" in parts:
+        with torch.device("meta"):
+            encoder, _ = tiny_vae_encoder(spec)
+            decoder, _ = tiny_vae_decoder(spec)
+        encoder, decoder = _load_single_file_models(weights.vae, [encoder, decoder], device, torch_dtype)
+        loaded.update(sdxl_vae_encoder=encoder, sdxl_vae_decoder=decoder)
+    return loaded
