@@ -91,7 +91,8 @@ def test_a_job_runs_to_completion_in_its_own_process(demo_runs: Path) -> None:
 
 
 def test_cancel_keeps_the_story_and_a_second_writer_is_refused(demo_runs: Path, tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture) -> None:
+                                                               capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
     import yaml
@@ -121,8 +122,22 @@ def test_cancel_keeps_the_story_and_a_second_writer_is_refused(demo_runs: Path, 
 
         text = render_status(run)
         assert f"{job_id}  running" in text and "writer: `job " in text
+        # Cancelled from the dashboard, as a user would: the Story page lists the running job with its button.
+        from streamlit.testing.v1 import AppTest
+
+        from kstory.cli.launch import MAIN, RUN_ENV, RUNS_ROOT_ENV
+
+        monkeypatch.setenv(RUNS_ROOT_ENV, str(demo_runs))
+        monkeypatch.setenv(RUN_ENV, "demo")
+        at = AppTest.from_file(str(MAIN), default_timeout=JOB_TIMEOUT).run()
+        at.sidebar.radio(key="page").set_value("Story").run()
+        at.button(key=f"cancel_{job_id}").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        record = jobs.wait(run, job_id, JOB_TIMEOUT)
     finally:
-        record = jobs.cancel(run, job_id, wait_s=JOB_TIMEOUT)
+        if jobs.load(run, job_id)["state"] not in jobs.FINAL:
+            jobs.cancel(run, job_id, wait_s=JOB_TIMEOUT)
+        record = jobs.load(run, job_id)
     assert record["state"] == "cancelled", (record, jobs.log_tail(run, job_id))
     assert record["exit_status"] == 130
     assert _folder_hashes(run / "story") == before  # nothing of the cancelled story got into the run

@@ -302,6 +302,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not run.is_dir():
         raise KstoryError("no such run folder", path=run, fix="pass a run directory, e.g. runs/demo")
     print(render_status(run))
+    return EXIT_OK
 
 
 def _random_full(args: argparse.Namespace) -> int:
