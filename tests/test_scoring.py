@@ -224,3 +224,18 @@ def test_package_import_is_lazy():
     code = "import kstory.scoring as scoring, sys; assert 'torch' not in sys.modules; scoring.render_table; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
     assert callable(scoring.build_tiny_clip_model)
+
+
+def test_without_clip_weights_it_warns_scores_aesthetics_and_still_gates(story: Path, tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="kstory")
+    predictor = shutil.copytree(cached_tiny("aesthetic"), tmp_path / "predictor")
+    (predictor / TINY_MARKER).unlink()  # a predictor not marked as the test model: `auto` asks for ViT-L-14:openai
+    report = score_images([story], aesthetic_model=str(predictor))  # offline: those CLIP weights cannot download
+    assert "scoring aesthetics only" in caplog.text
+    assert set(report.summary.models) == {"aesthetic"} and report.summary.gate in ("pass", "fail")
+    assert all(image.clip_t is None and image.aesthetic is not None for image in report.images)
+    with pytest.raises(KstoryError, match="could not download"):  # a CLIP model the user names still fails loudly
+        score_images([story], aesthetic_model=str(predictor), clip_model="ViT-L-14:openai")

@@ -461,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="open_clip tower for LAION's .pth form (default: ViT-L-14:openai, QuickGELU forced)")
     score.add_argument("--clip-model", default="auto",
                        help="open_clip model for CLIP-T/CLIP-I: NAME:tag, NAME:/path/weights, a folder, tiny, "
-                       "or none (default: auto = tiny with the tiny predictor, else ViT-L-14:openai)")
+                       "or none (default: auto = tiny with the tiny predictor, else ViT-L-14:openai; when auto's weights "
+                       "cannot be had, a warning and aesthetics only: the gate still applies)")
     score.add_argument("--prompts", help="JSON file mapping image file names to their prompts (for CLIP-T)")
     score.add_argument("--threshold", type=float, default=6.0, help="gate on the mean aesthetic score (default: 6)")
     score.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")

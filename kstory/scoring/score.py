@@ -12,6 +12,7 @@ import torch
 import kstory
 from kstory.core.atomic import write_json
 from kstory.core.logs import get_logger
+from kstory.core.errors import KstoryError
 from kstory.core.models import default_cache_dir
 from kstory.core.hashing import sha256_file
 from kstory.scoring.aesthetic import DEFAULT_LAION_CLIP, load_aesthetic_model
@@ -86,9 +87,21 @@ def score_images(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     aesthetic = load_aesthetic_model(aesthetic_model, device=dev, cache_dir=cache, clip=aesthetic_clip)
-    if clip_model == AUTO:
+    chosen_automatically = clip_model == AUTO
+    if chosen_automatically:
         clip_model = "tiny" if aesthetic.info.random_weights else REAL_CLIP
-    clip: OpenClip | None = load_open_clip(clip_model, device=dev, cache_dir=cache) if clip_model is not None else None
+    clip: OpenClip | None = None
+    if clip_model is not None:
+        try:
+            clip = load_open_clip(clip_model, device=dev, cache_dir=cache)
+        except KstoryError as error:
+            if not chosen_automatically:
+                raise
+            # CLIP-T and CLIP-I are extras; the gate needs only the aesthetic predictor, so a missing
+            # CLIP download must not stop it. A CLIP model the user named still fails loudly.
+            log.warning("CLIP weights for prompt fit and coherence are not available (%s): scoring aesthetics only, "
+                        "the gate still applies; give --clip-model NAME:WEIGHTS or a folder for CLIP-T and CLIP-I",
+                        error.message)
     sim: DreamSim | None = load_dreamsim(device=dev, cache_dir=cache) if dreamsim else None
     models = {"aesthetic": aesthetic.info} | ({"clip": clip.info} if clip else {}) | ({"dreamsim": sim.info} if sim else {})
     for info in models.values():
