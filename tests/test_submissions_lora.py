@@ -107,3 +107,18 @@ def test_missing_or_foreign_lora_is_refused(tmp_path: Path):
     save_file({"x": torch.zeros(1)}, str(other), metadata={"format": "pt"})
     with pytest.raises(KstoryError, match="kstory-lora"):
         export_lora(other, tmp_path / "out")
+
+
+def test_kohya_key_names_are_the_diffusers_unet_module_names(exports, weights):
+    """The kohya file spells each module as diffusers names it (``down_blocks_1_attentions_0_...``), which is what
+    diffusers' KolorsPipeline and ComfyUI's LoRA key map read; sd-scripts' SGM spelling (``input_blocks_...``)
+    would break ``KolorsPipeline.load_lora_weights``."""
+    from kstory.submissions.parity import load_tiny_diffusers_unet
+
+    unet = load_tiny_diffusers_unet(weights)
+    linear = {name.replace(".", "_") for name, module in unet.named_modules() if isinstance(module, torch.nn.Linear)}
+    modules = {key.removeprefix("lora_unet_").rsplit(".", 2)[0] if key.endswith(".weight")
+               else key.removeprefix("lora_unet_").rsplit(".", 1)[0] for key in _keys(exports["kohya"])}
+    assert modules and modules <= linear, sorted(modules - linear)[:5]
+    assert not any(m.startswith(("input_blocks", "middle_block", "output_blocks")) for m in modules)
+    assert any(m.startswith("down_blocks_") for m in modules) and any(m.startswith("up_blocks_") for m in modules)

@@ -1,6 +1,6 @@
 """submissions stage (see docs/run-directory.md for the files it reads and writes, docs/submissions.md for the package).
 
-Exports the LoRA for diffusers and kohya/WebUI/ComfyUI, builds the ModelScope
+Exports the LoRA for diffusers and ComfyUI (kohya-style keys), builds the ModelScope
 model repo (``runs/<name>/submission/``), verifies a package by regenerating
 it, and uploads it with the ``modelscope`` client. Heavy imports load on first use.
 """

@@ -1,4 +1,4 @@
-"""Export a kstory LoRA (DiffSynth ``SDXLUNet`` names) to the diffusers and kohya/WebUI formats, and back.
+"""Export a kstory LoRA (DiffSynth ``SDXLUNet`` names) to the diffusers and kohya-style formats, and back.
 
 Only the block numbering differs between the formats. DiffSynth numbers the
 UNet's blocks in one flat list (``blocks.<i>``); diffusers and kohya name them
@@ -18,8 +18,9 @@ Formats written by :func:`export_lora`:
     the strength is exactly alpha/rank without touching the factors.
 ``kohya``
     ``lora_unet_<diffusers module with _>.lora_down.weight`` / ``lora_up.weight``
-    plus a scalar ``.alpha`` per module: the layout ComfyUI's LoraLoader,
-    WebUI and diffusers' non-diffusers converter all read.
+    plus a scalar ``.alpha`` per module, in diffusers' module names: what ComfyUI's
+    LoRA key map (Kolors-MZ) and diffusers' non-diffusers converter read. WebUI and
+    kohya sd-scripts do not run Kolors at all (docs/submissions.md).
 
 Every conversion is a pure rename (same tensors, bit for bit), so
 :func:`to_diffsynth` restores the original file's tensors exactly.

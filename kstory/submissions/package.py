@@ -6,7 +6,7 @@ Layout (docs/submissions.md)::
     configuration.json                 ModelScope's framework/task file
     lora.safetensors                   the LoRA the frames were made with, in DiffSynth's own (kstory) key format
     pytorch_lora_weights.safetensors   diffusers format (KolorsPipeline.load_lora_weights)
-    lora_kohya.safetensors             kohya/WebUI format (ComfyUI LoraLoader)
+    lora_kohya.safetensors             kohya-style keys (ComfyUI with Kolors-MZ, diffusers)
     frames/NN.png  guides/*.png  story.yaml  manifest.json  scores.json   in the order of story/review.json
     forum_post.md                      the forum post, title in the required format
     kstory_package.json                what was packaged, with the sha256 of every file above
@@ -288,7 +288,7 @@ Every frame's prompt, negative prompt, seed, size, steps, CFG and ControlNet gui
 |---|---|
 | `lora.safetensors` | DiffSynth-Studio (`ModelManager.load_lora`, `lora_alpha={strength!r}`) |
 | `pytorch_lora_weights.safetensors` | diffusers `KolorsPipeline.load_lora_weights` (diffusers >= 0.34 reads the alpha) |
-| `lora_kohya.safetensors` | ComfyUI LoraLoader, WebUI, kohya tools |
+| `lora_kohya.safetensors` | ComfyUI with Kolors-MZ (model-only LoRA loader), diffusers `KolorsPipeline`; not WebUI or kohya sd-scripts, which do not run Kolors |
 
 ## Use with DiffSynth-Studio
 
