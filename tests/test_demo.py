@@ -43,6 +43,34 @@ def test_demo_produces_every_documented_file(demo_run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_demo_walks_the_whole_path_to_a_verified_package(demo_run: Path) -> None:
+    submission = demo_run / "submission"
+    assert {"configuration.json", "README.md", "lora.safetensors", "pytorch_lora_weights.safetensors",
+            "lora_kohya.safetensors", "verify.json"} <= {p.name for p in submission.iterdir()}
+    assert len(list((submission / "frames").glob("*.png"))) == 8
+    card = (submission / "README.md").read_text(encoding="utf-8")
+    assert "Score gate not passed" in card and "TEST ARTEFACT" in card
+    configuration = json.loads((submission / "configuration.json").read_text(encoding="utf-8"))
+    assert configuration["score_gate"]["overridden"] is True and configuration["test_artefact"] is True
+    assert json.loads((submission / "verify.json").read_text(encoding="utf-8"))["verdict"] == "identical"
+    from PIL import Image
+
+    with Image.open(demo_run / "story" / "contact_sheet.png") as sheet:
+        assert sheet.size == (4 * 256, 2 * (256 + 40))
+
+
+@pytest.mark.slow
+def test_demo_again_prints_the_summary_and_skips_what_is_up_to_date(demo_run: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    assert main(["demo", "--out", str(demo_run)]) == 0
+    out = capsys.readouterr().out
+    assert "would upload" in out and "kstory_package.json" in out  # the dry run lists every file
+    for line in ("prep     skipped", "package  skipped", "upload   dry run", "contact_sheet.png",
+                 f"kstory app {demo_run}"):
+        assert line in out, out
+
+
+@pytest.mark.slow
 def test_reroll_keeps_story_and_rescores(demo_run: Path, capsys: pytest.CaptureFixture) -> None:
     frames = demo_run / "story" / "frames"
     before = {p.name: p.read_bytes() for p in frames.iterdir()}

@@ -46,13 +46,22 @@ finish with `kstory package`, `kstory verify` and `kstory upload`.
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from kstory.cli.demo import run_demo
+    from kstory.cli.demo import publish_demo, run_demo
 
-    outcomes = run_demo(Path(args.out), model=args.model, images=args.images)
-    _print_outcomes(outcomes)
     out = Path(args.out)
-    print(f"demo finished: {out / 'data' / 'report.md'} explains the dataset, {out / 'story' / 'frames'} holds the "
-          f"frames, {out / 'scores.json'} their scores (random weights: the pictures and scores mean nothing)")
+    outcomes = run_demo(out, model=args.model, images=args.images)
+    steps, upload_report = publish_demo(out, any(o.status == "ran" for o in outcomes), endpoint=args.endpoint)
+    print(upload_report)
+    print("\nkstory demo: the whole path on the tiny random-weight preset (the pictures and scores mean nothing)")
+    for outcome in outcomes:
+        took = f"{outcome.seconds:5.1f} s" if outcome.status == "ran" else "      "
+        print(f"  {outcome.stage:<8} {outcome.status:<10} {took}  {outcome.output}")
+    for step in steps:
+        took = f"{step.seconds:5.1f} s" if step.status not in ("skipped",) else "      "
+        print(f"  {step.name:<8} {step.status:<10} {took}  {step.output}  ({step.detail})")
+    print(f"look at: {out / 'story' / 'contact_sheet.png'} (the story), {out / 'data' / 'report.md'} (the data), "
+          f"{out / 'submission' / 'README.md'} (the model card)")
+    print(f"review:  kstory app {out}")
     return 0
 
 
@@ -350,12 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo", parents=[common], help="run the whole pipeline offline on a generated dataset and the tiny model",
-        description="Generate a small style dataset, write runs/demo/kstory.yaml and run every stage on it. "
-        "Running it again skips stages that are up to date.",
+        description="Generate a small style dataset, write runs/demo/kstory.yaml and walk the whole path on it: "
+        "prep, train, story, score (skipping stages that are up to date), then package (with the gate and "
+        "test-model overrides the random weights need, shown in the model card), verify, an upload dry run, and "
+        "a contact sheet of the story. Ends with a summary of each step's time and output.",
     )
     demo.add_argument("--out", default="runs/demo", help="run directory to create or resume (default: runs/demo)")
     demo.add_argument("--model", default="tiny", help="base model: tiny (default, offline), kolors, or a local folder")
     demo.add_argument("--images", type=int, default=24, help="size of the generated dataset (default: 24)")
+    demo.add_argument("--endpoint", help="upload the demo package to this hub (e.g. a local stand-in); "
+                      "default: a dry run that lists every file it would send")
     demo.set_defaults(func=_cmd_demo)
 
     run = commands.add_parser(

@@ -245,6 +245,16 @@ def _test_notice(origin: Provenance) -> str:
             + "\n".join(f"> {line}" for line in reasons.splitlines()) + "\n\n")
 
 
+def _gate_notice(scores: dict[str, Any]) -> str:
+    """A visible line when the package was built although the score gate did not pass (--allow-failed-gate)."""
+    summary = scores.get("summary", {})
+    if summary.get("gate") == "pass":
+        return ""
+    return (f"> **Score gate not passed:** mean aesthetic score {summary.get('mean')} is below the threshold "
+            f"{summary.get('threshold')} (the challenge disqualifies such a story). It was packaged anyway with "
+            f"`--allow-failed-gate`.\n\n")
+
+
 def _readme(name: str, *, description: str, trigger: str, training: dict[str, Any], manifest: dict[str, Any],
             scores: dict[str, Any], strength: float, license_id: str, origin: Provenance) -> str:
     by_file = {Path(i["file"]).name: i for i in scores.get("images", [])}
@@ -263,7 +273,7 @@ def _readme(name: str, *, description: str, trigger: str, training: dict[str, An
     return f"""{_front_matter(license_id, trigger, origin)}
 # {name}
 
-{_test_notice(origin)}{description}
+{_test_notice(origin)}{_gate_notice(scores)}{description}
 
 **Trigger word:** `{trigger or "(none)"}` (put it at the start of the prompt).
 
@@ -324,7 +334,7 @@ def _forum_post(name: str, owner: str | None, description: str, trigger: str, sc
 
 Model: https://www.modelscope.cn/models/{owner_part}/{name}
 
-{_test_notice(origin)}{description}
+{_test_notice(origin)}{_gate_notice(scores)}{description}
 
 - Trigger word: `{trigger or "(none)"}`
 - Base model: {origin.base_model}
@@ -410,6 +420,9 @@ def build_package(
             scores=shipped_scores, strength=strength, license_id=license_id, origin=origin))
         write_json(staging / "configuration.json", {
             "framework": "Pytorch", "task": TASK, **origin.to_json(),
+            "score_gate": {"gate": gate, "mean": scores.get("summary", {}).get("mean"),
+                           "threshold": scores.get("summary", {}).get("threshold"),
+                           "overridden": gate != "pass"},
             "model": {"type": "lora", "files": {fmt: p.name for fmt, p in exports.items()}},
             "lora": {"rank": training["rank"], "alpha": training["alpha"], "scale": scale, "strength": strength,
                      "trigger_word": trigger},
