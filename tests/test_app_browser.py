@@ -52,10 +52,10 @@ def test_browser_loads_run_rerolls_and_packages(demo_runs: Path) -> None:
             page.goto(f"http://127.0.0.1:{port}/")
             sidebar = page.get_by_test_id("stSidebar")
             sidebar.get_by_text("Story", exact=True).click()
-            page.get_by_text("Re-roll a frame").wait_for()
-            page.get_by_role("button", name="Re-roll frame 1").click()
-            page.get_by_role("button", name="Cancel").wait_for()  # the job's panel, polled while it runs
-            page.get_by_text("Re-roll frame 1 and score the story: done").wait_for(timeout=180_000)
+            page.get_by_text("Re-roll a frame").first.wait_for()
+            page.get_by_role("button", name="Re-roll frame 1").first.click()
+            page.get_by_role("button", name="Cancel").first.wait_for()  # the job's panel, polled while it runs
+            page.get_by_text("Re-roll frame 1 and score the story: done").first.wait_for(timeout=180_000)
             page.get_by_text("8. frame 8").first.wait_for()  # the page may still hold the previous run's copy
             scored = page.get_by_text(re.compile(r"^seed \d+ · aesthetic"))
             deadline = time.monotonic() + 60
@@ -66,15 +66,15 @@ def test_browser_loads_run_rerolls_and_packages(demo_runs: Path) -> None:
             SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT_DIR / "app-story.png"), full_page=True)
             sidebar.get_by_text("Package", exact=True).click()
-            page.get_by_label("Team name").fill("kteam")
-            page.get_by_label("Suffix").fill("fox")
-            page.get_by_label("Suffix").press("Enter")
-            page.get_by_text("model name: kteam").wait_for()
-            page.get_by_text("Package even though the gate failed").click()
-            page.get_by_text("Package a test artefact").click()  # the tiny models: labelled as a test artefact
-            page.get_by_role("button", name="Build package").click()
-            page.get_by_text(re.compile(r"Build the package .*: done")).wait_for(timeout=180_000)
-            page.get_by_text("Model card preview").wait_for()
+            page.get_by_label("Team name").first.fill("kteam")
+            page.get_by_label("Suffix").first.fill("fox")
+            page.get_by_label("Suffix").first.press("Enter")
+            page.get_by_text("model name: kteam").first.wait_for()
+            page.get_by_text("Package even though the gate failed").first.click()
+            page.get_by_text("Package a test artefact").first.click()  # the tiny models: labelled as a test artefact
+            page.get_by_role("button", name="Build package").first.click()
+            page.get_by_text(re.compile(r"Build the package .*: done")).first.wait_for(timeout=180_000)
+            page.get_by_text("Model card preview").first.wait_for()
             page.screenshot(path=str(SCREENSHOT_DIR / "app-package.png"), full_page=True)
             browser.close()
         assert (demo_runs / "demo" / "submission" / "README.md").is_file()
