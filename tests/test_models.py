@@ -30,6 +30,7 @@ from kstory.core.models import resolve_model
 from kstory.core.models.pipeline import kolors_models, load_kolors_model_manager, load_kolors_pipeline
 from kstory.core.models.resolve import default_cache_dir
 from kstory.core.models.tiny import (
+    KOLORS_SPEC,
     TinyKolorsSpec,
     build_tiny_kolors,
     from_diffusers,
@@ -47,15 +48,7 @@ LAYOUT = [
     "vae/diffusion_pytorch_model.safetensors",
     "kstory_tiny.json",
 ]
-REAL_WIDTHS = TinyKolorsSpec(
-    unet_channels=(320, 640, 1280),
-    unet_head_dim=64,
-    unet_transformer_depth=(2, 10),
-    cross_attention_dim=2048,
-    addition_time_embed_dim=256,
-    text_hidden_size=4096,
-    vae_channels=(128, 256, 512, 512),
-)
+REAL_WIDTHS = KOLORS_SPEC  # the real widths the tiny builder uses for random-full, checked against DiffSynth
 
 
 @pytest.fixture(scope="module")

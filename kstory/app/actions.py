@@ -65,22 +65,6 @@ def build(run_root: Path, *, team: str, suffix: str, description: str, allow_fai
                          allow_failed_gate=allow_failed_gate, allow_test_model=allow_test_model)
 
 
-def upload(submission: Path, model_id: str, *, token: str, dry_run: bool, endpoint: str | None,
-           allow: dict[str, bool] | None = None) -> str:
-    """``kstory.submissions.upload_package``; returns its report. The token is only passed through, never kept.
-
-    ``allow``: the ``allow_test_model`` / ``allow_failed_gate`` / ``allow_failed_verify`` overrides the user ticked.
-    """
-    from kstory.submissions import upload_package
-
-    if not dry_run and not token.strip():
-        raise KstoryError("no ModelScope token typed", fix="paste an access token from modelscope.cn/my/myaccesstoken")
-    result: Any = upload_package(submission, model_id, token=token or None, dry_run=dry_run, endpoint=endpoint or None,
-                                 **(allow or {}))
-    text = result.render()
-    return text.replace(token, "***") if token else text
-
-
 # --- the same actions as job steps (kstory.jobs): they run in a process of their own --------------------------
 
 def _call(function: str, **kwargs: Any) -> dict[str, Any]:

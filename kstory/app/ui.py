@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import streamlit as st
 from PIL import Image
@@ -72,16 +71,3 @@ def guarded() -> Iterator[None]:
         yield
     except Exception as error:  # noqa: BLE001 - shown to the user
         show_error(error)
-
-
-def run_long(label: str, action: Callable[[], Any], done: str) -> Any:
-    """Run ``action`` inside a status box (spinner, then done or error); return its result or None on error."""
-    with st.status(label, expanded=True) as box:
-        try:
-            result = action()
-        except Exception as error:  # noqa: BLE001 - shown to the user
-            box.update(label=f"{label} failed", state="error")
-            show_error(error)
-            return None
-        box.update(label=done, state="complete")
-    return result

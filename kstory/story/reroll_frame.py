@@ -23,7 +23,8 @@ from kstory.core.models import resolve_model
 from kstory.core.seeds import SEED_LIMIT
 from kstory.story.controlnets import identify
 from kstory.story.generate import FramePlan, GuidePlan, Session, recorded_memory
-from kstory.story.manifest import read_manifest, sha256_bytes
+from kstory.core.hashing import sha256_file
+from kstory.story.manifest import read_manifest
 from kstory.story.build import StoryBuild
 from kstory.story.review import FINAL_LORA, checkpoint_lora
 from kstory.story.run import StoryResult, build_story, frame_work, spec_values
@@ -34,7 +35,7 @@ log = get_logger("story")
 
 
 def _verified(path: Path, sha256: str, what: str) -> Path:
-    if not path.is_file() or sha256_bytes(path.read_bytes()) != sha256:
+    if not path.is_file() or sha256_file(path) != sha256:
         raise KstoryError(f"{what} changed or is missing since the story was generated", path=path,
                           fix="restore it, or generate the whole story again")
     return path
@@ -60,7 +61,7 @@ def _lora_file(out_dir: Path, lora: dict[str, Any]) -> Path:
     lora_dir = Path(out_dir).resolve().parent / "lora"
     moved = checkpoint_lora(lora_dir, lora["checkpoint"]) if lora.get("checkpoint") else lora_dir / FINAL_LORA
     for candidate in (recorded, moved):
-        if candidate.is_file() and sha256_bytes(candidate.read_bytes()) == lora["sha256"]:
+        if candidate.is_file() and sha256_file(candidate) == lora["sha256"]:
             return candidate
     return _verified(recorded, lora["sha256"], "LoRA")
 

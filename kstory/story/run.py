@@ -19,6 +19,7 @@ import torch
 
 from kstory.core.atomic import write_bytes, write_text
 from kstory.core.errors import KstoryError
+from kstory.core.hashing import sha256_file
 from kstory.core.logs import get_logger
 from kstory.core.models import KolorsWeights, resolve_model
 from kstory.story.controlnets import ControlNetWeights, identify
@@ -81,7 +82,7 @@ def check_lora(lora: Path | None, scale: float | None, weights: KolorsWeights,
             f"(fingerprint {weights.fingerprint[:12]})",
             path=lora, fix="generate with the base model the LoRA was trained on (--model), or train it on this one",
         )
-    return LoraChoice(lora, scale, hashlib.sha256(lora.read_bytes()).hexdigest(), metadata, checkpoint)
+    return LoraChoice(lora, scale, sha256_file(lora), metadata, checkpoint)
 
 
 def resolve_controlnets(
