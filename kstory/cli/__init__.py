@@ -92,6 +92,7 @@ def _cmd_prep(args: argparse.Namespace) -> int:
     return 0
 
 
+SAMPLER_CHOICES = ["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim"]  # kstory.story.samplers.SAMPLERS
 MEMORY_CHOICES = ["auto", "none", "24gb", "16gb", "12gb", "8gb", "cpu"]  # kstory.core.memory.PROFILES, without importing torch
 
 
@@ -191,10 +192,36 @@ def _cmd_reroll(args: argparse.Namespace) -> int:
     from kstory.cli.stages import controlnet_paths
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    if args.strength is None and (args.from_image or args.sampler):
+        raise KstoryError("--from-image and --sampler are for a variation", fix="add --strength (0-1], e.g. 0.4")
     with logging_to_run(args.story, "reroll"):
-        reroll(Path(args.story), args.frame, seed=args.seed, prompt=args.prompt,
-               controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None, cache_dir=cache_dir)
+        nets = controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None
+        if args.strength is not None:
+            from kstory.story.repair_frame import repair_frame
+
+            repair_frame(Path(args.story), args.frame, kind="img2img", strength=args.strength, seed=args.seed,
+                         prompt=args.prompt, from_image=Path(args.from_image) if args.from_image else None,
+                         sampler=args.sampler, controlnets=nets, cache_dir=cache_dir)
+        else:
+            reroll(Path(args.story), args.frame, seed=args.seed, prompt=args.prompt, controlnets=nets,
+                   cache_dir=cache_dir)
     print(f"frame {args.frame} regenerated; tried seeds are in {Path(args.story) / 'manifest.json'} (seed_history)")
+    return 0
+
+
+def _cmd_inpaint(args: argparse.Namespace) -> int:
+    from kstory.story.repair_frame import repair_frame
+
+    from kstory.cli.stages import controlnet_paths
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    with logging_to_run(args.story, "inpaint"):
+        repair_frame(Path(args.story), args.frame, kind="inpaint", strength=args.strength, seed=args.seed,
+                     prompt=args.prompt, mask=Path(args.mask), feather=args.feather, crop_padding=args.crop_padding,
+                     threshold=args.threshold, sampler=args.sampler,
+                     controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None,
+                     cache_dir=cache_dir)
+    print(f"frame {args.frame} inpainted; the repair is recorded in {Path(args.story) / 'manifest.json'} (repairs)")
     return 0
 
 
@@ -455,9 +482,37 @@ def build_parser() -> argparse.ArgumentParser:
     reroll.add_argument("frame", type=int, help="frame number, 1-based")
     reroll.add_argument("--seed", type=_seed, help="new seed (0 to 2**63-1)")
     reroll.add_argument("--prompt", help="new prompt for this frame")
+    reroll.add_argument("--strength", type=float, help="a variation of the current picture: how much to change "
+                        "(0-1]; 0.3-0.5 keeps the composition. Without it the frame is made afresh")
+    reroll.add_argument("--from-image", help="with --strength: start from this picture instead of the frame")
+    reroll.add_argument("--sampler", choices=SAMPLER_CHOICES, help="with --strength: sampler (default: the frame's)")
     reroll.add_argument("--controlnet", action="append", metavar="NAME=PATH", help="moved ControlNet weights")
     reroll.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     reroll.set_defaults(func=_cmd_reroll)
+
+    inpaint = commands.add_parser(
+        "inpaint", parents=[common], help="repaint the masked part of one frame, keeping the rest of it",
+        description="Repaint the white part of MASK in frame FRAME of the story in STORY with the story's model and "
+        "LoRA (latent blending); pixels farther than --feather from the mask stay exactly as they are. The repair "
+        "(mask, strength, seed, prompt, sampler) is recorded in the manifest, `kstory verify` replays it and "
+        "`kstory package` ships the mask. A mask of another size is resized, a grey one thresholded, an all-white "
+        "one repaints the whole frame (a full re-roll at --strength).",
+    )
+    inpaint.add_argument("story", help="story folder (holds manifest.json)")
+    inpaint.add_argument("frame", type=int, help="frame number, 1-based")
+    inpaint.add_argument("--mask", required=True, help="picture: white = repaint, black = keep")
+    inpaint.add_argument("--prompt", help="prompt for the repainted part (default: the frame's)")
+    inpaint.add_argument("--seed", type=_seed, help="seed (default: a fresh one)")
+    inpaint.add_argument("--strength", type=float, default=1.0, help="how much to change (0-1], default 1")
+    inpaint.add_argument("--feather", type=int, default=8, help="soft edge in pixels outside the mask (default 8)")
+    inpaint.add_argument("--crop-padding", type=int, help="inpaint only the box around the mask plus this many "
+                         "pixels, at the frame's full resolution (for small masks)")
+    inpaint.add_argument("--threshold", type=int, default=128, help="grey level from which a mask pixel counts "
+                         "as white (default 128)")
+    inpaint.add_argument("--sampler", choices=SAMPLER_CHOICES, help="sampler (default: the frame's)")
+    inpaint.add_argument("--controlnet", action="append", metavar="NAME=PATH", help="moved ControlNet weights")
+    inpaint.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
+    inpaint.set_defaults(func=_cmd_inpaint)
 
     score = commands.add_parser(
         "score", parents=[common], help="the challenge's aesthetic gate (exit 0 pass, 3 fail), plus coherence and prompt fit",

@@ -51,6 +51,8 @@ def _files_intact(folder: Path, record: dict[str, Any]) -> bool:
     """The frame and its guides are on disk with the hashes the record gives."""
     entries = [(record.get("file"), record.get("sha256"))]
     entries += [(g.get("file"), g.get("sha256")) for g in record.get("guides", [])]
+    entries += [(r[name], r[digest]) for r in record.get("repairs", [])
+                for name, digest in (("source_file", "source_sha256"), ("mask_file", "mask_sha256")) if r.get(name)]
     for name, digest in entries:
         if not name or not digest:
             return False
@@ -61,7 +63,8 @@ def _files_intact(folder: Path, record: dict[str, Any]) -> bool:
 
 
 def _record_files(record: dict[str, Any]) -> list[str]:
-    return [record["file"], *(g["file"] for g in record.get("guides", []))]
+    repairs = [name for r in record.get("repairs", []) for name in (r.get("source_file"), r.get("mask_file")) if name]
+    return [record["file"], *(g["file"] for g in record.get("guides", [])), *repairs]
 
 
 @dataclass

@@ -26,9 +26,10 @@ from kstory.core.logs import get_logger
 from kstory.core.memory import MemoryPlan, free_models
 from kstory.core.models import KolorsWeights
 from kstory.story.controlnets import ControlNetWeights, ControlUnit, GuidedControl, load, union_task
+from kstory.story.samplers import LEGACY, make_sampler
 
 log = get_logger("story")
-SAMPLER = "ddim"  # DiffSynth's EnhancedDDIMScheduler with Kolors' beta schedule
+SAMPLER = LEGACY  # a spec without `sampler`: DiffSynth's EnhancedDDIMScheduler with Kolors' beta schedule
 _VAE_TILE = 64  # DiffSynth's default tile_size for the SDXL VAE decoder, in latent pixels
 _FREE_MEMORY_FOR_TEXT_ENCODER = 16 << 30  # below this much free GPU memory, 'auto' releases the text encoder
 _OOM_FIX = (
@@ -36,6 +37,18 @@ _OOM_FIX = (
     "(1 uses the least memory), set generation.release_text_encoder: always, use smaller frames (width/height), "
     "fewer ControlNets per frame, or a float16 dtype"
 )
+
+
+@dataclass
+class StartLatents:
+    """Where a repair starts: the source picture's latents, the strength, and for inpainting the latents kept.
+
+    ``keep`` is 1 where the source stays (outside the mask) and 0 where the frame is repainted, at latent size.
+    """
+
+    source: torch.Tensor
+    strength: float
+    keep: torch.Tensor | None = None
 
 
 @dataclass
@@ -68,19 +81,21 @@ class FramePlan:
     steps: int
     cfg_scale: float
     guides: list[GuidePlan] = field(default_factory=list)
+    sampler: str = SAMPLER
+    repairs: list[Any] = field(default_factory=list)  # kstory.story.repair.Repair, applied in order after generation
 
-    def group(self) -> tuple[int, int, int]:
-        return (self.width, self.height, self.steps)
+    def group(self) -> tuple[int, int, int, str]:
+        return (self.width, self.height, self.steps, self.sampler)
 
 
 def batches(plans: list[FramePlan], batch_size: int) -> list[list[FramePlan]]:
-    """Frames of one size and step count, in frame order, at most ``batch_size`` at a time.
+    """Frames of one size, step count and sampler, in frame order, at most ``batch_size`` at a time.
 
     A frame's pixels depend (in the last bits) on how many frames share its
     batch, so batches are always formed from the whole story; re-rolls and
     partial runs re-run a frame's whole batch and keep only that frame.
     """
-    groups: dict[tuple[int, int, int], list[FramePlan]] = {}
+    groups: dict[tuple[int, int, int, str], list[FramePlan]] = {}
     for plan in plans:
         groups.setdefault(plan.group(), []).append(plan)
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
@@ -240,36 +255,51 @@ class Session:
         return release == "always" or torch.cuda.mem_get_info()[0] < _FREE_MEMORY_FOR_TEXT_ENCODER
 
     @torch.no_grad()
-    def denoise(self, batch: list[FramePlan]) -> list[Image.Image]:
-        """Generate one batch (same size and steps); returns one image per frame, in order."""
+    def denoise(self, batch: list[FramePlan], start: StartLatents | None = None) -> list[Image.Image]:
+        """Generate one batch (same size, steps and sampler); returns one image per frame, in order."""
+        latents = self.denoise_latents(batch, start)
+        # One frame at a time: the VAE at full size is the memory peak, and frames stay independent.
+        # DiffSynth's tiles are 64 latents (512 px): a smaller frame is one tile, decoded whole.
+        tiled = self.tiled_vae and max(latents.shape[-2:]) > _VAE_TILE
+        return [self.pipe.decode_image(latents[i : i + 1], tiled=tiled) for i in range(len(batch))]
+
+    @torch.no_grad()
+    def denoise_latents(self, batch: list[FramePlan], start: StartLatents | None = None) -> torch.Tensor:
+        """The batch's final latents. ``start`` begins from a picture's latents (img2img) and, with a mask,
+        keeps its latents outside the mask at every step, re-noised to that step (inpainting by blending)."""
         pipe, first = self.pipe, batch[0]
-        pipe.scheduler.set_timesteps(first.steps)
+        sampler = make_sampler(first.sampler, first.steps, start.strength if start else 1.0, self.device)
         shape = (1, 4, first.height // 8, first.width // 8)
-        latents = torch.cat([pipe.generate_noise(shape, seed=plan.seed, device=self.device, dtype=self.torch_dtype)
-                             for plan in batch])
+        # Each frame's noise from its own generator (DiffSynth's generate_noise); ancestral samplers keep drawing from it.
+        generators = [torch.Generator(self.device).manual_seed(plan.seed) for plan in batch]
+        noise = torch.cat([torch.randn(shape, generator=g, device=self.device, dtype=self.torch_dtype)
+                           for g in generators])
+        if start is None:
+            latents = sampler.initial(noise)
+        else:
+            latents = sampler.noised(start.source, noise, sampler.timesteps[0]) if sampler.timesteps else start.source
         posi = [self._embeddings[(plan.prompt, True)] for plan in batch]
         nega = [self._embeddings[(plan.negative_prompt, False)] for plan in batch]
         prompt_emb = {key: torch.cat([e[key] for e in posi + nega]) for key in ("encoder_hidden_states", "add_text_embeds")}
         cfg = torch.tensor([plan.cfg_scale for plan in batch], device=self.device, dtype=self.torch_dtype).view(-1, 1, 1, 1)
         units = self._units(batch)
-        size = 2 * len(batch)
-        for step, timestep in enumerate(pipe.scheduler.timesteps):
-            timestep = timestep.unsqueeze(0).to(self.device)
-            model_input = torch.cat([latents, latents])
+        size, count = 2 * len(batch), len(sampler.timesteps)
+        for step, timestep in enumerate(sampler.timesteps):
+            model_input = sampler.scale(torch.cat([latents, latents]), timestep)
             extra = pipe.prepare_extra_input(model_input)
-            control = GuidedControl(units, step, len(pipe.scheduler.timesteps), copies=2)
-            noise = lets_dance_xl(
+            control = GuidedControl(units, step, count, copies=2)
+            noise_pred = lets_dance_xl(
                 pipe.unet, motion_modules=None, controlnet=control if control else None,
-                sample=model_input, timestep=timestep, **extra, **prompt_emb,
+                sample=model_input, timestep=timestep.unsqueeze(0).to(self.device), **extra, **prompt_emb,
                 controlnet_frames=control.frames().to(self.device, self.torch_dtype) if control else None,
                 unet_batch_size=size, controlnet_batch_size=size, device=self.device,
             )
-            noise_posi, noise_nega = noise.chunk(2)
-            latents = pipe.scheduler.step(noise_nega + cfg * (noise_posi - noise_nega), timestep, latents)
-        # One frame at a time: the VAE at full size is the memory peak, and frames stay independent.
-        # DiffSynth's tiles are 64 latents (512 px): a smaller frame is one tile, decoded whole.
-        tiled = self.tiled_vae and max(latents.shape[-2:]) > _VAE_TILE
-        return [pipe.decode_image(latents[i : i + 1], tiled=tiled) for i in range(len(batch))]
+            noise_posi, noise_nega = noise_pred.chunk(2)
+            latents = sampler.step(noise_nega + cfg * (noise_posi - noise_nega), timestep, latents, generators)
+            if start is not None and start.keep is not None:
+                kept = start.source if step + 1 == count else sampler.noised(start.source, noise, sampler.timesteps[step + 1])
+                latents = start.keep * kept + (1 - start.keep) * latents
+        return latents
 
     def _units(self, batch: list[FramePlan]) -> list[ControlUnit]:
         """One unit per (ControlNet, task) used in the batch; frames without such a guide get scale 0."""

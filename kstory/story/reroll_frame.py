@@ -10,7 +10,7 @@ manifest entry keeps the history of every seed tried.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from kstory.core.logs import get_logger
 from kstory.core.models import resolve_model
 from kstory.core.seeds import SEED_LIMIT
 from kstory.story.controlnets import identify
-from kstory.story.generate import FramePlan, GuidePlan, Session, recorded_memory
+from kstory.story.generate import SAMPLER, FramePlan, GuidePlan, Session, recorded_memory
 from kstory.core.hashing import sha256_file
 from kstory.story.manifest import read_manifest
 from kstory.story.build import StoryBuild
@@ -51,7 +51,8 @@ def _plan_from_record(out_dir: Path, index: int, record: dict[str, Any]) -> Fram
                                 notes=g["notes"]))
     return FramePlan(index=index, prompt=record["prompt"], frame_prompt=record["frame_prompt"],
                      negative_prompt=record["negative_prompt"], seed=record["seed"], width=record["width"],
-                     height=record["height"], steps=record["steps"], cfg_scale=record["cfg_scale"], guides=guides)
+                     height=record["height"], steps=record["steps"], cfg_scale=record["cfg_scale"], guides=guides,
+                     sampler=record.get("sampler", SAMPLER))
 
 
 def _lora_file(out_dir: Path, lora: dict[str, Any]) -> Path:
@@ -64,6 +65,36 @@ def _lora_file(out_dir: Path, lora: dict[str, Any]) -> Path:
         if candidate.is_file() and sha256_file(candidate) == lora["sha256"]:
             return candidate
     return _verified(recorded, lora["sha256"], "LoRA")
+
+
+def recorded_session(out_dir: Path, manifest: dict[str, Any], plans: list[FramePlan],
+                     controlnets: Mapping[str, Path] | None, cache_dir: Path | None) -> Callable[[], Session]:
+    """A loader of the session the story was made with: weights, LoRA and ControlNets checked by hash, the
+    recorded device, dtype and memory profile (bad ones refused before anything loads)."""
+    weights = resolve_model(manifest["model"]["spec"], cache_dir)
+    if weights.fingerprint != manifest["model"]["fingerprint"]:
+        raise KstoryError(f"the base model {manifest['model']['spec']!r} changed since the story was generated",
+                          path=weights.root, fix="restore those weights, or generate the whole story again")
+    lora = manifest["lora"]
+    lora_path = _lora_file(out_dir, lora) if lora else None
+    paths = {name: Path(cn["path"]) for name, cn in manifest["controlnets"].items()}
+    paths.update({name: Path(p) for name, p in (controlnets or {}).items()})
+    needed = {guide.controlnet for plan in plans for guide in plan.guides}
+    found = {name: identify(name, paths[name]) for name in sorted(needed)}
+    for name, cn in found.items():
+        if cn.sha256 != manifest["controlnets"][name]["sha256"]:
+            raise KstoryError(f"ControlNet {name!r} is not the one the story was generated with", path=cn.path,
+                              fix="point at the original weights (--controlnet NAME=PATH)")
+    device = manifest["device"]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KstoryError("this story was generated on a GPU; re-rolling on the CPU would not match its frames",
+                          path=out_dir, fix="re-roll on a machine with a GPU, or generate the whole story again")
+
+    def load_session() -> Session:
+        return Session.load(weights, lora=lora_path, lora_scale=lora["scale"] if lora else None, controlnets=found,
+                            device=device, torch_dtype=getattr(torch, manifest["dtype"]), memory=recorded_memory(manifest))
+
+    return load_session
 
 
 def reroll(
@@ -113,24 +144,7 @@ def reroll(
         target.frame_prompt = prompt
         target.prompt = spec.prompt(frame, manifest.get("trigger_word", ""))
 
-    weights = resolve_model(manifest["model"]["spec"], cache_dir)
-    if weights.fingerprint != manifest["model"]["fingerprint"]:
-        raise KstoryError(f"the base model {manifest['model']['spec']!r} changed since the story was generated",
-                          path=weights.root, fix="restore those weights, or generate the whole story again")
-    lora = manifest["lora"]
-    lora_path = _lora_file(out_dir, lora) if lora else None
-    paths = {name: Path(cn["path"]) for name, cn in manifest["controlnets"].items()}
-    paths.update({name: Path(p) for name, p in (controlnets or {}).items()})
-    needed = {guide.controlnet for plan in plans for guide in plan.guides}
-    found = {name: identify(name, paths[name]) for name in sorted(needed)}
-    for name, cn in found.items():
-        if cn.sha256 != manifest["controlnets"][name]["sha256"]:
-            raise KstoryError(f"ControlNet {name!r} is not the one the story was generated with", path=cn.path,
-                              fix="point at the original weights (--controlnet NAME=PATH)")
-    device = manifest["device"]
-    if device == "cuda" and not torch.cuda.is_available():
-        raise KstoryError("this story was generated on a GPU; re-rolling on the CPU would not match its frames",
-                          path=out_dir, fix="re-roll on a machine with a GPU, or generate the whole story again")
+    load_session = recorded_session(out_dir, manifest, plans, controlnets, cache_dir)
 
     spec_value = {i: spec_values(records[str(i)]) for i in companions}
     origin = {frame: "reroll" if (target.seed, target.frame_prompt) != spec_value[frame] else "spec"}
@@ -142,10 +156,6 @@ def reroll(
         if int(key) != frame:
             build.take(out_dir, int(key), other, new)
 
-    def load_session() -> Session:
-        return Session.load(weights, lora=lora_path, lora_scale=lora["scale"] if lora else None, controlnets=found,
-                            device=device, torch_dtype=getattr(torch, manifest["dtype"]), memory=recorded_memory(manifest))
-
     log.info("re-rolling frame %d with seed %d (batch %s)", frame, target.seed, companions)
     return build_story(build, new, [plans], {frame}, work, load_session=load_session, spec_text=spec_text,
-                       release=spec.generation.release_text_encoder, device=device)
+                       release=spec.generation.release_text_encoder, device=manifest["device"])

@@ -29,6 +29,9 @@ from kstory.story.generate import (SAMPLER, FramePlan, GuidePlan, Session, batch
 from kstory.story.guides.render import render_guide
 from kstory.story.build import StoryBuild, plan_key
 from kstory.story.manifest import FORMAT, frame_name, package_versions, png_bytes, read_manifest, save_png, sha256_bytes
+from kstory.story.repair import Repair, apply_repairs, repair_plan, repaired_key
+from kstory.story.samplers import sampler_record
+from kstory.story.staging import link_or_copy
 from kstory.story.spec import StorySpec, load_spec
 from kstory.story.spec_copy import SPEC_COPY, derive_spec_text
 
@@ -124,7 +127,7 @@ def plan_frames(spec: StorySpec, indices: list[int], spec_dir: Path, trigger_wor
         plans.append(FramePlan(
             index=index, prompt=spec.prompt(index, trigger_word), frame_prompt=frame.prompt,
             negative_prompt=spec.negative_prompt(index), seed=frame.seed,
-            width=width, height=height, steps=steps, cfg_scale=cfg, guides=guides,
+            width=width, height=height, steps=steps, cfg_scale=cfg, guides=guides, sampler=spec.sampler(index),
         ))
     return plans
 
@@ -132,9 +135,11 @@ def plan_frames(spec: StorySpec, indices: list[int], spec_dir: Path, trigger_wor
 def setup_record(
     model: str, weights: KolorsWeights, lora: LoraChoice | None,
     controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype, batch_size: int,
-    memory: MemoryPlan | None = None,
+    memory: MemoryPlan | None = None, sampler: str = SAMPLER,
 ) -> dict[str, Any]:
     """The manifest's description of the networks and runtime; frames are only comparable within one setup.
+
+    ``sampler`` is the spec's default sampler (each frame records its own); ``ddim`` keeps older setup ids.
 
     ``memory`` adds the profile in effect; of its choices only tiled decoding and a text encoder on
     another device change pixels, so only those (when used) join the setup id.
@@ -159,7 +164,7 @@ def setup_record(
             "base_model": lora.metadata.get("kstory.base_model", ""),
         },
         "controlnets": {name: {"kind": cn.kind, "path": str(cn.path), "sha256": cn.sha256} for name, cn in controlnets.items()},
-        "sampler": {"name": SAMPLER, "scheduler": "EnhancedDDIMScheduler", "num_train_timesteps": 1100, "beta_end": 0.014},
+        "sampler": sampler_record(sampler),
         "device": torch.device(device).type, "dtype": str(torch_dtype).removeprefix("torch."), "batch_size": batch_size,
         **extra,
     }
@@ -200,7 +205,7 @@ def frame_record(plan: FramePlan, sha256: str, batch: list[int], previous: dict[
         "height": plan.height,
         "steps": plan.steps,
         "cfg_scale": plan.cfg_scale,
-        "sampler": SAMPLER,
+        "sampler": plan.sampler,
         "batch": batch,
         "guides": [
             {"kind": g.kind, "task": g.task, "file": g.file, "sha256": digest, "controlnet": g.controlnet,
@@ -209,6 +214,7 @@ def frame_record(plan: FramePlan, sha256: str, batch: list[int], previous: dict[
         ],
         "seconds": round(seconds, 3),
         **extra,
+        **({"repairs": [r.record() for r in plan.repairs]} if plan.repairs else {}),
         "seed_history": history,
     }
 
@@ -244,6 +250,24 @@ def carry_rerolls(spec: StorySpec, plans: list[FramePlan], records: Mapping[str,
     return carried
 
 
+def attach_repairs(plans: list[FramePlan], given: Mapping[int, list[Repair]], current: dict[str, Any] | None,
+                   work: Mapping[int, FrameWork], out_dir: Path) -> bool:
+    """Give plans their repairs: the ``given`` ones, and from ``current`` (a full run's story folder) those of every
+    frame whose generation is unchanged (same base key), so a repair stays until its frame's spec entry changes."""
+    attached = False
+    records = (current or {}).get("frames", {})
+    for plan in plans:
+        record = records.get(str(plan.index)) or {}
+        if plan.index in given:
+            plan.repairs = list(given[plan.index])
+        elif record.get("repairs") and plan.index in work and record.get("base_key") == work[plan.index].key:
+            plan.repairs = [Repair.from_record(r, out_dir) for r in record["repairs"]]
+        elif record.get("repairs"):
+            log.info("frame %d changed since its repair: it is generated from the spec again", plan.index)
+        attached = attached or bool(plan.repairs)
+    return attached
+
+
 @dataclass(frozen=True)
 class FrameWork:
     """What to do with one frame of a build: its plan, key, record extras, and the guide images as PNG bytes."""
@@ -262,10 +286,13 @@ def frame_work(groups: list[list[FramePlan]], setup: str, origin: Mapping[int, s
         members = [plan.index for plan in batch]
         for plan in batch:
             pngs = [png_bytes(g.image) for g in plan.guides]
-            key = plan_key(plan, members, setup, SAMPLER, [sha256_bytes(data) for data in pngs])
+            key = plan_key(plan, members, setup, plan.sampler, [sha256_bytes(data) for data in pngs])
             seed, prompt = spec_value[plan.index]
             extra = {"key": key, "origin": origin.get(plan.index, "spec"), "spec_seed": seed,
                      "spec_frame_prompt": prompt}
+            if plan.repairs:  # the generated frame's key stays as base_key; the key covers the repairs too
+                extra.update(key=repaired_key(key, plan.repairs), base_key=key)
+                key = extra["key"]
             work[plan.index] = FrameWork(plan, key, extra, pngs)
     return work
 
@@ -289,7 +316,12 @@ def run_plans(
             guide_hashes[plan.index] = [sha256_bytes(data) for data in work[plan.index].guide_pngs]
             for guide, data in zip(plan.guides, work[plan.index].guide_pngs):
                 write_bytes(out_dir / guide.file, data)
-    session.encode(plans, release)
+        if plan.index in keep:
+            for repair in plan.repairs:
+                for name, source in repair.files.items():
+                    if not (out_dir / name).is_file():
+                        link_or_copy(source, out_dir / name)
+    session.encode(plans + [repair_plan(p, r) for p in plans if p.index in keep for r in p.repairs], release)
     generated, seconds = [], 0.0
     for batch, images, batch_seconds in session.generate(groups):
         seconds += batch_seconds
@@ -297,6 +329,8 @@ def run_plans(
         for plan, image in zip(batch, images):
             if plan.index not in keep:
                 continue
+            if plan.repairs:
+                image = apply_repairs(session, plan, image)
             digest = save_png(image, out_dir / "frames" / f"{frame_name(plan.index)}.png")
             key = str(plan.index)
             manifest["frames"][key] = frame_record(plan, digest, members, earlier.get(key), guide_hashes[plan.index],
@@ -379,6 +413,7 @@ def generate_story(
     torch_dtype: torch.dtype | None = None,
     memory: str = "auto",
     text_encoder_device: str = "auto",
+    repairs: Mapping[int, list[Repair]] | None = None,
 ) -> StoryResult:
     """Generate the story of ``spec_path`` (or only ``frames``, 1-based) into ``out_dir``.
 
@@ -393,6 +428,8 @@ def generate_story(
     the dtype when ``torch_dtype`` is not given and caps the frames per batch. ``text_encoder_device="cpu"``
     encodes the prompts on the CPU whatever the profile says.
     ``lora_checkpoint`` names the training checkpoint ``lora`` comes from (recorded in the manifest).
+    ``repairs`` (frame -> recorded repairs, as ``kstory verify`` passes them) are replayed on those frames; a full
+    run also keeps the repairs of every frame whose generation is unchanged (kstory.story.repair).
     """
     spec_path, out_dir = Path(spec_path).resolve(), Path(out_dir)
     spec = load_spec(spec_path)
@@ -435,7 +472,7 @@ def generate_story(
         controlnet_weights = {name: cn for name, cn in controlnet_weights.items() if name in needed}
     torch_dtype = torch_dtype or default_dtype(device, memory_plan)
     setup = setup_record(model, weights, lora_choice, controlnet_weights, device, torch_dtype, batch_size,
-                         memory_plan)
+                         memory_plan, sampler=spec.defaults.sampler)
     spec_bytes = spec_path.read_bytes()
     manifest = new_manifest(spec, setup, sha256_bytes(spec_bytes), trigger)
     if current is not None and frames:
@@ -445,6 +482,8 @@ def generate_story(
                 path=out_dir, fix="regenerate all frames (leave out the frame selection) or use another folder",
             )
     work = frame_work(groups, manifest["setup_id"], origin, from_spec)
+    if attach_repairs(plans, repairs or {}, current if frames is None else None, work, out_dir):
+        work = frame_work(groups, manifest["setup_id"], origin, from_spec)
     build = StoryBuild(out_dir, current)
     build.open()
     if current is not None and frames:

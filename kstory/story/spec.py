@@ -15,6 +15,7 @@ from kstory.core.errors import KstoryError
 from kstory.core.seeds import Seed
 from kstory.core.yamlio import load_yaml, validate
 from kstory.story.guides.pose_library import pose_names
+from kstory.story.samplers import LEGACY, SAMPLERS
 
 DEFAULT_FRAME_COUNT = 8
 
@@ -39,6 +40,8 @@ class FrameSettings(_Strict):
     height: int | None = Field(default=None, ge=64, le=4096, multiple_of=64)
     steps: int | None = Field(default=None, ge=1, le=200)
     cfg_scale: float | None = Field(default=None, ge=1.0, le=30.0)
+    sampler: Literal[SAMPLERS] | None = Field(default=None, description="euler (Kolors' default), euler_a, dpmpp_2m, "
+                                              "dpmpp_2m_karras, dpmpp_2m_sde_karras, or ddim (left out: ddim).")
 
 
 class Defaults(FrameSettings):
@@ -46,6 +49,8 @@ class Defaults(FrameSettings):
     height: int = Field(default=1024, ge=64, le=4096, multiple_of=64)
     steps: int = Field(default=30, ge=1, le=200, description="Kolors recommends 25-50.")
     cfg_scale: float = Field(default=5.0, ge=1.0, le=30.0, description="Kolors recommends about 5.")
+    sampler: Literal[SAMPLERS] = Field(default=LEGACY, description="Left out: ddim, what stories made before the "
+                                       "choice existed used; new specs say euler.")
 
 
 class Generation(_Strict):
@@ -173,6 +178,10 @@ class StorySpec(_Strict):
             frame.steps or base.steps,
             frame.cfg_scale if frame.cfg_scale is not None else base.cfg_scale,
         )
+
+    def sampler(self, index: int) -> str:
+        """The sampler of frame ``index`` (1-based): its own, else the defaults'."""
+        return self.frames[index - 1].sampler or self.defaults.sampler
 
     def prompt(self, index: int, trigger_word: str | None = None) -> str:
         """The full prompt of frame ``index``: trigger word, character, style, then the frame's own text."""

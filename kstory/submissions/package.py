@@ -173,6 +173,8 @@ def _in_order(manifest: dict[str, Any], order: list[str]) -> tuple[dict[str, Any
             renamed = new + name[len(old):] if name.startswith(f"{old}-") else f"{new}-{name}"
             renames[guide["file"]] = f"guides/{renamed}"
             guide["file"] = renames[guide["file"]]
+        for repair in record.get("repairs", []):  # masks and source pictures ship under their own names
+            renames.update({name: name for name in (repair.get("source_file"), repair.get("mask_file")) if name})
         record["story_frame"] = int(key)
         frames[str(position)] = record
     return {**manifest, "frames": frames}, renames

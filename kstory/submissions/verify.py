@@ -163,6 +163,7 @@ def _package_spec(submission: Path, manifest: dict[str, Any], target: Path) -> P
                               fix="repackage the run")
         frames[index]["seed"] = frame["seed"]  # the manifest is the source of truth for each frame
         frames[index]["prompt"] = frame["frame_prompt"]
+        frames[index]["sampler"] = frame.get("sampler", "ddim")  # manifests before samplers were chosen: ddim
         frames[index]["guides"] = [
             {"type": "image", "image": str((submission / g["file"]).resolve()), "controlnet": g["controlnet"],
              "task": g.get("task"), "scale": g["scale"], "start": g["start"], "end": g["end"]}
@@ -170,6 +171,14 @@ def _package_spec(submission: Path, manifest: dict[str, Any], target: Path) -> P
         ]
     target.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return target
+
+
+def _repairs(submission: Path, manifest: dict[str, Any]) -> dict[int, list[Any]]:
+    """Story frame -> its recorded repairs, replayed from the masks and pictures the package ships."""
+    from kstory.story.repair import Repair
+
+    return {story_frame(key, frame): [Repair.from_record(r, submission) for r in frame["repairs"]]
+            for key, frame in manifest["frames"].items() if frame.get("repairs")}
 
 
 def _scoring_model(info: dict[str, Any] | None, default: str) -> str:
@@ -218,7 +227,8 @@ def verify_package(
         # The recorded memory profile: its batch cap, tiled decoding and text-encoder device decide pixels too.
         memory = (manifest.get("memory") or {}).get("profile") or "none"
         result = generate_story(spec, Path(tmp) / "regen", model=model, lora=lora, lora_scale=lora_info.get("scale"),
-                                controlnets=nets, cache_dir=cache, device=device, torch_dtype=dtype, memory=memory)
+                                controlnets=nets, cache_dir=cache, device=device, torch_dtype=dtype, memory=memory,
+                                repairs=_repairs(submission, manifest))
         regen_manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))
         for key, frame in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0])):
             index = story_frame(key, frame)
