@@ -59,7 +59,7 @@ def test_story_folder_layout_and_manifest(demo):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "kstory-story/1" and manifest["frame_count"] == 8
     assert manifest["model"]["identity"].startswith("kstory/tiny-kolors")
-    assert manifest["sampler"]["name"] == "ddim" and manifest["dtype"] == "float32"
+    assert manifest["sampler"]["name"] == "euler" and manifest["dtype"] == "float32"
     assert {"torch", "diffsynth", "transformers", "kstory"} <= set(manifest["versions"])
     assert {cn["kind"] for cn in manifest["controlnets"].values()} == {"kolors", "union"}
     for index, frame in manifest["frames"].items():

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 
 from kstory.core.atomic import write_bytes, write_text
 from kstory.story.manifest import png_bytes
+from kstory.story.samplers import DEFAULT_FOR_NEW_SPECS
 
 _FRAMES = (
     ("wakes up and stretches by the window at dawn", "arms_raised"),
@@ -65,7 +66,7 @@ def make_demo_spec(
             "style": "soft watercolour, warm light",
             "negative_prompt": "blurry, low quality, extra limbs, text, watermark",
         },
-        "defaults": {"width": size, "height": size, "steps": steps, "cfg_scale": 5.0},
+        "defaults": {"width": size, "height": size, "steps": steps, "cfg_scale": 5.0, "sampler": DEFAULT_FOR_NEW_SPECS},
         "generation": {"batch_size": 4},
         "frames": frames,
     }
