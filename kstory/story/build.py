@@ -51,6 +51,9 @@ def _files_intact(folder: Path, record: dict[str, Any]) -> bool:
     """The frame and its guides are on disk with the hashes the record gives."""
     entries = [(record.get("file"), record.get("sha256"))]
     entries += [(g.get("file"), g.get("sha256")) for g in record.get("guides", [])]
+    reference = _reference_file(record)
+    if reference:
+        entries.append((reference["file"], reference.get("sha256")))
     for name, digest in entries:
         if not name or not digest:
             return False
@@ -60,8 +63,15 @@ def _files_intact(folder: Path, record: dict[str, Any]) -> bool:
     return True
 
 
+def _reference_file(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The character reference image a frame was made with, when it is a file of the story folder."""
+    reference = (record.get("ip_adapter") or {}).get("reference") or {}
+    return reference if reference.get("file") else None
+
+
 def _record_files(record: dict[str, Any]) -> list[str]:
-    return [record["file"], *(g["file"] for g in record.get("guides", []))]
+    reference = _reference_file(record)
+    return [record["file"], *(g["file"] for g in record.get("guides", [])), *([reference["file"]] if reference else [])]
 
 
 @dataclass
