@@ -173,6 +173,9 @@ def _in_order(manifest: dict[str, Any], order: list[str]) -> tuple[dict[str, Any
             renamed = new + name[len(old):] if name.startswith(f"{old}-") else f"{new}-{name}"
             renames[guide["file"]] = f"guides/{renamed}"
             guide["file"] = renames[guide["file"]]
+        reference = ((record.get("ip_adapter") or {}).get("reference") or {}).get("file")
+        if reference:  # the character reference image ships as it is (verify makes the frames from it)
+            renames[reference] = reference
         record["story_frame"] = int(key)
         frames[str(position)] = record
     return {**manifest, "frames": frames}, renames
