@@ -58,7 +58,7 @@ def test_a_copied_run_is_up_to_date(demo_runs: Path, tmp_path: Path) -> None:
 def readme_run(demo_runs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo rearranged as the README lays a run out: runs/mine/kstory.yaml with story.yaml beside it."""
     run = _copy_run(demo_runs / "demo", tmp_path_factory.mktemp("project") / "runs" / "mine")
-    for name in ("story.yaml", "story-reference.png"):
+    for name in ("story.yaml", "story-reference.png", "story-character.png"):
         shutil.move(run / "inputs" / name, run / name)
     config = yaml.safe_load((run / "kstory.yaml").read_text(encoding="utf-8"))
     del config["runs_root"]

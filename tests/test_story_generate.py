@@ -88,7 +88,8 @@ def test_changing_one_seed_changes_only_that_frame(demo, tmp_path):
     data["frames"][2]["seed"] = 4242
     edited = tmp_path / "story.yaml"
     edited.write_text(yaml.safe_dump(data), encoding="utf-8")
-    (tmp_path / "story-reference.png").write_bytes((spec.parent / "story-reference.png").read_bytes())
+    for name in ("story-reference.png", "story-character.png"):  # the canny guide's picture, the character's
+        (tmp_path / name).write_bytes((spec.parent / name).read_bytes())
     changed = story.generate_story(edited, tmp_path / "out", model="tiny")
     assert [i for i in range(1, 9) if changed.frame_hashes[i] != first.frame_hashes[i]] == [3]
 
@@ -107,7 +108,8 @@ def test_reroll_touches_one_frame_keeps_history_and_matches_a_full_run(demo, tmp
     data["frames"][5]["seed"] = 777
     full_spec = tmp_path / "full.yaml"
     full_spec.write_text(yaml.safe_dump(data), encoding="utf-8")
-    (tmp_path / "story-reference.png").write_bytes((spec.parent / "story-reference.png").read_bytes())
+    for name in ("story-reference.png", "story-character.png"):  # the canny guide's picture, the character's
+        (tmp_path / name).write_bytes((spec.parent / name).read_bytes())
     full = story.generate_story(full_spec, tmp_path / "full", model="tiny", frames=[5, 6, 7, 8])
     assert full.frame_hashes[6] == rolled.frame_hashes[6]
 

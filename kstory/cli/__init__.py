@@ -156,7 +156,7 @@ def _cmd_story(args: argparse.Namespace) -> int:
             Path(args.spec), Path(args.out), model=args.model, lora=Path(args.lora) if args.lora else None,
             lora_scale=args.lora_scale, controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir),
             cache_dir=cache_dir, frames=frames, memory=args.memory, text_encoder_device=args.text_encoder_device,
-            torch_dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
+            torch_dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), ip_adapter=args.ip_adapter,
         )
     print(f"{len(result.generated)} frame(s) in {Path(args.out) / 'frames'} "
           f"({result.seconds_per_frame:.1f} s/frame); manifest: {Path(args.out) / 'manifest.json'}")
@@ -204,7 +204,7 @@ def _cmd_reroll(args: argparse.Namespace) -> int:
                          sampler=args.sampler, controlnets=nets, cache_dir=cache_dir)
         else:
             reroll(Path(args.story), args.frame, seed=args.seed, prompt=args.prompt, controlnets=nets,
-                   cache_dir=cache_dir)
+                   cache_dir=cache_dir, ip_adapter=args.ip_adapter)
     print(f"frame {args.frame} regenerated; tried seeds are in {Path(args.story) / 'manifest.json'} (seed_history)")
     return 0
 
@@ -286,7 +286,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         report = verify_package(
             Path(args.submission), model=args.model, cache_dir=cache_dir,
             controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None,
-            rescore=not args.no_rescore,
+            rescore=not args.no_rescore, ip_adapter=args.ip_adapter,
         )
         if report.verdict != "modified":  # a changed package gets no record: upload refuses it anyway
             write_verify_record(Path(args.submission), report)
@@ -463,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     story.add_argument("--lora-scale", type=float, help="LoRA strength (default: as trained, 1.0)")
     story.add_argument("--controlnet", action="append", metavar="NAME=PATH",
                        help="ControlNet weights for the spec's guides (repeatable); PATH may be 'tiny' (offline, random)")
+    story.add_argument("--ip-adapter", metavar="PATH", help="Kolors-IP-Adapter-Plus folder for the spec's character reference (overrides its adapter:); 'tiny' for the offline random one")
     story.add_argument("--frames", help="only these frames, e.g. 1,3 or 2-5 (the others are kept)")
     story.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     story.add_argument("--memory", default="auto", choices=MEMORY_CHOICES,
@@ -487,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     reroll.add_argument("--from-image", help="with --strength: start from this picture instead of the frame")
     reroll.add_argument("--sampler", choices=SAMPLER_CHOICES, help="with --strength: sampler (default: the frame's)")
     reroll.add_argument("--controlnet", action="append", metavar="NAME=PATH", help="moved ControlNet weights")
+    reroll.add_argument("--ip-adapter", metavar="PATH", help="moved IP-Adapter (found by hash)")
     reroll.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     reroll.set_defaults(func=_cmd_reroll)
 
@@ -566,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("submission", help="package folder (e.g. runs/mine/submission)")
     verify.add_argument("--model", default="tiny", help="base model the story was made with: tiny, kolors, or a folder")
     verify.add_argument("--controlnet", action="append", metavar="NAME=PATH", help="ControlNet weights (found by hash)")
+    verify.add_argument("--ip-adapter", metavar="PATH", help="IP-Adapter the story used (found by hash)")
     verify.add_argument("--no-rescore", action="store_true", help="skip re-scoring")
     verify.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     verify.set_defaults(func=_cmd_verify)

@@ -146,6 +146,11 @@ def _story_references(spec_path: Path) -> list[tuple[str, str, str]]:
     found = []
     for name, ref in sorted(spec.controlnets.items()):
         found += entry(f"controlnets.{name}", ref.path, sampled=True)
+    reference = spec.character.reference
+    if reference is not None:
+        found += entry("character.reference.image", reference.image)
+        if reference.adapter and reference.adapter != "tiny":
+            found += entry("character.reference.adapter", Path(reference.adapter), sampled=True)
     for f, frame in enumerate(spec.frames, start=1):
         for g, guide in enumerate(frame.guides):
             for field in ("image", "detector", "depth_model"):

@@ -53,6 +53,9 @@ def _files_intact(folder: Path, record: dict[str, Any]) -> bool:
     entries += [(g.get("file"), g.get("sha256")) for g in record.get("guides", [])]
     entries += [(r[name], r[digest]) for r in record.get("repairs", [])
                 for name, digest in (("source_file", "source_sha256"), ("mask_file", "mask_sha256")) if r.get(name)]
+    reference = _reference_file(record)
+    if reference:
+        entries.append((reference["file"], reference.get("sha256")))
     for name, digest in entries:
         if not name or not digest:
             return False
@@ -62,9 +65,17 @@ def _files_intact(folder: Path, record: dict[str, Any]) -> bool:
     return True
 
 
+def _reference_file(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The character reference image a frame was made with, when it is a file of the story folder."""
+    reference = (record.get("ip_adapter") or {}).get("reference") or {}
+    return reference if reference.get("file") else None
+
+
 def _record_files(record: dict[str, Any]) -> list[str]:
     repairs = [name for r in record.get("repairs", []) for name in (r.get("source_file"), r.get("mask_file")) if name]
-    return [record["file"], *(g["file"] for g in record.get("guides", [])), *repairs]
+    reference = _reference_file(record)
+    return [record["file"], *(g["file"] for g in record.get("guides", [])), *repairs,
+            *([reference["file"]] if reference else [])]
 
 
 @dataclass

@@ -36,6 +36,19 @@ def _reference_image(size: int) -> Image.Image:
     return Image.fromarray(np.asarray(image))
 
 
+def _character_image(size: int) -> Image.Image:
+    """A drawn fox in a blue scarf: the demo's character reference (the tiny IP-Adapter reads it)."""
+    image = Image.new("RGB", (size, size), (245, 240, 225))
+    draw = ImageDraw.Draw(image)
+    s = size / 128
+    draw.ellipse([34 * s, 50 * s, 94 * s, 118 * s], fill=(220, 110, 40))  # body
+    draw.ellipse([40 * s, 18 * s, 88 * s, 62 * s], fill=(230, 120, 45))  # head
+    draw.polygon([(42 * s, 30 * s), (48 * s, 4 * s), (60 * s, 24 * s)], fill=(200, 90, 30))  # ears
+    draw.polygon([(68 * s, 24 * s), (80 * s, 4 * s), (86 * s, 30 * s)], fill=(200, 90, 30))
+    draw.rectangle([38 * s, 58 * s, 90 * s, 68 * s], fill=(40, 80, 200))  # scarf
+    return Image.fromarray(np.asarray(image))
+
+
 def make_demo_spec(
     path: Path, trigger_word: str, *, controlnets: Mapping[str, Path] | None = None, size: int = 128, steps: int = 4,
 ) -> Path:
@@ -43,15 +56,19 @@ def make_demo_spec(
 
     Frames 1-7 use built-in poses through the "pose" ControlNet; frame 8 a
     canny guide through the "union" ControlNet, so both ControlNet kinds run.
+    Frames 2, 3 and 5 take a drawn character reference through the tiny IP-Adapter (frame 5 at its own scale).
     ``controlnets`` (name -> weights) is written into the spec when given.
     """
     path = Path(path)
     reference = path.parent / "story-reference.png"
     write_bytes(reference, png_bytes(_reference_image(size)))
+    character = path.parent / "story-character.png"
+    write_bytes(character, png_bytes(_character_image(size)))
     frames = [
         {"prompt": prompt, "seed": 1000 + i, "guides": [{"type": "pose", "pose": pose, "scale": 0.8}]}
         for i, (prompt, pose) in enumerate(_FRAMES, start=1)
     ]
+    frames[4]["reference_scale"] = 0.8
     frames.append({
         "prompt": "comes home to the little house as the sun sets",
         "seed": 1008,
@@ -65,6 +82,7 @@ def make_demo_spec(
             "description": "a small fox in a blue scarf",
             "style": "soft watercolour, warm light",
             "negative_prompt": "blurry, low quality, extra limbs, text, watermark",
+            "reference": {"image": character.name, "adapter": "tiny", "frames": [2, 3], "scale": 0.5},
         },
         "defaults": {"width": size, "height": size, "steps": steps, "cfg_scale": 5.0, "sampler": DEFAULT_FOR_NEW_SPECS},
         "generation": {"batch_size": 4},

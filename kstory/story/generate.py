@@ -26,6 +26,8 @@ from kstory.core.logs import get_logger
 from kstory.core.memory import MemoryPlan, free_models
 from kstory.core.models import KolorsWeights
 from kstory.story.controlnets import ControlNetWeights, ControlUnit, GuidedControl, load, union_task
+from kstory.story.ip_adapter import IpAdapterWeights
+from kstory.story.references import ReferencePlan, References
 from kstory.story.samplers import LEGACY, make_sampler
 
 log = get_logger("story")
@@ -83,6 +85,7 @@ class FramePlan:
     guides: list[GuidePlan] = field(default_factory=list)
     sampler: str = SAMPLER
     repairs: list[Any] = field(default_factory=list)  # kstory.story.repair.Repair, applied in order after generation
+    reference: ReferencePlan | None = None  # the character reference (IP-Adapter), when the frame uses one
 
     def group(self) -> tuple[int, int, int, str]:
         return (self.width, self.height, self.steps, self.sampler)
@@ -138,9 +141,10 @@ class Session:
     def __init__(
         self, weights: KolorsWeights, *, lora: Path | None, lora_scale: float | None,
         controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype,
-        memory: MemoryPlan | None = None,
+        memory: MemoryPlan | None = None, ip_adapter: IpAdapterWeights | None = None,
     ):
         self.weights, self.lora, self.lora_scale = weights, lora, lora_scale
+        self.references = References(ip_adapter, device, torch_dtype)
         self.controlnet_weights = dict(controlnets)
         self.device, self.torch_dtype, self.memory = device, torch_dtype, memory
         self.tiled_vae = bool(memory and memory.tiled_vae)
@@ -158,11 +162,12 @@ class Session:
     def load(
         cls, weights: KolorsWeights, *, lora: Path | None, lora_scale: float | None,
         controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype,
-        memory: MemoryPlan | None = None,
+        memory: MemoryPlan | None = None, ip_adapter: IpAdapterWeights | None = None,
     ) -> Session:
-        """A session on ``weights`` with the LoRA and the named ControlNets; each network loads in its phase."""
+        """A session on ``weights`` with the LoRA, the named ControlNets and the IP-Adapter; each network loads in
+        its phase."""
         return cls(weights, lora=lora, lora_scale=lora_scale, controlnets=controlnets, device=device,
-                   torch_dtype=torch_dtype, memory=memory)
+                   torch_dtype=torch_dtype, memory=memory, ip_adapter=ip_adapter)
 
     def _prompter(self) -> Any:
         if self._text is None:
@@ -283,6 +288,7 @@ class Session:
         prompt_emb = {key: torch.cat([e[key] for e in posi + nega]) for key in ("encoder_hidden_states", "add_text_embeds")}
         cfg = torch.tensor([plan.cfg_scale for plan in batch], device=self.device, dtype=self.torch_dtype).view(-1, 1, 1, 1)
         units = self._units(batch)
+        references = self.references.for_batch(batch, pipe.unet)
         size, count = 2 * len(batch), len(sampler.timesteps)
         for step, timestep in enumerate(sampler.timesteps):
             model_input = sampler.scale(torch.cat([latents, latents]), timestep)
@@ -292,6 +298,7 @@ class Session:
                 pipe.unet, motion_modules=None, controlnet=control if control else None,
                 sample=model_input, timestep=timestep.unsqueeze(0).to(self.device), **extra, **prompt_emb,
                 controlnet_frames=control.frames().to(self.device, self.torch_dtype) if control else None,
+                ipadapter_kwargs_list=references.at(step, count) if references else {},
                 unet_batch_size=size, controlnet_batch_size=size, device=self.device,
             )
             noise_posi, noise_nega = noise_pred.chunk(2)

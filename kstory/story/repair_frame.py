@@ -22,6 +22,7 @@ from kstory.core.seeds import SEED_LIMIT
 from kstory.story.build import StoryBuild
 from kstory.story.manifest import frame_name, png_bytes, read_manifest, save_png, sha256_bytes
 from kstory.story.masks import DEFAULT_THRESHOLD, read_mask
+from kstory.story.reference_records import find_recorded_adapter
 from kstory.story.repair import (KINDS, REPAIRS_DIR, Repair, SourceEncoder, apply_repair, check_strength,
                                  load_picture, repair_plan, repaired_key)
 from kstory.story.reroll_frame import _plan_from_record, recorded_session
@@ -102,7 +103,9 @@ def repair_frame(
     elif mask is not None:
         raise KstoryError("a mask is for inpainting", fix="use `kstory inpaint` for a masked repair")
 
-    load_session = recorded_session(out_dir, manifest, [plan], controlnets, cache_dir)
+    # A frame made with the character reference is repaired with it too.
+    adapter = find_recorded_adapter(manifest.get("ip_adapter"), None, cache_dir) if plan.reference else None
+    load_session = recorded_session(out_dir, manifest, [plan], controlnets, cache_dir, adapter)
     new = {**manifest, "frames": {}}
     build = StoryBuild(out_dir, manifest)
     build.open()
@@ -115,6 +118,8 @@ def repair_frame(
     log.info("%s of frame %d: strength %g, seed %d, sampler %s", kind, frame, strength, seed, repair.sampler)
     session = load_session()
     session.encode([repair_plan(plan, repair)])
+    session.references.frame_file = lambda index: out_dir / "frames" / f"{frame_name(index)}.png"
+    session.references.encode([plan])  # the image encoder's phase, before the UNet loads
     encoder = SourceEncoder(session)
     try:
         image = apply_repair(session, encoder, plan, repair, picture)

@@ -29,6 +29,7 @@ from kstory.story.build import StoryBuild
 from kstory.story.review import FINAL_LORA, checkpoint_lora
 from kstory.story.run import StoryResult, build_story, frame_work, spec_values
 from kstory.story.spec_copy import SPEC_COPY
+from kstory.story.reference_records import find_recorded_adapter, plan_from_entry
 from kstory.story.spec import load_spec
 
 log = get_logger("story")
@@ -52,7 +53,8 @@ def _plan_from_record(out_dir: Path, index: int, record: dict[str, Any]) -> Fram
     return FramePlan(index=index, prompt=record["prompt"], frame_prompt=record["frame_prompt"],
                      negative_prompt=record["negative_prompt"], seed=record["seed"], width=record["width"],
                      height=record["height"], steps=record["steps"], cfg_scale=record["cfg_scale"], guides=guides,
-                     sampler=record.get("sampler", SAMPLER))
+                     sampler=record.get("sampler", SAMPLER),
+                     reference=plan_from_entry(record["ip_adapter"], out_dir) if record.get("ip_adapter") else None)
 
 
 def _lora_file(out_dir: Path, lora: dict[str, Any]) -> Path:
@@ -68,7 +70,8 @@ def _lora_file(out_dir: Path, lora: dict[str, Any]) -> Path:
 
 
 def recorded_session(out_dir: Path, manifest: dict[str, Any], plans: list[FramePlan],
-                     controlnets: Mapping[str, Path] | None, cache_dir: Path | None) -> Callable[[], Session]:
+                     controlnets: Mapping[str, Path] | None, cache_dir: Path | None,
+                     ip_adapter: Any = None) -> Callable[[], Session]:
     """A loader of the session the story was made with: weights, LoRA and ControlNets checked by hash, the
     recorded device, dtype and memory profile (bad ones refused before anything loads)."""
     weights = resolve_model(manifest["model"]["spec"], cache_dir)
@@ -92,7 +95,8 @@ def recorded_session(out_dir: Path, manifest: dict[str, Any], plans: list[FrameP
 
     def load_session() -> Session:
         return Session.load(weights, lora=lora_path, lora_scale=lora["scale"] if lora else None, controlnets=found,
-                            device=device, torch_dtype=getattr(torch, manifest["dtype"]), memory=recorded_memory(manifest))
+                            device=device, torch_dtype=getattr(torch, manifest["dtype"]), memory=recorded_memory(manifest),
+                            ip_adapter=ip_adapter)
 
     return load_session
 
@@ -105,13 +109,14 @@ def reroll(
     prompt: str | None = None,
     controlnets: Mapping[str, Path] | None = None,
     cache_dir: Path | None = None,
+    ip_adapter: str | Path | None = None,
 ) -> StoryResult:
     """Generate frame ``frame`` (1-based) of the story in ``out_dir`` again.
 
     With neither ``seed`` nor ``prompt`` a fresh random seed is drawn; with
     only ``prompt`` the seed stays. Weights, LoRA and ControlNets are the
     ones the manifest records (checked by hash; ``controlnets`` may point at
-    moved copies). The new frame is built in staging and swapped in with the
+    moved copies, ``ip_adapter`` a moved IP-Adapter). The new frame is built in staging and swapped in with the
     rest of the story; the previous story goes to the run's ``.history/``, the
     manifest and ``story.yaml`` record the new seed and prompt. Returns the
     folder's state; ``generated`` is ``[frame]``.
@@ -144,11 +149,17 @@ def reroll(
         target.frame_prompt = prompt
         target.prompt = spec.prompt(frame, manifest.get("trigger_word", ""))
 
-    load_session = recorded_session(out_dir, manifest, plans, controlnets, cache_dir)
+    adapter = find_recorded_adapter(manifest.get("ip_adapter"), ip_adapter, cache_dir)
+    load_session = recorded_session(out_dir, manifest, plans, controlnets, cache_dir, adapter)
 
     spec_value = {i: spec_values(records[str(i)]) for i in companions}
     origin = {frame: "reroll" if (target.seed, target.frame_prompt) != spec_value[frame] else "spec"}
-    work = frame_work([plans], manifest["setup_id"], origin, spec_value)
+    known = {int(k): r.get("key", "") for k, r in records.items()}
+    work = frame_work([plans], manifest["setup_id"], origin, spec_value, adapter, known)
+    sources = {((r.get("ip_adapter") or {}).get("reference") or {}).get("frame") for r in records.values()}
+    if frame in sources:
+        log.warning("frame %d is the character reference: the frames that use it keep the old picture until "
+                    "`kstory story` makes them again", frame)
     new = {**manifest, "frames": {}}
     build = StoryBuild(out_dir, manifest)
     build.open()

@@ -29,6 +29,8 @@ from kstory.story.generate import (SAMPLER, FramePlan, GuidePlan, Session, batch
 from kstory.story.guides.render import render_guide
 from kstory.story.build import StoryBuild, plan_key
 from kstory.story.manifest import FORMAT, frame_name, package_versions, png_bytes, read_manifest, save_png, sha256_bytes
+from kstory.story.reference_records import adapter_record, frame_entry, keyed, reference_plans, resolve_ip_adapter
+from kstory.story.references import waves
 from kstory.story.repair import Repair, apply_repairs, repair_plan, repaired_key
 from kstory.story.samplers import sampler_record
 from kstory.story.staging import link_or_copy
@@ -129,7 +131,15 @@ def plan_frames(spec: StorySpec, indices: list[int], spec_dir: Path, trigger_wor
             negative_prompt=spec.negative_prompt(index), seed=frame.seed,
             width=width, height=height, steps=steps, cfg_scale=cfg, guides=guides, sampler=spec.sampler(index),
         ))
+    references = reference_plans(spec, spec_dir)
+    for plan in plans:
+        plan.reference = references.get(plan.index)
     return plans
+
+
+def story_batches(plans: list[FramePlan], batch_size: int) -> list[list[FramePlan]]:
+    """``batches`` per wave: frames that use a frame reference come after the frame they use."""
+    return [batch for wave in waves(plans) for batch in batches(wave, batch_size)]
 
 
 def setup_record(
@@ -279,20 +289,26 @@ class FrameWork:
 
 
 def frame_work(groups: list[list[FramePlan]], setup: str, origin: Mapping[int, str],
-               spec_value: Mapping[int, tuple[int, str]]) -> dict[int, FrameWork]:
-    """Key and record extras of every planned frame (guide images encoded once)."""
-    work = {}
+               spec_value: Mapping[int, tuple[int, str]], adapter: Any = None,
+               known_keys: Mapping[int, str] | None = None) -> dict[int, FrameWork]:
+    """Key and record extras of every planned frame (guide images encoded once).
+
+    A frame that uses a frame reference keys on that frame's key (from ``groups`` or ``known_keys``)."""
+    work: dict[int, FrameWork] = {}
+    keys = dict(known_keys or {})
     for batch in groups:
         members = [plan.index for plan in batch]
         for plan in batch:
             pngs = [png_bytes(g.image) for g in plan.guides]
-            key = plan_key(plan, members, setup, plan.sampler, [sha256_bytes(data) for data in pngs])
+            key = keyed(plan_key(plan, members, setup, plan.sampler, [sha256_bytes(data) for data in pngs]), plan,
+                        keys, adapter)
             seed, prompt = spec_value[plan.index]
             extra = {"key": key, "origin": origin.get(plan.index, "spec"), "spec_seed": seed,
                      "spec_frame_prompt": prompt}
             if plan.repairs:  # the generated frame's key stays as base_key; the key covers the repairs too
                 extra.update(key=repaired_key(key, plan.repairs), base_key=key)
                 key = extra["key"]
+            keys[plan.index] = key  # what a frame that uses this one as its reference keys on
             work[plan.index] = FrameWork(plan, key, extra, pngs)
     return work
 
@@ -322,6 +338,11 @@ def run_plans(
                     if not (out_dir / name).is_file():
                         link_or_copy(source, out_dir / name)
     session.encode(plans + [repair_plan(p, r) for p in plans if p.index in keep for r in p.repairs], release)
+    for plan in plans:
+        if plan.index in keep and plan.reference is not None and plan.reference.file:
+            write_bytes(out_dir / plan.reference.file, plan.reference.data)
+    session.references.encode(plans)  # the image encoder's phase, before the UNet loads
+    session.references.frame_file = lambda index: out_dir / "frames" / f"{frame_name(index)}.png"
     generated, seconds = [], 0.0
     for batch, images, batch_seconds in session.generate(groups):
         seconds += batch_seconds
@@ -335,6 +356,8 @@ def run_plans(
             key = str(plan.index)
             manifest["frames"][key] = frame_record(plan, digest, members, earlier.get(key), guide_hashes[plan.index],
                                                    batch_seconds / len(batch), work[plan.index].extra)
+            if plan.reference is not None:
+                manifest["frames"][key]["ip_adapter"] = frame_entry(plan.reference, session.references.weights)
             generated.append(plan.index)
         save(manifest)
         log.info("frames %s done in %.1f s", ", ".join(str(i) for i in members if i in keep), batch_seconds)
@@ -414,6 +437,7 @@ def generate_story(
     memory: str = "auto",
     text_encoder_device: str = "auto",
     repairs: Mapping[int, list[Repair]] | None = None,
+    ip_adapter: str | Path | None = None,
 ) -> StoryResult:
     """Generate the story of ``spec_path`` (or only ``frames``, 1-based) into ``out_dir``.
 
@@ -430,6 +454,7 @@ def generate_story(
     ``lora_checkpoint`` names the training checkpoint ``lora`` comes from (recorded in the manifest).
     ``repairs`` (frame -> recorded repairs, as ``kstory verify`` passes them) are replayed on those frames; a full
     run also keeps the repairs of every frame whose generation is unchanged (kstory.story.repair).
+    ``ip_adapter`` (a Kolors-IP-Adapter-Plus folder, or ``"tiny"``) overrides the spec's ``character.reference.adapter``.
     """
     spec_path, out_dir = Path(spec_path).resolve(), Path(out_dir)
     spec = load_spec(spec_path)
@@ -444,6 +469,7 @@ def generate_story(
     if lora_trigger and trigger != lora_trigger:
         log.warning("the spec's trigger word %r differs from the LoRA's %r", trigger, lora_trigger)
     plans = plan_frames(spec, list(range(1, spec.frame_count + 1)), spec_path.parent, trigger)
+    adapter = resolve_ip_adapter(spec, spec_path.parent, ip_adapter, cache_dir)
     from_spec = {plan.index: (plan.seed, plan.frame_prompt) for plan in plans}
     current = read_manifest(out_dir)
     origin: dict[int, str] = {}
@@ -452,7 +478,7 @@ def generate_story(
         origin = {index: "reroll" for index in carried}
         if carried:
             log.info("keeping the re-rolled seed or prompt of frame(s) %s", ", ".join(map(str, carried)))
-    groups = batches(plans, spec.generation.batch_size)
+    groups = story_batches(plans, spec.generation.batch_size)
     if frames:
         groups = [batch for batch in groups if any(plan.index in indices for plan in batch)]
     needed = {guide.controlnet for batch in groups for plan in batch for guide in plan.guides}
@@ -465,7 +491,7 @@ def generate_story(
     log.info("%s", describe(memory_plan, "story"))
     batch_size = min(spec.generation.batch_size, memory_plan.max_batch or spec.generation.batch_size)
     if batch_size < spec.generation.batch_size:  # smaller batches may need fewer ControlNets
-        groups = batches(plans, batch_size)
+        groups = story_batches(plans, batch_size)
         if frames:
             groups = [batch for batch in groups if any(plan.index in indices for plan in batch)]
         needed = {guide.controlnet for batch in groups for plan in batch for guide in plan.guides}
@@ -475,15 +501,18 @@ def generate_story(
                          memory_plan, sampler=spec.defaults.sampler)
     spec_bytes = spec_path.read_bytes()
     manifest = new_manifest(spec, setup, sha256_bytes(spec_bytes), trigger)
+    if adapter is not None:
+        manifest["ip_adapter"] = adapter_record(adapter, str(ip_adapter or spec.character.reference.adapter) == "tiny")
     if current is not None and frames:
         if current.get("setup_id") != manifest["setup_id"]:
             raise KstoryError(
                 "this story folder was generated with other weights, LoRA, ControlNets, device or dtype",
                 path=out_dir, fix="regenerate all frames (leave out the frame selection) or use another folder",
             )
-    work = frame_work(groups, manifest["setup_id"], origin, from_spec)
+    known = {int(k): r.get("key", "") for k, r in (current or {}).get("frames", {}).items()}
+    work = frame_work(groups, manifest["setup_id"], origin, from_spec, adapter, known)
     if attach_repairs(plans, repairs or {}, current if frames is None else None, work, out_dir):
-        work = frame_work(groups, manifest["setup_id"], origin, from_spec)
+        work = frame_work(groups, manifest["setup_id"], origin, from_spec, adapter, known)
     build = StoryBuild(out_dir, current)
     build.open()
     if current is not None and frames:
@@ -494,7 +523,7 @@ def generate_story(
     def load_session() -> Session:
         return Session.load(weights, lora=lora_choice.path if lora_choice else None, lora_scale=lora_scale,
                             controlnets=controlnet_weights, device=device, torch_dtype=torch_dtype,
-                            memory=memory_plan)
+                            memory=memory_plan, ip_adapter=adapter)
 
     return build_story(build, manifest, groups, set(indices), work, load_session=load_session,
                        spec_text=spec_bytes.decode("utf-8"), release=spec.generation.release_text_encoder,

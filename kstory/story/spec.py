@@ -24,6 +24,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Reference(_Strict):
+    """The character reference (Kolors IP-Adapter-Plus): an image file, or the picture of one frame."""
+
+    image: Path | None = Field(default=None, description="Reference picture (relative to the spec file).")
+    frame: int | None = Field(default=None, ge=1, description="This frame is made first and serves the others.")
+    adapter: str = Field(default="", description="Kolors-IP-Adapter-Plus folder (relative to the spec), or 'tiny'; "
+                                                 "--ip-adapter overrides it.")
+    frames: list[int] | None = Field(default=None, description="Frames that use it; default: all but the "
+                                                                "reference frame.")
+    scale: float = Field(default=0.5, ge=0.0, le=2.0, description="0.5: the official samples' value.")
+    start: float = Field(default=0.0, ge=0.0, le=1.0, description="Fraction of the steps where it starts.")
+    end: float = Field(default=1.0, ge=0.0, le=1.0, description="Fraction of the steps where it ends.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Reference:
+        if (self.image is None) == (self.frame is None):
+            raise ValueError("give exactly one of image, frame")
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be below end ({self.end})")
+        return self
+
+
 class Character(_Strict):
     """What every frame shares: the LoRA trigger word, who the story is about, and what to avoid."""
 
@@ -31,6 +53,7 @@ class Character(_Strict):
     description: str = Field(default="", description="Character description added to every frame's prompt.")
     style: str = Field(default="", description="Style words added to every frame's prompt.")
     negative_prompt: str = Field(default="", description="Negative prompt of every frame (a frame may override it).")
+    reference: Reference | None = Field(default=None, description="A character reference for chosen frames.")
 
 
 class FrameSettings(_Strict):
@@ -146,6 +169,8 @@ class Frame(FrameSettings):
     seed: Seed = Field(description="Required: frames are reproducible only with a fixed seed (0 to 2**63-1).")
     negative_prompt: str | None = None
     guides: list[Guide] = Field(default_factory=list)
+    reference_scale: float | None = Field(default=None, ge=0.0, le=2.0,
+                                          description="This frame's character-reference scale (uses it when set).")
 
 
 class ControlNetRef(_Strict):
@@ -201,7 +226,49 @@ def load_spec(path: Path) -> StorySpec:
     data, marks = load_yaml(path, StorySpec.DOC_PAGE)
     spec = validate(StorySpec, data, marks, path)
     _check_keypoints(spec, marks, path)
+    _check_reference(spec, marks, path)
     return spec
+
+
+def reference_frames(spec: StorySpec) -> dict[int, float]:
+    """1-based frame -> scale, for every frame that uses the character reference."""
+    ref = spec.character.reference
+    if ref is None:
+        return {}
+    listed = ref.frames if ref.frames is not None else [i for i in range(1, spec.frame_count + 1) if i != ref.frame]
+    used = {i: ref.scale for i in listed}
+    for i, frame in enumerate(spec.frames, start=1):
+        if frame.reference_scale is not None:
+            used[i] = frame.reference_scale
+    return dict(sorted(used.items()))
+
+
+def _check_reference(spec: StorySpec, marks: dict[tuple, int], path: Path) -> None:
+    """Frame numbers of the reference section must exist, and the reference frame cannot use itself."""
+    ref = spec.character.reference
+    if ref is None:
+        return
+    problems = []
+
+    def where(*loc: object) -> str:
+        line = marks.get(loc) or marks.get(loc[:-1]) or marks.get(("character", "reference"))
+        return f"  line {line}: " if line else "  "
+
+    count = spec.frame_count
+    if ref.frame is not None and ref.frame > count:
+        problems.append(f"{where('character', 'reference', 'frame')}character.reference.frame: no frame {ref.frame} "
+                        f"(frames are 1..{count})")
+    for k, index in enumerate(ref.frames or []):
+        if not 1 <= index <= count:
+            problems.append(f"{where('character', 'reference', 'frames', k)}character.reference.frames.{k}: no frame "
+                            f"{index} (frames are 1..{count})")
+    if ref.frame is not None and ref.frame in reference_frames(spec):
+        own = spec.frames[ref.frame - 1].reference_scale is not None if ref.frame <= count else False
+        loc = ("frames", ref.frame - 1, "reference_scale") if own else ("character", "reference", "frames")
+        problems.append(f"{where(*loc)}frame {ref.frame} is the character reference and cannot use itself")
+    if problems:
+        raise KstoryError("invalid settings:\n" + "\n".join(problems), path=path,
+                          fix="number frames 1..frame_count, and leave the reference frame out of the frames that use it")
 
 
 def _check_keypoints(spec: StorySpec, marks: dict[tuple, int], path: Path) -> None:

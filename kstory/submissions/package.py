@@ -175,6 +175,9 @@ def _in_order(manifest: dict[str, Any], order: list[str]) -> tuple[dict[str, Any
             guide["file"] = renames[guide["file"]]
         for repair in record.get("repairs", []):  # masks and source pictures ship under their own names
             renames.update({name: name for name in (repair.get("source_file"), repair.get("mask_file")) if name})
+        reference = ((record.get("ip_adapter") or {}).get("reference") or {}).get("file")
+        if reference:  # the character reference image ships as it is (verify makes the frames from it)
+            renames[reference] = reference
         record["story_frame"] = int(key)
         frames[str(position)] = record
     return {**manifest, "frames": frames}, renames

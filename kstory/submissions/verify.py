@@ -155,6 +155,7 @@ def _package_spec(submission: Path, manifest: dict[str, Any], target: Path) -> P
     guide images."""
     spec = yaml.safe_load((submission / "story.yaml").read_text(encoding="utf-8")) or {}
     spec.pop("controlnets", None)  # given explicitly, found by hash
+    _package_reference(submission, manifest, spec)
     frames = spec.get("frames") or []
     for key, frame in manifest["frames"].items():
         index = story_frame(key, frame) - 1
@@ -181,6 +182,21 @@ def _repairs(submission: Path, manifest: dict[str, Any]) -> dict[int, list[Any]]
             for key, frame in manifest["frames"].items() if frame.get("repairs")}
 
 
+def _package_reference(submission: Path, manifest: dict[str, Any], spec: dict[str, Any]) -> None:
+    """The spec's character reference image becomes the packaged copy; the adapter is passed found by hash."""
+    reference = (spec.get("character") or {}).get("reference")
+    if not reference:
+        return
+    reference.pop("adapter", None)
+    files = {((f.get("ip_adapter") or {}).get("reference") or {}).get("file") for f in manifest["frames"].values()}
+    files.discard(None)
+    if reference.get("image") is not None:
+        if not files:
+            raise KstoryError("story.yaml has a character reference image but no frame records one",
+                              path=submission / "manifest.json", fix="repackage the run")
+        reference["image"] = str((submission / sorted(files)[0]).resolve())
+
+
 def _scoring_model(info: dict[str, Any] | None, default: str) -> str:
     if not info:
         return default
@@ -190,6 +206,7 @@ def _scoring_model(info: dict[str, Any] | None, default: str) -> str:
 def verify_package(
     submission_dir: str | Path, *, model: str = "tiny", cache_dir: str | Path | None = None,
     controlnets: dict[str, Path] | None = None, rescore: bool = True, device: str | None = None,
+    ip_adapter: str | Path | None = None,
 ) -> VerifyReport:
     """Regenerate the package's frames and compare; see the module docstring.
 
@@ -219,6 +236,9 @@ def verify_package(
         raise KstoryError("the package has no lora.safetensors", path=lora, fix="repackage the run")
     nets = _controlnets(manifest, controlnets, cache)
     lora_info = manifest.get("lora") or {}
+    from kstory.story.reference_records import find_recorded_adapter
+
+    adapter = find_recorded_adapter(manifest.get("ip_adapter"), ip_adapter, cache)
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     device = device or manifest.get("device") or None
     report = VerifyReport(str(submission), "identical", True, file_problems=problems)
@@ -228,7 +248,7 @@ def verify_package(
         memory = (manifest.get("memory") or {}).get("profile") or "none"
         result = generate_story(spec, Path(tmp) / "regen", model=model, lora=lora, lora_scale=lora_info.get("scale"),
                                 controlnets=nets, cache_dir=cache, device=device, torch_dtype=dtype, memory=memory,
-                                repairs=_repairs(submission, manifest))
+                                repairs=_repairs(submission, manifest), ip_adapter=adapter.path if adapter else None)
         regen_manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))
         for key, frame in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0])):
             index = story_frame(key, frame)
