@@ -169,3 +169,45 @@ def test_weights_converted_tensor_by_tensor_load_through_diffsynths_own_detector
         assert a.state_dict().keys() == b.state_dict().keys()
         for name, x in a.state_dict().items():
             assert x.dtype == torch.float32 and torch.equal(x, b.state_dict()[name]), name
+
+
+def test_integer_text_encoder_weights_have_a_bounded_error_and_their_own_records(tmp_path: Path):
+    """int8/int4 ChatGLM (torchao): embeddings close to half precision; frames deterministic and recorded apart."""
+    import contextlib
+    import io
+
+    from diffsynth.prompters import KolorsPrompter
+
+    from kstory.core.models import load_kolors_model_manager
+    from kstory.core.models.quantize import quantize_text_encoder
+    from kstory.story.generate import recorded_memory
+    from kstory.train.runtime import Runtime
+
+    weights = resolve_model("tiny")
+
+    def embedding(mode: str) -> torch.Tensor:
+        manager = load_kolors_model_manager(weights, device="cpu", torch_dtype=torch.bfloat16, parts=("text_encoder",))
+        prompter = KolorsPrompter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            prompter.fetch_models(manager.fetch_model("kolors_text_encoder"))
+        quantize_text_encoder(prompter.text_encoder, mode)
+        with torch.no_grad():
+            return prompter.encode_prompt("a fox in the snow", clip_skip=1, clip_skip_2=2, device="cpu")[1].float()
+
+    half, int8, int4 = embedding("none"), embedding("int8"), embedding("int4")
+    cosine = lambda a, b: torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()  # noqa: E731
+    assert not torch.equal(half, int8) and cosine(half, int8) > 0.999 and cosine(half, int4) > 0.95
+
+    spec = write_spec(tmp_path / "s.yaml", [{"prompt": "x", "seed": 1}, {"prompt": "y", "seed": 2}])
+    first = story.generate_story(spec, tmp_path / "a", model="tiny", memory="cpu", text_encoder_quant="int8")
+    again = story.generate_story(spec, tmp_path / "b", model="tiny", memory="cpu", text_encoder_quant="int8")
+    plain = story.generate_story(spec, tmp_path / "c", model="tiny", memory="cpu")
+    manifest = json.loads(first.manifest_path.read_text())
+    assert manifest["memory"]["text_encoder_quant"] == "int8" and manifest["text_encoder_quant"] == "int8"
+    assert recorded_memory(manifest).text_encoder_quant == "int8"  # what verify and re-rolls load
+    assert first.frame_hashes == again.frame_hashes and first.frame_hashes != plain.frame_hashes
+    assert manifest["setup_id"] != json.loads(plain.manifest_path.read_text())["setup_id"]
+    cpu = torch.device("cpu")
+    assert Runtime("cpu", "bf16", torch.bfloat16, cpu, text_quant="int8").cache_tag == "-text-int8"
+    with pytest.raises(KstoryError, match="unknown text_encoder_quant"):
+        plan_memory("cpu", KOLORS_COUNTS, task="story", device="cpu", text_encoder_quant="int3")

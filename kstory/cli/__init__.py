@@ -120,7 +120,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with logging_to_run(out, "train"):
         result = train_lora(Path(args.data), out, settings, model=args.model,
                             cache_dir=Path(args.cache_dir) if args.cache_dir else None, memory=args.memory,
-                            text_encoder_device=args.text_encoder_device)
+                            text_encoder_device=args.text_encoder_device, text_encoder_quant=args.text_encoder_quant)
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     if result.steps == result.resumed_from:
         print(f"already trained to step {result.steps}: nothing left to train (raise --steps to continue)")
@@ -156,7 +156,8 @@ def _cmd_story(args: argparse.Namespace) -> int:
             Path(args.spec), Path(args.out), model=args.model, lora=Path(args.lora) if args.lora else None,
             lora_scale=args.lora_scale, controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir),
             cache_dir=cache_dir, frames=frames, memory=args.memory, text_encoder_device=args.text_encoder_device,
-            torch_dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), ip_adapter=args.ip_adapter,
+            text_encoder_quant=args.text_encoder_quant, ip_adapter=args.ip_adapter,
+            torch_dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
         )
     print(f"{len(result.generated)} frame(s) in {Path(args.out) / 'frames'} "
           f"({result.seconds_per_frame:.1f} s/frame); manifest: {Path(args.out) / 'manifest.json'}")
@@ -449,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory profile (default auto: picked from the free memory; see docs/performance.md)")
     train.add_argument("--text-encoder-device", default="auto", choices=["auto", "cpu"],
                        help="cpu: encode captions on the CPU (default: as the memory profile says)")
+    train.add_argument("--text-encoder-quant", default="none", choices=["none", "int8", "int4"],
+                       help="ChatGLM's linear weights as integers (torchao, pip install \"kstory[quant]\"): int8 halves "
+                       "its memory with a small embedding error (docs/performance.md)")
     train.set_defaults(func=_cmd_train)
 
     story = commands.add_parser(
@@ -470,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory profile (default auto: picked from the free memory; see docs/performance.md)")
     story.add_argument("--text-encoder-device", default="auto", choices=["auto", "cpu"],
                        help="cpu: encode prompts on the CPU (default: as the memory profile says)")
+    story.add_argument("--text-encoder-quant", default="none", choices=["none", "int8", "int4"],
+                       help="ChatGLM's linear weights as integers (torchao, pip install \"kstory[quant]\"): int8 halves "
+                       "its memory with a small embedding error (docs/performance.md)")
     story.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights' dtype (default: the profile's; fp16 on a GPU, float32 or bf16 on the CPU)")
     story.set_defaults(func=_cmd_story)

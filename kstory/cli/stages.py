@@ -96,6 +96,8 @@ def _prep_run(config: RunConfig, run: RunDir) -> None:
 
 def _train_digest(config: RunConfig, run: RunDir) -> str:
     # The LoRA's identity only: the schedule (max_steps, cadences, devices) continues or stops it.
+    if config.text_encoder_quant != "none":  # integer ChatGLM captions train another LoRA
+        return fingerprint("train", config.train_settings().fingerprint(), {"text_encoder_quant": config.text_encoder_quant})
     return fingerprint("train", config.train_settings().fingerprint())
 
 
@@ -110,7 +112,8 @@ def _train_run(config: RunConfig, run: RunDir) -> None:
     from kstory.train import train_lora
 
     train_lora(run.data, run.lora, config.train_settings(), model=config.model, cache_dir=config.cache_dir,
-               memory=config.memory, text_encoder_device=config.text_encoder_device)
+               memory=config.memory, text_encoder_device=config.text_encoder_device,
+               text_encoder_quant=config.text_encoder_quant)
 
 
 def controlnet_paths(controlnets: dict[str, str], cache_dir: Path | None) -> dict[str, Path]:
@@ -170,7 +173,7 @@ def _story_digest(config: RunConfig, run: RunDir) -> str:
 
     picked = load(run.story).checkpoint
     settings = {"lora_scale": story.lora_scale}
-    for name in ("memory", "text_encoder_device"):  # may change pixels; unset keeps older runs' digests
+    for name in ("memory", "text_encoder_device", "text_encoder_quant"):  # may change pixels; unset keeps older runs' digests
         if name in config.model_fields_set:
             settings[name] = getattr(config, name)
     return fingerprint("story", settings, controlnets, path_digest(spec), references,
@@ -186,6 +189,7 @@ def _story_run(config: RunConfig, run: RunDir) -> None:
         config.story.spec, run.story, model=config.model, lora=lora, lora_checkpoint=checkpoint,
         lora_scale=config.story.lora_scale, controlnets=controlnet_paths(config.story.controlnets, config.cache_dir),
         cache_dir=config.cache_dir, memory=config.memory, text_encoder_device=config.text_encoder_device,
+        text_encoder_quant=config.text_encoder_quant,
     )
 
 

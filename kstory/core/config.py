@@ -76,6 +76,9 @@ class RunConfig(Section):
         "auto picks one from the free memory.")
     text_encoder_device: Literal["auto", "cpu"] = Field(
         default="auto", description="cpu: ChatGLM encodes on the CPU in train and story (auto: as the profile says).")
+    text_encoder_quant: Literal["none", "int8", "int4"] = Field(
+        default="none", description="int8 or int4: ChatGLM's linear weights as integers (torchao, kstory[quant]) "
+        "in train and story; half the memory at int8, with a small embedding error (docs/performance.md).")
     prep: PrepSettings
     train: TrainSettings = Field(default_factory=TrainSettings, description="LoRA training (docs/train.md).")
     story: StorySettings | None = Field(default=None, description="Story generation; without it the run ends after train.")

@@ -47,6 +47,7 @@ class MemoryPlan:
     max_batch: int | None  # cap on frames denoised together
     tiled_vae: bool  # decode frames in tiles (DiffSynth's tiled VAE decoder): less memory, other pixels
     gradient_checkpointing: bool | None  # None: the training settings decide
+    text_encoder_quant: str = "none"  # ChatGLM's linear weights: none, int8 or int4 (torchao)
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,7 +133,10 @@ def estimate(weights: Any, table: dict[str, Any], *, task: str, pixels: int = 10
     item = _itemsize(table["half"])
     te_on_device = table["text_encoder_device"] == "device"
     counts = weight_counts(weights)
-    text = counts["text_encoder"] * item
+    # Integer ChatGLM weights are made from half-precision ones after loading, so they save device memory
+    # (loaded on the CPU, quantised, then moved), not host memory.
+    quantised_on_gpu = table.get("text_encoder_quant", "none") != "none" and table.get("device") == "cuda"
+    text = counts["text_encoder"] * (1 if quantised_on_gpu else item)
     vae = counts["vae"] * 4  # DiffSynth runs the SDXL VAE in float32 whatever the dtype
     unet = counts["unet"] * item
     scale = pixels / (1024 * 1024)
@@ -173,14 +177,18 @@ def gib(value: float) -> str:
 
 
 def plan_memory(requested: str, weights: Any, *, task: str, device: str | None = None,
-                text_encoder_device: str | None = None, **need: Any) -> MemoryPlan:
+                text_encoder_device: str | None = None, text_encoder_quant: str = "none", **need: Any) -> MemoryPlan:
     """Resolve ``requested`` to a profile for ``task`` on this machine; refuse what cannot fit.
 
-    ``text_encoder_device="cpu"`` encodes on the CPU whatever the profile says.
+    ``text_encoder_device="cpu"`` encodes on the CPU whatever the profile says; ``text_encoder_quant``
+    (int8, int4) stores ChatGLM's linear weights as integers, which the estimate counts.
     ``need`` is passed to :func:`estimate` (pixels, frames, controlnets, gradient_checkpointing, cached).
     """
     if text_encoder_device not in (None, "auto", "device", "cpu"):
         raise KstoryError(f"unknown text_encoder_device {text_encoder_device!r}", fix="use auto or cpu")
+    from kstory.core.models.quantize import check_quant_mode
+
+    check_quant_mode(text_encoder_quant)
     if requested not in PROFILES:
         raise KstoryError(f"unknown memory profile {requested!r}", fix=f"use one of: {', '.join(PROFILES)}")
     cuda = torch.cuda.is_available()
@@ -202,7 +210,10 @@ def plan_memory(requested: str, weights: Any, *, task: str, device: str | None =
     table = dict(_TABLE[profile])
     if text_encoder_device == "cpu":
         table["text_encoder_device"] = "cpu"
-    needed = estimate(weights, table, task=task, **need).peak
+    table["text_encoder_quant"] = text_encoder_quant
+    if text_encoder_quant != "none" and device == "cuda" and text_encoder_device != "cpu":
+        table["text_encoder_device"] = "device"  # integer ChatGLM (6 GB at int8) encodes on the GPU in any profile
+    needed = estimate(weights, {**table, "device": device}, task=task, **need).peak
     budget = _BUDGET.get(profile, free)
     if needed > budget:
         raise KstoryError(
@@ -239,7 +250,8 @@ def describe(plan: MemoryPlan, task: str | None = None) -> str:
     parts = [f"memory profile {plan.profile}" + (f" (auto: {plan.reason})" if plan.requested == "auto" else ""),
              f"{'half' if plan.half else 'full'}-precision weights",
              "ChatGLM kept loaded" if plan.keep_text_encoder else "ChatGLM freed before the UNet loads",
-             f"text encoder on the {'CPU' if plan.text_encoder_device == 'cpu' else plan.device}"]
+             f"text encoder on the {'CPU' if plan.text_encoder_device == 'cpu' else plan.device}"
+             + (f" with {plan.text_encoder_quant} weights" if plan.text_encoder_quant != "none" else "")]
     if plan.max_batch and task != "train":
         parts.append(f"at most {plan.max_batch} frame(s) per batch")
     if plan.tiled_vae and task != "train":

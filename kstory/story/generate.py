@@ -175,13 +175,18 @@ class Session:
 
             from kstory.core.models import load_kolors_model_manager
 
-            log.info("loading the text encoder (%s on the %s)", str(self.text_dtype).removeprefix("torch."),
-                     self.text_device)
-            manager = load_kolors_model_manager(self.weights, device=self.text_device, torch_dtype=self.text_dtype,
-                                                parts=("text_encoder",))
+            from kstory.core.models.quantize import quantize_text_encoder
+
+            quant = self.memory.text_encoder_quant if self.memory else "none"
+            log.info("loading the text encoder (%s on the %s%s)", str(self.text_dtype).removeprefix("torch."),
+                     self.text_device, "" if quant == "none" else f", {quant} weights")
+            # Integer weights are made on the CPU from the half-precision ones, then moved.
+            manager = load_kolors_model_manager(self.weights, device="cpu" if quant != "none" else self.text_device,
+                                                torch_dtype=self.text_dtype, parts=("text_encoder",))
             prompter = KolorsPrompter()
             with contextlib.redirect_stdout(io.StringIO()):
                 prompter.fetch_models(manager.fetch_model("kolors_text_encoder"))
+            quantize_text_encoder(prompter.text_encoder, quant)
             self._text = (manager, prompter)
         manager, prompter = self._text
         prompter.text_encoder.to(self.text_device)  # back from the CPU when a re-roll brings a new prompt

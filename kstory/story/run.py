@@ -152,7 +152,7 @@ def setup_record(
     ``sampler`` is the spec's default sampler (each frame records its own); ``ddim`` keeps older setup ids.
 
     ``memory`` adds the profile in effect; of its choices only tiled decoding and a text encoder on
-    another device change pixels, so only those (when used) join the setup id.
+    another device or with integer weights change pixels, so only those (when used) join the setup id.
     """
     from kstory.core.lora import lora_strength
 
@@ -164,6 +164,8 @@ def setup_record(
         text_device = "cpu" if memory.text_encoder_device == "cpu" else device
         if torch.device(text_device).type != torch.device(device).type:
             extra["text_encoder"] = f"{text_device}-{str(text_encoder_dtype(text_device, torch_dtype)).removeprefix('torch.')}"
+        if memory.text_encoder_quant != "none":
+            extra["text_encoder_quant"] = memory.text_encoder_quant  # integer ChatGLM weights: other embeddings
     return {
         "model": {"spec": model, "identity": weights.identity, "fingerprint": weights.fingerprint, "tiny": weights.is_tiny},
         "lora": None if lora is None else {
@@ -186,7 +188,7 @@ def setup_id(setup: dict[str, Any]) -> str:
     keep["lora"] = None if setup["lora"] is None else {k: setup["lora"][k] for k in ("sha256", "scale")}
     keep["controlnets"] = {name: cn["sha256"] for name, cn in setup["controlnets"].items()}
     keep["model"] = setup["model"]["fingerprint"]
-    keep.update({k: setup[k] for k in ("vae_decode", "text_encoder") if k in setup})  # only when not the default
+    keep.update({k: setup[k] for k in ("vae_decode", "text_encoder", "text_encoder_quant") if k in setup})  # only when not the default
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
@@ -438,6 +440,7 @@ def generate_story(
     text_encoder_device: str = "auto",
     repairs: Mapping[int, list[Repair]] | None = None,
     ip_adapter: str | Path | None = None,
+    text_encoder_quant: str = "none",
 ) -> StoryResult:
     """Generate the story of ``spec_path`` (or only ``frames``, 1-based) into ``out_dir``.
 
@@ -450,7 +453,8 @@ def generate_story(
     frames of an existing folder stay as they are (same weights required).
     ``memory`` is a profile of :mod:`kstory.core.memory` (``auto``: picked from the free memory); it decides
     the dtype when ``torch_dtype`` is not given and caps the frames per batch. ``text_encoder_device="cpu"``
-    encodes the prompts on the CPU whatever the profile says.
+    encodes the prompts on the CPU whatever the profile says; ``text_encoder_quant`` (int8, int4) quantises
+    ChatGLM's linear weights with torchao.
     ``lora_checkpoint`` names the training checkpoint ``lora`` comes from (recorded in the manifest).
     ``repairs`` (frame -> recorded repairs, as ``kstory verify`` passes them) are replayed on those frames; a full
     run also keeps the repairs of every frame whose generation is unchanged (kstory.story.repair).
@@ -487,7 +491,7 @@ def generate_story(
     memory_plan = plan_memory(memory, weights, task="story", device=device, frames=spec.generation.batch_size,
                               pixels=max(p.width * p.height for p in plans),
                               controlnets=[cn.path for cn in controlnet_weights.values()],
-                              text_encoder_device=text_encoder_device)
+                              text_encoder_device=text_encoder_device, text_encoder_quant=text_encoder_quant)
     log.info("%s", describe(memory_plan, "story"))
     batch_size = min(spec.generation.batch_size, memory_plan.max_batch or spec.generation.batch_size)
     if batch_size < spec.generation.batch_size:  # smaller batches may need fewer ControlNets

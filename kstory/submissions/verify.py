@@ -248,7 +248,8 @@ def verify_package(
         memory = (manifest.get("memory") or {}).get("profile") or "none"
         result = generate_story(spec, Path(tmp) / "regen", model=model, lora=lora, lora_scale=lora_info.get("scale"),
                                 controlnets=nets, cache_dir=cache, device=device, torch_dtype=dtype, memory=memory,
-                                repairs=_repairs(submission, manifest), ip_adapter=adapter.path if adapter else None)
+                                repairs=_repairs(submission, manifest), ip_adapter=adapter.path if adapter else None,
+                                text_encoder_quant=(manifest.get("memory") or {}).get("text_encoder_quant", "none"))
         regen_manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))
         for key, frame in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0])):
             index = story_frame(key, frame)

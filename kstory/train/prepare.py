@@ -76,6 +76,7 @@ def _encode(weights: KolorsWeights, samples: list[Sample], runtime: Runtime, roo
             missing: MissingCache) -> TrainCache:
     """Load only the encoders the missing entries need, fill the cache, and free them."""
     from kstory.core.models.pipeline import load_kolors_model_manager
+    from kstory.core.models.quantize import quantize_text_encoder
 
     parts = (("text_encoder",) if missing.texts else ()) + (("vae",) if missing.images else ())
     log.info("loading %s of %s (%s) to encode %d caption(s) and %d image(s)",
@@ -87,6 +88,8 @@ def _encode(weights: KolorsWeights, samples: list[Sample], runtime: Runtime, roo
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             text_encoder, vae_encoder = (manager.fetch_model(name) for name in ("kolors_text_encoder", "sdxl_vae_encoder"))
+        if text_encoder is not None:
+            quantize_text_encoder(text_encoder, runtime.text_quant)
         encoders = Encoders(text_encoder, vae_encoder, runtime.device, text_device=runtime.text_encoder_device)
         del text_encoder, vae_encoder
         try:

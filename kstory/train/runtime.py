@@ -24,6 +24,7 @@ class Runtime:
     weight_dtype: torch.dtype  # frozen base weights: half with bf16/fp16 mixed precision (CPU included)
     device: torch.device  # where this process trains (and encodes the cache)
     text_device: torch.device | None = None  # where ChatGLM encodes captions, when not ``device``
+    text_quant: str = "none"  # ChatGLM's linear weights: none, int8 or int4
 
     @property
     def text_encoder_device(self) -> torch.device:
@@ -39,9 +40,10 @@ class Runtime:
     @property
     def cache_tag(self) -> str:
         """Part of the cache folder name beyond the weights' dtype: captions encoded elsewhere differ in the last bits."""
+        quant = "" if self.text_quant == "none" else f"-text-{self.text_quant}"
         if self.text_encoder_device.type == self.device.type:
-            return ""
-        return f"-text-{self.text_encoder_device.type}-{str(self.text_encoder_dtype).removeprefix('torch.')}"
+            return quant
+        return f"-text-{self.text_encoder_device.type}-{str(self.text_encoder_dtype).removeprefix('torch.')}{quant}"
 
     @property
     def lightning_precision(self) -> str:
@@ -109,4 +111,5 @@ def resolve_runtime(settings: TrainSettings, memory: MemoryPlan | None = None) -
     else:
         device = torch.device(accelerator)
     text_device = torch.device("cpu") if memory is not None and memory.text_encoder_device == "cpu" else None
-    return Runtime(accelerator, precision, weight_dtype, device, text_device)
+    text_quant = memory.text_encoder_quant if memory is not None else "none"
+    return Runtime(accelerator, precision, weight_dtype, device, text_device, text_quant)

@@ -167,7 +167,7 @@ class _Outputs:
 def train_lora(
     data_dir: Path, out_dir: Path, settings: TrainSettings, *, model: str = "tiny", cache_dir: Path | None = None,
     resume: bool = True, callbacks: list[Any] | None = None, memory: str = "auto",
-    text_encoder_device: str = "auto",
+    text_encoder_device: str = "auto", text_encoder_quant: str = "none",
 ) -> TrainResult:
     """Train a Kolors LoRA on ``data_dir`` (prep's output) into ``out_dir``.
 
@@ -177,7 +177,8 @@ def train_lora(
     Lightning ``callbacks`` are appended to the trainer's. Ctrl-C saves a
     checkpoint at the end of the current step and re-raises KeyboardInterrupt.
     ``memory`` is a profile of :mod:`kstory.core.memory` (``auto`` picks one from the free memory);
-    ``text_encoder_device="cpu"`` encodes the captions on the CPU whatever the profile says.
+    ``text_encoder_device="cpu"`` encodes the captions on the CPU whatever the profile says;
+    ``text_encoder_quant`` (int8, int4) quantises ChatGLM's linear weights (its captions get their own cache).
     """
     import lightning as pl
 
@@ -215,7 +216,7 @@ def train_lora(
             return done
 
     # 1. cache every caption and image, free the encoders; then load the UNet.
-    memory_plan = _memory_plan(memory, weights, settings, runtime, text_encoder_device)
+    memory_plan = _memory_plan(memory, weights, settings, runtime, text_encoder_device, text_encoder_quant)
     if memory_plan is not None:
         runtime = resolve_runtime(settings, memory_plan)
         log.info("%s", describe(memory_plan, "train"))
@@ -339,7 +340,8 @@ def train_lora(
     return result
 
 
-def _memory_plan(memory: str, weights: Any, settings: TrainSettings, runtime: Any, text_encoder_device: str) -> Any:
+def _memory_plan(memory: str, weights: Any, settings: TrainSettings, runtime: Any, text_encoder_device: str,
+                 text_encoder_quant: str = "none") -> Any:
     """The memory profile for this training on this machine (None on Apple's MPS, which has no profiles)."""
     from kstory.core.memory import plan_memory
 
@@ -347,7 +349,8 @@ def _memory_plan(memory: str, weights: Any, settings: TrainSettings, runtime: An
         return None
     return plan_memory(memory, weights, task="train", device="cuda" if runtime.accelerator == "gpu" else "cpu",
                        pixels=settings.resolution ** 2, frames=settings.batch_size,
-                       gradient_checkpointing=settings.gradient_checkpointing, text_encoder_device=text_encoder_device)
+                       gradient_checkpointing=settings.gradient_checkpointing, text_encoder_device=text_encoder_device,
+                       text_encoder_quant=text_encoder_quant)
 
 
 def _already_finished(out_dir: Path, settings: TrainSettings, latest: Any, started: float) -> TrainResult | None:
