@@ -25,6 +25,7 @@ from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
 from kstory.core.memory import MemoryPlan, free_models
 from kstory.core.models import KolorsWeights
+from kstory.story.consistent_attention import AttentionBank, shared_attention
 from kstory.story.controlnets import ControlNetWeights, ControlUnit, GuidedControl, load, union_task
 
 log = get_logger("story")
@@ -240,8 +241,12 @@ class Session:
         return release == "always" or torch.cuda.mem_get_info()[0] < _FREE_MEMORY_FOR_TEXT_ENCODER
 
     @torch.no_grad()
-    def denoise(self, batch: list[FramePlan]) -> list[Image.Image]:
-        """Generate one batch (same size and steps); returns one image per frame, in order."""
+    def denoise(self, batch: list[FramePlan], bank: AttentionBank | None = None) -> list[Image.Image]:
+        """Generate one batch (same size and steps); returns one image per frame, in order.
+
+        ``bank``: consistent attention across frames (kstory.story.consistent_attention), written by identity
+        frames and read by the others; None leaves DiffSynth's attention untouched.
+        """
         pipe, first = self.pipe, batch[0]
         pipe.scheduler.set_timesteps(first.steps)
         shape = (1, 4, first.height // 8, first.width // 8)
@@ -253,7 +258,9 @@ class Session:
         cfg = torch.tensor([plan.cfg_scale for plan in batch], device=self.device, dtype=self.torch_dtype).view(-1, 1, 1, 1)
         units = self._units(batch)
         size = 2 * len(batch)
+        sharing = shared_attention(pipe.unet, bank, [(plan.index, plan.seed) for plan in batch])
         for step, timestep in enumerate(pipe.scheduler.timesteps):
+            sharing.at_step(step)
             timestep = timestep.unsqueeze(0).to(self.device)
             model_input = torch.cat([latents, latents])
             extra = pipe.prepare_extra_input(model_input)
@@ -266,6 +273,7 @@ class Session:
             )
             noise_posi, noise_nega = noise.chunk(2)
             latents = pipe.scheduler.step(noise_nega + cfg * (noise_posi - noise_nega), timestep, latents)
+        sharing.remove()
         # One frame at a time: the VAE at full size is the memory peak, and frames stay independent.
         # DiffSynth's tiles are 64 latents (512 px): a smaller frame is one tile, decoded whole.
         tiled = self.tiled_vae and max(latents.shape[-2:]) > _VAE_TILE
@@ -293,12 +301,16 @@ class Session:
             units.append(ControlUnit(model, processor, torch.stack(images), scales, starts, ends))
         return units
 
-    def generate(self, groups: list[list[FramePlan]]) -> Iterator[tuple[list[FramePlan], list[Image.Image], float]]:
-        """Yield (batch, images, seconds) batch by batch; out-of-memory becomes a KstoryError naming the knobs."""
+    def generate(self, groups: list[list[FramePlan]], bank: AttentionBank | None = None,
+                 ) -> Iterator[tuple[list[FramePlan], list[Image.Image], float]]:
+        """Yield (batch, images, seconds) batch by batch; out-of-memory becomes a KstoryError naming the knobs.
+
+        ``bank`` is shared by the batches: identity frames' batches come first and fill it.
+        """
         for batch in groups:
             started = time.perf_counter()
             try:
-                images = self.denoise(batch)
+                images = self.denoise(batch, bank)
             except torch.cuda.OutOfMemoryError as error:
                 raise KstoryError(_oom_message(batch, error), fix=_OOM_FIX) from error
             except RuntimeError as error:

@@ -21,6 +21,7 @@ from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
 from kstory.core.models import resolve_model
 from kstory.core.seeds import SEED_LIMIT
+from kstory.story.consistent_attention import SharingSettings, bank_batches
 from kstory.story.controlnets import identify
 from kstory.story.generate import FramePlan, GuidePlan, Session, recorded_memory
 from kstory.core.hashing import sha256_file
@@ -106,6 +107,9 @@ def reroll(
     companions = [i for i in record.get("batch", [frame]) if str(i) in records]
     plans = [_plan_from_record(out_dir, i, records[str(i)]) for i in companions]
     target = next(plan for plan in plans if plan.index == frame)
+    sharing = SharingSettings.from_record(record["consistent_attention"]) if record.get("consistent_attention") else None
+    bank = bank_batches(frame, sharing, records, out_dir)
+    groups = [[_plan_from_record(out_dir, i, records[str(i)]) for i in batch] for batch in bank] + [plans]
     if seed is not None:
         target.seed = seed
     if prompt is not None:
@@ -121,7 +125,7 @@ def reroll(
     lora_path = _lora_file(out_dir, lora) if lora else None
     paths = {name: Path(cn["path"]) for name, cn in manifest["controlnets"].items()}
     paths.update({name: Path(p) for name, p in (controlnets or {}).items()})
-    needed = {guide.controlnet for plan in plans for guide in plan.guides}
+    needed = {guide.controlnet for batch in groups for plan in batch for guide in plan.guides}
     found = {name: identify(name, paths[name]) for name in sorted(needed)}
     for name, cn in found.items():
         if cn.sha256 != manifest["controlnets"][name]["sha256"]:
@@ -132,9 +136,9 @@ def reroll(
         raise KstoryError("this story was generated on a GPU; re-rolling on the CPU would not match its frames",
                           path=out_dir, fix="re-roll on a machine with a GPU, or generate the whole story again")
 
-    spec_value = {i: spec_values(records[str(i)]) for i in companions}
+    spec_value = {plan.index: spec_values(records[str(plan.index)]) for batch in groups for plan in batch}
     origin = {frame: "reroll" if (target.seed, target.frame_prompt) != spec_value[frame] else "spec"}
-    work = frame_work([plans], manifest["setup_id"], origin, spec_value)
+    work = frame_work(groups, manifest["setup_id"], origin, spec_value, sharing)
     new = {**manifest, "frames": {}}
     build = StoryBuild(out_dir, manifest)
     build.open()
@@ -147,5 +151,5 @@ def reroll(
                             device=device, torch_dtype=getattr(torch, manifest["dtype"]), memory=recorded_memory(manifest))
 
     log.info("re-rolling frame %d with seed %d (batch %s)", frame, target.seed, companions)
-    return build_story(build, new, [plans], {frame}, work, load_session=load_session, spec_text=spec_text,
-                       release=spec.generation.release_text_encoder, device=device)
+    return build_story(build, new, groups, {frame}, work, load_session=load_session, spec_text=spec_text,
+                       release=spec.generation.release_text_encoder, device=device, sharing=sharing)

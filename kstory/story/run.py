@@ -28,6 +28,7 @@ from kstory.story.generate import (SAMPLER, FramePlan, GuidePlan, Session, batch
                                    text_encoder_dtype)
 from kstory.story.guides.render import render_guide
 from kstory.story.build import StoryBuild, plan_key
+from kstory.story.consistent_attention import AttentionBank, SharingSettings, sharing_key, split_by_role, with_bank
 from kstory.story.manifest import FORMAT, frame_name, package_versions, png_bytes, read_manifest, save_png, sha256_bytes
 from kstory.story.spec import StorySpec, load_spec
 from kstory.story.spec_copy import SPEC_COPY, derive_spec_text
@@ -255,24 +256,43 @@ class FrameWork:
 
 
 def frame_work(groups: list[list[FramePlan]], setup: str, origin: Mapping[int, str],
-               spec_value: Mapping[int, tuple[int, str]]) -> dict[int, FrameWork]:
-    """Key and record extras of every planned frame (guide images encoded once)."""
-    work = {}
+               spec_value: Mapping[int, tuple[int, str]], sharing: SharingSettings | None = None,
+               ) -> dict[int, FrameWork]:
+    """Key and record extras of every planned frame (guide images encoded once).
+
+    With consistent attention a sharing frame's key also covers the settings and the identity frames' keys,
+    and its record says so (``consistent_attention``); ``groups`` must then hold the identity batches.
+    """
+    base, pngs_of, members_of = {}, {}, {}
     for batch in groups:
         members = [plan.index for plan in batch]
         for plan in batch:
-            pngs = [png_bytes(g.image) for g in plan.guides]
-            key = plan_key(plan, members, setup, SAMPLER, [sha256_bytes(data) for data in pngs])
+            pngs_of[plan.index] = [png_bytes(g.image) for g in plan.guides]
+            members_of[plan.index] = members
+            base[plan.index] = plan_key(plan, members, setup, SAMPLER, [sha256_bytes(d) for d in pngs_of[plan.index]])
+    identity_keys = {i: base[i] for i in (sharing.identity_frames if sharing else ()) if i in base}
+    work = {}
+    for batch in groups:
+        for plan in batch:
+            key = sharing_key(base[plan.index], plan.index, sharing, identity_keys)
             seed, prompt = spec_value[plan.index]
             extra = {"key": key, "origin": origin.get(plan.index, "spec"), "spec_seed": seed,
                      "spec_frame_prompt": prompt}
-            work[plan.index] = FrameWork(plan, key, extra, pngs)
+            if sharing is not None and sharing.role(plan.index):
+                extra["consistent_attention"] = sharing.record(plan.index)
+            work[plan.index] = FrameWork(plan, key, extra, pngs_of[plan.index])
     return work
+
+
+def story_batches(plans: list[FramePlan], batch_size: int, sharing: SharingSettings | None) -> list[list[FramePlan]]:
+    """The batches of a story: with consistent attention the identity frames' batches first (they fill the bank)."""
+    return [batch for part in split_by_role(plans, sharing) for batch in batches(part, batch_size)]
 
 
 def run_plans(
     out_dir: Path, groups: list[list[FramePlan]], keep: set[int], *, session: Session, manifest: dict[str, Any],
     earlier: dict[str, Any], release: str, work: Mapping[int, FrameWork], save: Callable[[dict[str, Any]], None],
+    sharing: SharingSettings | None = None,
 ) -> tuple[list[int], float, int | None]:
     """Generate the batches ``groups`` into ``out_dir``, writing only frames in ``keep``.
 
@@ -291,7 +311,8 @@ def run_plans(
                 write_bytes(out_dir / guide.file, data)
     session.encode(plans, release)
     generated, seconds = [], 0.0
-    for batch, images, batch_seconds in session.generate(groups):
+    bank = AttentionBank(sharing) if sharing is not None else None
+    for batch, images, batch_seconds in session.generate(groups, bank):
         seconds += batch_seconds
         members = [plan.index for plan in batch]
         for plan, image in zip(batch, images):
@@ -333,6 +354,7 @@ def result_of(out_dir: Path, manifest: dict[str, Any], generated: list[int], sec
 def build_story(
     build: StoryBuild, manifest: dict[str, Any], groups: list[list[FramePlan]], wanted: set[int],
     work: Mapping[int, FrameWork], *, load_session: Callable[[], Session], spec_text: str, release: str, device: str,
+    sharing: SharingSettings | None = None,
 ) -> StoryResult:
     """Make the frames ``wanted`` in ``build``'s staging folder (reusing unchanged ones) and swap it in.
 
@@ -355,10 +377,11 @@ def build_story(
     generated, seconds, peak = [], 0.0, None
     if to_make:
         session = load_session()
-        groups = [batch for batch in groups if any(plan.index in to_make for plan in batch)]
+        groups = with_bank(groups, to_make, sharing)
         earlier = dict((build.current or {}).get("frames", {}))
         generated, seconds, peak = run_plans(build.staging, groups, to_make, session=session, manifest=manifest,
-                                             earlier=earlier, release=release, work=work, save=build.save)
+                                             earlier=earlier, release=release, work=work, save=build.save,
+                                             sharing=sharing)
     text = derive_spec_text(spec_text, manifest)
     build.finish(manifest, lambda folder: write_text(folder / SPEC_COPY, text))
     return result_of(build.out_dir, manifest, generated, seconds, peak, device)
@@ -415,9 +438,12 @@ def generate_story(
         origin = {index: "reroll" for index in carried}
         if carried:
             log.info("keeping the re-rolled seed or prompt of frame(s) %s", ", ".join(map(str, carried)))
-    groups = batches(plans, spec.generation.batch_size)
+    sharing = SharingSettings.from_spec(spec)
+    if frames and sharing is not None:
+        indices = readers_too(indices, sharing)
+    groups = story_batches(plans, spec.generation.batch_size, sharing)
     if frames:
-        groups = [batch for batch in groups if any(plan.index in indices for plan in batch)]
+        groups = with_bank(groups, set(indices), sharing)
     needed = {guide.controlnet for batch in groups for plan in batch for guide in plan.guides}
     controlnet_weights = resolve_controlnets(spec, spec_path.parent, controlnets, needed)
     device = device or default_device()
@@ -428,9 +454,9 @@ def generate_story(
     log.info("%s", describe(memory_plan, "story"))
     batch_size = min(spec.generation.batch_size, memory_plan.max_batch or spec.generation.batch_size)
     if batch_size < spec.generation.batch_size:  # smaller batches may need fewer ControlNets
-        groups = batches(plans, batch_size)
+        groups = story_batches(plans, batch_size, sharing)
         if frames:
-            groups = [batch for batch in groups if any(plan.index in indices for plan in batch)]
+            groups = with_bank(groups, set(indices), sharing)
         needed = {guide.controlnet for batch in groups for plan in batch for guide in plan.guides}
         controlnet_weights = {name: cn for name, cn in controlnet_weights.items() if name in needed}
     torch_dtype = torch_dtype or default_dtype(device, memory_plan)
@@ -444,7 +470,7 @@ def generate_story(
                 "this story folder was generated with other weights, LoRA, ControlNets, device or dtype",
                 path=out_dir, fix="regenerate all frames (leave out the frame selection) or use another folder",
             )
-    work = frame_work(groups, manifest["setup_id"], origin, from_spec)
+    work = frame_work(groups, manifest["setup_id"], origin, from_spec, sharing)
     build = StoryBuild(out_dir, current)
     build.open()
     if current is not None and frames:
@@ -459,4 +485,15 @@ def generate_story(
 
     return build_story(build, manifest, groups, set(indices), work, load_session=load_session,
                        spec_text=spec_bytes.decode("utf-8"), release=spec.generation.release_text_encoder,
-                       device=device)
+                       device=device, sharing=sharing)
+
+
+def readers_too(indices: list[int], sharing: SharingSettings) -> list[int]:
+    """A partial run that remakes an identity frame remakes the frames reading its bank too."""
+    if not any(sharing.role(i) == "identity" for i in indices):
+        return indices
+    added = sorted(set(sharing.identity_frames + sharing.readers) - set(indices))
+    if added:
+        log.info("frame(s) %s share attention with the identity frames being made, so they are made too",
+                 ", ".join(map(str, added)))
+    return sorted(set(indices) | set(added))
