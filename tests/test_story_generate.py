@@ -196,7 +196,7 @@ def test_unknown_controlnet_name_and_layout(tmp_path, controlnets):
 
 
 def test_out_of_memory_names_the_knobs(tmp_path, controlnets, monkeypatch):
-    def exhausted(self, batch):
+    def exhausted(self, batch, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Session, "denoise", exhausted)
