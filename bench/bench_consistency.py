@@ -51,8 +51,13 @@ def _session(unet: str, device: str, dtype: torch.dtype, frames: int):
                               cross_attention_dim=2048, addition_time_embed_dim=256, text_hidden_size=4096,
                               vae_channels=(128, 256, 512, 512))
     torch.manual_seed(0)
-    with torch.device(device):
-        models = {"sdxl_unet": tiny_unet(spec)[0].to(dtype).eval(), "sdxl_vae_decoder": tiny_vae_decoder(spec)[0].to(dtype).eval()}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the run's dtype: a float32 copy would set the peak, not the story
+    try:
+        with torch.device(device):
+            models = {"sdxl_unet": tiny_unet(spec)[0].eval(), "sdxl_vae_decoder": tiny_vae_decoder(spec)[0].eval()}
+    finally:
+        torch.set_default_dtype(default)
     manager = ModelManager(torch_dtype=dtype, device=device)
     for name, model in models.items():
         manager.model.append(model)
