@@ -1,79 +1,162 @@
-"""Time and peak memory of a story with the character reference (IP-Adapter) against the plain story.
+"""Time and peak memory of a story with consistent attention, as a ratio to the plain story.
 
-Runs kstory's story stage twice on the tiny random-weight Kolors and the tiny
-IP-Adapter (CPU, 8 frames), once with a reference image on every frame and
-once without, and prints each run's seconds (denoising and decoding, the
-``seconds``) and the whole call (loading, the image-encoder phase: ``wall``) and peak memory, with the ratio to the plain
-story. Peak memory is the process's peak RSS growth on the CPU (a fresh
-subprocess per run) and ``torch.cuda.max_memory_allocated`` on a GPU.
+    python bench/bench_consistency.py                                  # tiny Kolors, 128 px, 4 steps, 8 frames
+    python bench/bench_consistency.py --unet full --size 256 --steps 2  # full-width Kolors UNet, random, reduced size
+    python bench/bench_consistency.py --unet full --size 1024 --steps 25   # on a GPU
 
-    python bench/bench_consistency.py [--size 128] [--steps 4]
+Every configuration denoises the same eight frames (prompts, seeds, batch size 4)
+through kstory's ``Session.denoise`` and decodes them with the VAE; only the
+attention differs. ``plain`` is today's story; ``consistent`` shares the up-block
+self-attention with the paper's defaults (share 0.5, from step 1), frames 1-4
+writing the bank and 5-8 reading it (the same batches as ``plain``). Text
+embeddings are random tensors of ChatGLM's shape, so no text encoder is loaded
+(it is not what is measured). Each configuration runs in its own process, so
+the CPU's peak RSS is its own; on a GPU peak VRAM is measured too. The weights
+are random: the numbers are about time and memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
-import yaml
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_RUN = r"""
-import json, resource, sys, time
-import torch
-from kstory.story import generate_story
-spec, out = sys.argv[1], sys.argv[2]
-start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-started = time.perf_counter()
-result = generate_story(spec, out, model="tiny")
-wall = time.perf_counter() - started
-peak = result.peak_vram_bytes if result.peak_vram_bytes is not None else \
-    (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_rss) * 1024
-print(json.dumps({"seconds": result.seconds, "wall": wall, "peak": peak}))
-"""
+import kstory  # noqa: E402,F401  (before anything that imports torchvision/diffsynth)
+import torch  # noqa: E402
+
+CONFIGURATIONS = ("plain", "consistent")
 
 
-def _spec(folder: Path, size: int, steps: int, reference: bool) -> Path:
-    from PIL import Image
+def _session(unet: str, device: str, dtype: torch.dtype, frames: int):
+    """A Session on random networks with random text embeddings of ChatGLM's shape, one per frame and prompt."""
+    from diffsynth.models.model_manager import ModelManager
+    from diffsynth.pipelines.sdxl_image import SDXLImagePipeline
+    from diffsynth.schedulers import EnhancedDDIMScheduler
 
-    frames = [{"prompt": f"scene {i}", "seed": 100 + i} for i in range(1, 9)]
-    character = {"description": "a fox"}
-    if reference:
-        Image.new("RGB", (size, size), (220, 110, 40)).save(folder / "fox.png")
-        character["reference"] = {"image": "fox.png", "adapter": "tiny"}
-    spec = {"title": "bench", "character": character, "frames": frames,
-            "defaults": {"width": size, "height": size, "steps": steps}, "generation": {"batch_size": 4}}
-    path = folder / ("with.yaml" if reference else "plain.yaml")
-    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
-    return path
+    from kstory.core.models import resolve_model
+    from kstory.core.models.tiny import TinyKolorsSpec, tiny_unet, tiny_vae_decoder
+    from kstory.story.generate import Session
+
+    spec = TinyKolorsSpec()
+    if unet == "full":
+        spec = TinyKolorsSpec(unet_channels=(320, 640, 1280), unet_head_dim=64, unet_transformer_depth=(2, 10),
+                              cross_attention_dim=2048, addition_time_embed_dim=256, text_hidden_size=4096,
+                              vae_channels=(128, 256, 512, 512))
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the run's dtype: a float32 copy would set the peak, not the story
+    try:
+        with torch.device(device):
+            models = {"sdxl_unet": tiny_unet(spec)[0].eval(), "sdxl_vae_decoder": tiny_vae_decoder(spec)[0].eval()}
+    finally:
+        torch.set_default_dtype(default)
+    manager = ModelManager(torch_dtype=dtype, device=device)
+    for name, model in models.items():
+        manager.model.append(model)
+        manager.model_path.append(f"random:{name}")
+        manager.model_name.append(name)
+    pipe = SDXLImagePipeline.from_model_manager(manager)
+    pipe.scheduler = EnhancedDDIMScheduler(beta_end=0.014, num_train_timesteps=1100)
+    session = Session(resolve_model("tiny"), lora=None, lora_scale=None, controlnets={}, device=device, torch_dtype=dtype)
+    session._pipe = pipe  # the random networks above instead of loading weights
+    generator = torch.Generator().manual_seed(1)
+    for index in range(1, frames + 1):
+        for prompt, positive in ((f"frame {index}", True), ("blurry", False)):
+            session._embeddings[(prompt, positive)] = {
+                "encoder_hidden_states": torch.randn(1, 256, spec.text_hidden_size, generator=generator).to(device, dtype),
+                "add_text_embeds": torch.randn(1, spec.text_hidden_size, generator=generator).to(device, dtype),
+            }
+    return session
+
+
+def _plans(args):
+    from kstory.story.generate import FramePlan
+
+    return [FramePlan(index=i, prompt=f"frame {i}", frame_prompt=f"frame {i}", negative_prompt="blurry", seed=1000 + i,
+                      width=args.size, height=args.size, steps=args.steps, cfg_scale=5.0)
+            for i in range(1, args.frames + 1)]
+
+
+def run_plain(session, plans, batch_size: int):
+    """Today's story: batches of ``batch_size`` in frame order."""
+    from kstory.story.generate import batches
+
+    return [image for _, images, _ in session.generate(batches(plans, batch_size)) for image in images], None
+
+
+def run_consistent(session, plans, batch_size: int):
+    """Consistent attention with the paper's defaults: the first half writes the bank, the rest reads it."""
+    from kstory.story.consistent_attention import AttentionBank, SharingSettings, split_by_role
+    from kstory.story.generate import batches
+
+    half = len(plans) // 2
+    settings = SharingSettings(0.5, ("up",), 1, None, tuple(range(1, half + 1)), tuple(range(half + 1, len(plans) + 1)))
+    bank = AttentionBank(settings)
+    groups = [batch for part in split_by_role(plans, settings) for batch in batches(part, batch_size)]
+    images = [image for _, images, _ in session.generate(groups, bank) for image in images]
+    return images, bank.nbytes()
+
+
+def measure(args) -> dict:
+    """One configuration in this process: seconds per frame, peak VRAM (GPU) and peak RSS."""
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32 if args.unet == "tiny" else torch.bfloat16)
+    session = _session(args.unet, device, dtype, args.frames)
+    plans = _plans(args)
+    run = {"plain": run_plain, "consistent": run_consistent}[args.config]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    _, bank_bytes = run(session, plans, args.batch_size)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"config": args.config, "device": device, "dtype": str(dtype).removeprefix("torch."),
+            "s_per_frame": seconds / args.frames, "peak_vram": torch.cuda.max_memory_allocated() if cuda else None,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "bank_bytes": bank_bytes}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--unet", choices=("tiny", "full"), default="tiny")
+    parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--config", choices=CONFIGURATIONS, help="run one configuration here (used by the parent)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        for name, reference in (("plain", False), ("ip-adapter", True)):
-            spec = _spec(folder, args.size, args.steps, reference)
-            # a warm-up run builds the tiny models into the cache, so the timed run measures generation only
-            subprocess.run([sys.executable, "-c", _RUN, str(spec), str(folder / f"warm-{name}")], check=True,
-                           capture_output=True)
-            done = subprocess.run([sys.executable, "-c", _RUN, str(spec), str(folder / name)], check=True,
-                                  capture_output=True, text=True)
-            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    plain = results["plain"]
-    print(f"tiny Kolors, 8 frames, {args.size} px, {args.steps} steps, batch 4")
-    print(f"{'story':<12}{'seconds':>10}{'x plain':>9}{'wall':>8}{'x plain':>9}{'peak MiB':>10}{'x plain':>9}")
-    for name, r in results.items():
-        print(f"{name:<12}{r['seconds']:>10.2f}{r['seconds'] / plain['seconds']:>9.2f}"
-              f"{r['wall']:>8.2f}{r['wall'] / plain['wall']:>9.2f}"
-              f"{r['peak'] / 2**20:>10.1f}{r['peak'] / max(plain['peak'], 1):>9.2f}")
+    if args.config:
+        print(json.dumps(measure(args)))
+        return
+    rows = {}
+    for config in CONFIGURATIONS:
+        command = [sys.executable, __file__, "--config", config, *sys.argv[1:]]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        rows[config] = json.loads(out.strip().splitlines()[-1])
+    plain = rows["plain"]
+    gib = lambda n: f"{n / 2**30:.2f} GiB" if n is not None else "n/a"  # noqa: E731
+    print(f"{args.unet} Kolors UNet (random), {args.frames} frames at {args.size}x{args.size}, {args.steps} steps, "
+          f"CFG 5, batch size {args.batch_size}, {plain['device']} {plain['dtype']}")
+    print(f"{'configuration':<14}{'s/frame':>9}{'x plain':>9}{'peak VRAM':>12}{'peak RSS':>12}{'bank':>12}")
+    for config, row in rows.items():
+        peak = "peak_vram" if row["peak_vram"] is not None else "peak_rss"
+        ratio = row["s_per_frame"] / plain["s_per_frame"]
+        print(f"{config:<14}{row['s_per_frame']:>9.2f}{ratio:>9.2f}{gib(row['peak_vram']):>12}{gib(row['peak_rss']):>12}"
+              f"{gib(row['bank_bytes']) if row['bank_bytes'] is not None else '-':>12}  "
+              f"(memory x plain {row[peak] / plain[peak]:.2f})")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows},
+                                        indent=2, default=str))
 
 
 if __name__ == "__main__":

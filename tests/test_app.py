@@ -156,7 +156,8 @@ def test_every_page_loads_on_the_demo_run(demo_runs: Path, monkeypatch: pytest.M
     _goto(at, "Story")
     assert _images(at) >= 8
     text = _texts(at)
-    assert text.count("aesthetic **") == 8 and "coherence (CLIP-I)" in text
+    assert text.count("aesthetic **") == 8 and "identity (CLIP-I to the others)" in text
+    assert "consistent attention: reads the bank (tokens of frames 1, 2" in text  # the demo's frames 3 and 4
     assert "pulls the mean below the gate" in text  # the tiny demo's gate fails
     _goto(at, "Package")
     assert "naming rule" in _texts(at)

@@ -73,6 +73,9 @@ def test_story_folder_layout_and_manifest(demo):
     assert manifest["frames"]["1"]["guides"][0]["file"] == "guides/01-pose.png"
     assert manifest["frames"]["8"]["guides"][0]["file"] == "guides/08-canny.png"
     assert manifest["frames"]["5"]["batch"] == [5, 6, 7, 8]
+    assert manifest["frames"]["1"]["batch"] == [1, 2] and manifest["frames"]["3"]["batch"] == [3, 4]
+    assert manifest["frames"]["3"]["consistent_attention"]["bank"] == [1, 2]  # the demo shares attention
+    assert "consistent_attention" not in manifest["frames"]["5"]
 
 
 def test_same_spec_gives_bit_identical_frames(demo, tmp_path):
@@ -125,10 +128,10 @@ def test_reroll_touches_one_frame_keeps_history_and_matches_a_full_run(demo, tmp
 def test_partial_run_keeps_the_other_frames(demo, tmp_path):
     spec, first = demo
     out = tmp_path / "story"
-    result = story.generate_story(spec, out, model="tiny", frames=[2])
-    assert result.generated == [2] and list(result.frames) == [2]
-    assert result.frame_hashes[2] == first.frame_hashes[2]  # its batch (1-4) was re-run as a whole
-    assert not (out / "frames" / "01.png").exists()
+    result = story.generate_story(spec, out, model="tiny", frames=[6])
+    assert result.generated == [6] and list(result.frames) == [6]
+    assert result.frame_hashes[6] == first.frame_hashes[6]  # its batch (5-8) was re-run as a whole
+    assert not (out / "frames" / "05.png").exists()
     with pytest.raises(KstoryError, match="frames are numbered 1..8"):
         story.generate_story(spec, out, model="tiny", frames=[9])
 
@@ -198,7 +201,7 @@ def test_unknown_controlnet_name_and_layout(tmp_path, controlnets):
 
 
 def test_out_of_memory_names_the_knobs(tmp_path, controlnets, monkeypatch):
-    def exhausted(self, batch):
+    def exhausted(self, batch, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Session, "denoise", exhausted)

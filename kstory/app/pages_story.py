@@ -42,6 +42,16 @@ def flags_for(name: str, score: dict[str, Any] | None, summary: dict[str, Any]) 
     return flags
 
 
+def sharing_note(record: dict[str, Any]) -> str:
+    """What consistent attention did for this frame, from its manifest entry (docs/story.md#consistent-attention)."""
+    sharing = record.get("consistent_attention")
+    if not isinstance(sharing, dict):
+        return "consistent attention: off"
+    bank = ", ".join(str(i) for i in sharing.get("bank", [])) or "none"
+    role = "identity frame" if sharing.get("role") == "identity" else "reads the bank"
+    return f"consistent attention: {role} (tokens of frames {bank}, share {sharing.get('share')})"
+
+
 def _frame_card(story: Path, key: str, record: dict[str, Any], score: dict[str, Any] | None,
                 summary: dict[str, Any], state: review.Review, keys: list[str], position: int) -> None:
     frame_path = run_access.inside(story, str(record.get("file", "")))
@@ -52,8 +62,9 @@ def _frame_card(story: Path, key: str, record: dict[str, Any], score: dict[str, 
     stale = score is not None and frame_path is not None and frame_path.is_file() and \
         score.get("sha256") not in (None, sha256_file(frame_path))
     st.markdown(f"seed **{record.get('seed', '?')}** · aesthetic **{_fmt((score or {}).get('aesthetic'))}** · "
-                f"coherence (CLIP-I) **{_fmt((score or {}).get('clip_i_to_others'), 3)}** · "
+                f"identity (CLIP-I to the others) **{_fmt((score or {}).get('clip_i_to_others'), 3)}** · "
                 f"CLIP-T {_fmt((score or {}).get('clip_t'), 3)}")
+    st.caption(sharing_note(record))
     if stale:
         st.warning("score is stale: the frame changed since it was scored")
     for flag in flags_for(name, score, summary):
@@ -90,7 +101,8 @@ def _summary(scores: run_access.Loaded) -> dict[str, Any]:
     cols[0].metric("mean aesthetic", _fmt(summary.get("mean")))
     cols[1].metric("gate", f"{summary.get('gate', '?')} (≥ {_fmt(summary.get('threshold'), 1)})")
     cols[2].metric("min", _fmt(summary.get("min")))
-    cols[3].metric("coherence (CLIP-I mean)", _fmt(summary.get("clip_i_mean"), 3))
+    identity = scores.data.get("identity") or {}
+    cols[3].metric("identity (mean pairwise CLIP-I)", _fmt(identity.get("clip_i", summary.get("clip_i_mean")), 3))
     return summary
 
 

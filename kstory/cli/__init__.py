@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 import traceback
@@ -161,7 +162,26 @@ def _cmd_story(args: argparse.Namespace) -> int:
         )
     print(f"{len(result.generated)} frame(s) in {Path(args.out) / 'frames'} "
           f"({result.seconds_per_frame:.1f} s/frame); manifest: {Path(args.out) / 'manifest.json'}")
+    print_story_identity(Path(args.out), cache_dir)
     return 0
+
+
+def print_story_identity(story_dir: Path, cache_dir: Path | None) -> None:
+    """After a story: its identity scores, when a CLIP model is at hand without a download (story cannot import
+    scoring, so the command line joins the two)."""
+    from kstory.scoring.identity import identity_line, local_clip, story_identity
+    from kstory.scoring.story_input import story_frames
+
+    manifest = json.loads((story_dir / "manifest.json").read_text(encoding="utf-8"))
+    clip_model = local_clip(bool(manifest.get("model", {}).get("tiny")))
+    if clip_model is None:
+        print("identity scores: no CLIP weights on this machine; `kstory score` computes them (downloading CLIP)")
+        return
+    found = story_frames(story_dir)
+    scores = story_identity(found.frames, [found.prompts.get(f.name) for f in found.frames], clip_model=clip_model,
+                            cache_dir=cache_dir)
+    note = " (tiny random-weight CLIP: the numbers mean nothing)" if clip_model == "tiny" else ""
+    print(identity_line(scores) + note)
 
 
 def parse_frames(text: str) -> list[int]:

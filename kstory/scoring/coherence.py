@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from kstory.scoring.identity import pairwise_clip_i, row_means_to_others
+
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
@@ -32,5 +34,4 @@ def mean_to_others(similarity: torch.Tensor) -> list[float] | None:
 
 def clip_i_to_others(image_embeds: torch.Tensor) -> list[float] | None:
     """Each frame's mean cosine to every other frame."""
-    unit = _unit(image_embeds.float())
-    return mean_to_others(unit @ unit.T)
+    return row_means_to_others(pairwise_clip_i(image_embeds))

@@ -63,6 +63,18 @@ class Summary(BaseModel):
     models: dict[str, ModelInfo]
 
 
+class IdentityScores(BaseModel):
+    """How alike the frames are, as the consistency literature reports it (docs/scoring.md#identity)."""
+
+    frames: int
+    clip_i: float | None = Field(default=None, description="mean pairwise cosine of the frames' CLIP image embeddings")
+    dreamsim: float | None = Field(default=None, description="mean pairwise DreamSim distance (lower: more alike)")
+    clip_t: float | None = Field(default=None, description="mean cosine between a frame and its prompt")
+    odd_one_out: str | None = Field(default=None, description="the frame with the lowest mean CLIP-I to the others (3+ frames)")
+    odd_one_out_clip_i: float | None = None
+    clip_i_to_others: dict[str, float] = Field(default_factory=dict, description="file -> mean CLIP-I to the other frames")
+
+
 class Timing(BaseModel):
     load_s: float = Field(description="seconds to load the models")
     score_s: float = Field(description="seconds from the first decode to the last score")
@@ -76,6 +88,7 @@ class ScoreReport(BaseModel):
     images: list[ImageScore]
     skipped: list[SkippedFile]
     warnings: list[str]
+    identity: IdentityScores | None = Field(default=None, description="identity scores; null without a CLIP model")
     timing: Timing
     kstory_version: str
 

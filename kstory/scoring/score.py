@@ -19,6 +19,7 @@ from kstory.scoring.aesthetic import DEFAULT_LAION_CLIP, load_aesthetic_model
 from kstory.scoring.clip import OpenClip, load_open_clip
 from kstory.scoring.coherence import clip_i_to_others, clip_t, mean_to_others
 from kstory.scoring.dreamsim import DreamSim, load_dreamsim
+from kstory.scoring.identity import identity_scores
 from kstory.scoring.images import Decoded, Skipped, collect_files, decode_all
 from kstory.scoring.report import ImageScore, ModelInfo, ScoreReport, SkippedFile, Timing, summarise
 
@@ -156,6 +157,7 @@ def _report(
     texts = [_prompt_for(item.path, prompts) for item in decoded]
     fit: list[float | None] = [None] * n
     to_others: list[float] | None = None
+    image_embeds: torch.Tensor | None = None
     if clip and clip_embeds:
         image_embeds = torch.cat(clip_embeds)
         to_others = clip_i_to_others(image_embeds)
@@ -189,10 +191,14 @@ def _report(
     if not complete:
         warnings.append(f"incomplete: stopped after {n + len(skipped)} file(s); the gate is not decided")
     summary = summarise(entries, skipped=len(skipped), threshold=threshold, models=models, complete=complete)
+    identity = None
+    if image_embeds is not None:
+        identity = identity_scores([str(item.path) for item in decoded], image_embeds, fit,
+                                   torch.cat(dreamsim_embeds) if dreamsim_embeds else None)
     timing.images_per_second = n / timing.score_s if timing.score_s > 0 else None
     return ScoreReport(
         summary=summary, images=entries, skipped=[SkippedFile(file=str(s.path), reason=s.reason) for s in skipped],
-        warnings=warnings, complete=complete, timing=timing, kstory_version=kstory.__version__,
+        warnings=warnings, complete=complete, identity=identity, timing=timing, kstory_version=kstory.__version__,
     )
 
 

@@ -36,6 +36,10 @@ def render_table(report: ScoreReport) -> str:
         lines.append(f"mean {summary.mean:.4f}  min {summary.min:.4f}  over {summary.count} image(s)")
     if summary.clip_i_mean is not None or summary.clip_t_mean is not None:
         lines.append(f"coherence (CLIP-I) {_num(summary.clip_i_mean)}  prompt fit (CLIP-T) {_num(summary.clip_t_mean)}")
+    if report.identity is not None:
+        from kstory.scoring.identity import identity_line
+
+        lines.append(identity_line(report.identity))
     gate = f"gate: {summary.gate.upper()} (needs mean >= {summary.threshold:g})"
     if summary.missing_by:
         gate += f": the mean misses by {summary.missing_by:.4f}"

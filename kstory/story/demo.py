@@ -13,6 +13,7 @@ from kstory.core.atomic import write_bytes, write_text
 from kstory.story.manifest import png_bytes
 from kstory.story.samplers import DEFAULT_FOR_NEW_SPECS
 
+DEMO_SHARING = {"share": 0.5, "layers": ["up"], "start_step": 1, "identity_frames": [1, 2], "frames": [3, 4]}
 _FRAMES = (
     ("wakes up and stretches by the window at dawn", "arms_raised"),
     ("walks down a quiet village street", "walking"),
@@ -57,6 +58,8 @@ def make_demo_spec(
     Frames 1-7 use built-in poses through the "pose" ControlNet; frame 8 a
     canny guide through the "union" ControlNet, so both ControlNet kinds run.
     Frames 2, 3 and 5 take a drawn character reference through the tiny IP-Adapter (frame 5 at its own scale).
+    Frames 1-2 are identity frames of consistent attention and frames 3-4 read
+    their bank; 5-8 attend as usual (one batch, as without it).
     ``controlnets`` (name -> weights) is written into the spec when given.
     """
     path = Path(path)
@@ -85,7 +88,7 @@ def make_demo_spec(
             "reference": {"image": character.name, "adapter": "tiny", "frames": [2, 3], "scale": 0.5},
         },
         "defaults": {"width": size, "height": size, "steps": steps, "cfg_scale": 5.0, "sampler": DEFAULT_FOR_NEW_SPECS},
-        "generation": {"batch_size": 4},
+        "generation": {"batch_size": 4, "consistent_attention": DEMO_SHARING},
         "frames": frames,
     }
     if controlnets:

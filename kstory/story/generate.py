@@ -25,6 +25,7 @@ from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
 from kstory.core.memory import MemoryPlan, free_models
 from kstory.core.models import KolorsWeights
+from kstory.story.consistent_attention import AttentionBank, shared_attention
 from kstory.story.controlnets import ControlNetWeights, ControlUnit, GuidedControl, load, union_task
 from kstory.story.ip_adapter import IpAdapterWeights
 from kstory.story.references import ReferencePlan, References
@@ -265,18 +266,24 @@ class Session:
         return release == "always" or torch.cuda.mem_get_info()[0] < _FREE_MEMORY_FOR_TEXT_ENCODER
 
     @torch.no_grad()
-    def denoise(self, batch: list[FramePlan], start: StartLatents | None = None) -> list[Image.Image]:
+    def denoise(self, batch: list[FramePlan], start: StartLatents | None = None,
+                bank: AttentionBank | None = None) -> list[Image.Image]:
         """Generate one batch (same size, steps and sampler); returns one image per frame, in order."""
-        latents = self.denoise_latents(batch, start)
+        latents = self.denoise_latents(batch, start, bank)
         # One frame at a time: the VAE at full size is the memory peak, and frames stay independent.
         # DiffSynth's tiles are 64 latents (512 px): a smaller frame is one tile, decoded whole.
         tiled = self.tiled_vae and max(latents.shape[-2:]) > _VAE_TILE
         return [self.pipe.decode_image(latents[i : i + 1], tiled=tiled) for i in range(len(batch))]
 
     @torch.no_grad()
-    def denoise_latents(self, batch: list[FramePlan], start: StartLatents | None = None) -> torch.Tensor:
+    def denoise_latents(self, batch: list[FramePlan], start: StartLatents | None = None,
+                        bank: AttentionBank | None = None) -> torch.Tensor:
         """The batch's final latents. ``start`` begins from a picture's latents (img2img) and, with a mask,
-        keeps its latents outside the mask at every step, re-noised to that step (inpainting by blending)."""
+        keeps its latents outside the mask at every step, re-noised to that step (inpainting by blending).
+
+        ``bank``: consistent attention across frames (kstory.story.consistent_attention), written by identity
+        frames and read by the others; None leaves DiffSynth's attention untouched.
+        """
         pipe, first = self.pipe, batch[0]
         sampler = make_sampler(first.sampler, first.steps, start.strength if start else 1.0, self.device)
         shape = (1, 4, first.height // 8, first.width // 8)
@@ -295,22 +302,27 @@ class Session:
         units = self._units(batch)
         references = self.references.for_batch(batch, pipe.unet)
         size, count = 2 * len(batch), len(sampler.timesteps)
-        for step, timestep in enumerate(sampler.timesteps):
-            model_input = sampler.scale(torch.cat([latents, latents]), timestep)
-            extra = pipe.prepare_extra_input(model_input)
-            control = GuidedControl(units, step, count, copies=2)
-            noise_pred = lets_dance_xl(
-                pipe.unet, motion_modules=None, controlnet=control if control else None,
-                sample=model_input, timestep=timestep.unsqueeze(0).to(self.device), **extra, **prompt_emb,
-                controlnet_frames=control.frames().to(self.device, self.torch_dtype) if control else None,
-                ipadapter_kwargs_list=references.at(step, count) if references else {},
-                unet_batch_size=size, controlnet_batch_size=size, device=self.device,
-            )
-            noise_posi, noise_nega = noise_pred.chunk(2)
-            latents = sampler.step(noise_nega + cfg * (noise_posi - noise_nega), timestep, latents, generators)
-            if start is not None and start.keep is not None:
-                kept = start.source if step + 1 == count else sampler.noised(start.source, noise, sampler.timesteps[step + 1])
-                latents = start.keep * kept + (1 - start.keep) * latents
+        sharing = shared_attention(pipe.unet, bank, [(plan.index, plan.seed) for plan in batch])
+        try:
+            for step, timestep in enumerate(sampler.timesteps):
+                sharing.at_step(step)
+                model_input = sampler.scale(torch.cat([latents, latents]), timestep)
+                extra = pipe.prepare_extra_input(model_input)
+                control = GuidedControl(units, step, count, copies=2)
+                noise_pred = lets_dance_xl(
+                    pipe.unet, motion_modules=None, controlnet=control if control else None,
+                    sample=model_input, timestep=timestep.unsqueeze(0).to(self.device), **extra, **prompt_emb,
+                    controlnet_frames=control.frames().to(self.device, self.torch_dtype) if control else None,
+                    ipadapter_kwargs_list=references.at(step, count) if references else {},
+                    unet_batch_size=size, controlnet_batch_size=size, device=self.device,
+                )
+                noise_posi, noise_nega = noise_pred.chunk(2)
+                latents = sampler.step(noise_nega + cfg * (noise_posi - noise_nega), timestep, latents, generators)
+                if start is not None and start.keep is not None:
+                    kept = start.source if step + 1 == count else sampler.noised(start.source, noise, sampler.timesteps[step + 1])
+                    latents = start.keep * kept + (1 - start.keep) * latents
+        finally:
+            sharing.remove()
         return latents
 
     def _units(self, batch: list[FramePlan]) -> list[ControlUnit]:
@@ -335,12 +347,16 @@ class Session:
             units.append(ControlUnit(model, processor, torch.stack(images), scales, starts, ends))
         return units
 
-    def generate(self, groups: list[list[FramePlan]]) -> Iterator[tuple[list[FramePlan], list[Image.Image], float]]:
-        """Yield (batch, images, seconds) batch by batch; out-of-memory becomes a KstoryError naming the knobs."""
+    def generate(self, groups: list[list[FramePlan]], bank: AttentionBank | None = None,
+                 ) -> Iterator[tuple[list[FramePlan], list[Image.Image], float]]:
+        """Yield (batch, images, seconds) batch by batch; out-of-memory becomes a KstoryError naming the knobs.
+
+        ``bank`` is shared by the batches: identity frames' batches come first and fill it.
+        """
         for batch in groups:
             started = time.perf_counter()
             try:
-                images = self.denoise(batch)
+                images = self.denoise(batch, bank=bank)
             except torch.cuda.OutOfMemoryError as error:
                 raise KstoryError(_oom_message(batch, error), fix=_OOM_FIX) from error
             except RuntimeError as error:

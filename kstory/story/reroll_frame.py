@@ -21,6 +21,7 @@ from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
 from kstory.core.models import resolve_model
 from kstory.core.seeds import SEED_LIMIT
+from kstory.story.consistent_attention import SharingSettings, bank_batches
 from kstory.story.controlnets import identify
 from kstory.story.generate import SAMPLER, FramePlan, GuidePlan, Session, recorded_memory
 from kstory.core.hashing import sha256_file
@@ -142,6 +143,9 @@ def reroll(
     companions = [i for i in record.get("batch", [frame]) if str(i) in records]
     plans = [_plan_from_record(out_dir, i, records[str(i)]) for i in companions]
     target = next(plan for plan in plans if plan.index == frame)
+    sharing = SharingSettings.from_record(record["consistent_attention"]) if record.get("consistent_attention") else None
+    bank = bank_batches(frame, sharing, records, out_dir)
+    groups = [[_plan_from_record(out_dir, i, records[str(i)]) for i in batch] for batch in bank] + [plans]
     if seed is not None:
         target.seed = seed
     if prompt is not None:
@@ -150,12 +154,13 @@ def reroll(
         target.prompt = spec.prompt(frame, manifest.get("trigger_word", ""))
 
     adapter = find_recorded_adapter(manifest.get("ip_adapter"), ip_adapter, cache_dir)
-    load_session = recorded_session(out_dir, manifest, plans, controlnets, cache_dir, adapter)
+    load_session = recorded_session(out_dir, manifest, [p for batch in groups for p in batch], controlnets, cache_dir,
+                                    adapter)
 
-    spec_value = {i: spec_values(records[str(i)]) for i in companions}
+    spec_value = {plan.index: spec_values(records[str(plan.index)]) for batch in groups for plan in batch}
     origin = {frame: "reroll" if (target.seed, target.frame_prompt) != spec_value[frame] else "spec"}
     known = {int(k): r.get("key", "") for k, r in records.items()}
-    work = frame_work([plans], manifest["setup_id"], origin, spec_value, adapter, known)
+    work = frame_work(groups, manifest["setup_id"], origin, spec_value, adapter, known, sharing)
     sources = {((r.get("ip_adapter") or {}).get("reference") or {}).get("frame") for r in records.values()}
     if frame in sources:
         log.warning("frame %d is the character reference: the frames that use it keep the old picture until "
@@ -168,5 +173,5 @@ def reroll(
             build.take(out_dir, int(key), other, new)
 
     log.info("re-rolling frame %d with seed %d (batch %s)", frame, target.seed, companions)
-    return build_story(build, new, [plans], {frame}, work, load_session=load_session, spec_text=spec_text,
-                       release=spec.generation.release_text_encoder, device=manifest["device"])
+    return build_story(build, new, groups, {frame}, work, load_session=load_session, spec_text=spec_text,
+                       release=spec.generation.release_text_encoder, device=manifest["device"], sharing=sharing)

@@ -28,6 +28,7 @@ from kstory.story.generate import (SAMPLER, FramePlan, GuidePlan, Session, batch
                                    text_encoder_dtype)
 from kstory.story.guides.render import render_guide
 from kstory.story.build import StoryBuild, plan_key
+from kstory.story.consistent_attention import AttentionBank, SharingSettings, sharing_key, split_by_role, with_bank
 from kstory.story.manifest import FORMAT, frame_name, package_versions, png_bytes, read_manifest, save_png, sha256_bytes
 from kstory.story.reference_records import adapter_record, frame_entry, keyed, reference_plans, resolve_ip_adapter
 from kstory.story.references import waves
@@ -135,11 +136,6 @@ def plan_frames(spec: StorySpec, indices: list[int], spec_dir: Path, trigger_wor
     for plan in plans:
         plan.reference = references.get(plan.index)
     return plans
-
-
-def story_batches(plans: list[FramePlan], batch_size: int) -> list[list[FramePlan]]:
-    """``batches`` per wave: frames that use a frame reference come after the frame they use."""
-    return [batch for wave in waves(plans) for batch in batches(wave, batch_size)]
 
 
 def setup_record(
@@ -292,32 +288,51 @@ class FrameWork:
 
 def frame_work(groups: list[list[FramePlan]], setup: str, origin: Mapping[int, str],
                spec_value: Mapping[int, tuple[int, str]], adapter: Any = None,
-               known_keys: Mapping[int, str] | None = None) -> dict[int, FrameWork]:
+               known_keys: Mapping[int, str] | None = None, sharing: SharingSettings | None = None,
+               ) -> dict[int, FrameWork]:
     """Key and record extras of every planned frame (guide images encoded once).
 
-    A frame that uses a frame reference keys on that frame's key (from ``groups`` or ``known_keys``)."""
-    work: dict[int, FrameWork] = {}
-    keys = dict(known_keys or {})
+    A frame that uses a frame reference keys on that frame's key (from ``groups`` or ``known_keys``). With
+    consistent attention a sharing frame's key also covers the settings and the identity frames' keys, and its
+    record says so (``consistent_attention``); ``groups`` must then hold the identity batches.
+    """
+    base, pngs_of = {}, {}
     for batch in groups:
         members = [plan.index for plan in batch]
         for plan in batch:
-            pngs = [png_bytes(g.image) for g in plan.guides]
-            key = keyed(plan_key(plan, members, setup, plan.sampler, [sha256_bytes(data) for data in pngs]), plan,
-                        keys, adapter)
+            pngs_of[plan.index] = [png_bytes(g.image) for g in plan.guides]
+            base[plan.index] = plan_key(plan, members, setup, plan.sampler,
+                                        [sha256_bytes(d) for d in pngs_of[plan.index]])
+    identity_keys = {i: base[i] for i in (sharing.identity_frames if sharing else ()) if i in base}
+    work: dict[int, FrameWork] = {}
+    keys = dict(known_keys or {})
+    for batch in groups:
+        for plan in batch:
+            key = keyed(sharing_key(base[plan.index], plan.index, sharing, identity_keys), plan, keys, adapter)
             seed, prompt = spec_value[plan.index]
             extra = {"key": key, "origin": origin.get(plan.index, "spec"), "spec_seed": seed,
                      "spec_frame_prompt": prompt}
+            if sharing is not None and sharing.role(plan.index):
+                extra["consistent_attention"] = sharing.record(plan.index)
             if plan.repairs:  # the generated frame's key stays as base_key; the key covers the repairs too
                 extra.update(key=repaired_key(key, plan.repairs), base_key=key)
                 key = extra["key"]
             keys[plan.index] = key  # what a frame that uses this one as its reference keys on
-            work[plan.index] = FrameWork(plan, key, extra, pngs)
+            work[plan.index] = FrameWork(plan, key, extra, pngs_of[plan.index])
     return work
+
+
+def story_batches(plans: list[FramePlan], batch_size: int,
+                  sharing: SharingSettings | None = None) -> list[list[FramePlan]]:
+    """The batches of a story, in the order they must run: with consistent attention the identity frames' batches
+    first (they fill the bank); within that, frames that use a frame reference after the frame they use."""
+    return [batch for part in split_by_role(plans, sharing) for wave in waves(part) for batch in batches(wave, batch_size)]
 
 
 def run_plans(
     out_dir: Path, groups: list[list[FramePlan]], keep: set[int], *, session: Session, manifest: dict[str, Any],
     earlier: dict[str, Any], release: str, work: Mapping[int, FrameWork], save: Callable[[dict[str, Any]], None],
+    sharing: SharingSettings | None = None,
 ) -> tuple[list[int], float, int | None]:
     """Generate the batches ``groups`` into ``out_dir``, writing only frames in ``keep``.
 
@@ -346,7 +361,8 @@ def run_plans(
     session.references.encode(plans)  # the image encoder's phase, before the UNet loads
     session.references.frame_file = lambda index: out_dir / "frames" / f"{frame_name(index)}.png"
     generated, seconds = [], 0.0
-    for batch, images, batch_seconds in session.generate(groups):
+    bank = AttentionBank(sharing) if sharing is not None else None
+    for batch, images, batch_seconds in session.generate(groups, bank):
         seconds += batch_seconds
         members = [plan.index for plan in batch]
         for plan, image in zip(batch, images):
@@ -392,6 +408,7 @@ def result_of(out_dir: Path, manifest: dict[str, Any], generated: list[int], sec
 def build_story(
     build: StoryBuild, manifest: dict[str, Any], groups: list[list[FramePlan]], wanted: set[int],
     work: Mapping[int, FrameWork], *, load_session: Callable[[], Session], spec_text: str, release: str, device: str,
+    sharing: SharingSettings | None = None,
 ) -> StoryResult:
     """Make the frames ``wanted`` in ``build``'s staging folder (reusing unchanged ones) and swap it in.
 
@@ -414,10 +431,11 @@ def build_story(
     generated, seconds, peak = [], 0.0, None
     if to_make:
         session = load_session()
-        groups = [batch for batch in groups if any(plan.index in to_make for plan in batch)]
+        groups = with_bank(groups, to_make, sharing)
         earlier = dict((build.current or {}).get("frames", {}))
         generated, seconds, peak = run_plans(build.staging, groups, to_make, session=session, manifest=manifest,
-                                             earlier=earlier, release=release, work=work, save=build.save)
+                                             earlier=earlier, release=release, work=work, save=build.save,
+                                             sharing=sharing)
     text = derive_spec_text(spec_text, manifest)
     build.finish(manifest, lambda folder: write_text(folder / SPEC_COPY, text))
     return result_of(build.out_dir, manifest, generated, seconds, peak, device)
@@ -482,9 +500,12 @@ def generate_story(
         origin = {index: "reroll" for index in carried}
         if carried:
             log.info("keeping the re-rolled seed or prompt of frame(s) %s", ", ".join(map(str, carried)))
-    groups = story_batches(plans, spec.generation.batch_size)
+    sharing = SharingSettings.from_spec(spec)
+    if frames and sharing is not None:
+        indices = readers_too(indices, sharing)
+    groups = story_batches(plans, spec.generation.batch_size, sharing)
     if frames:
-        groups = [batch for batch in groups if any(plan.index in indices for plan in batch)]
+        groups = with_bank(groups, set(indices), sharing)
     needed = {guide.controlnet for batch in groups for plan in batch for guide in plan.guides}
     controlnet_weights = resolve_controlnets(spec, spec_path.parent, controlnets, needed)
     device = device or default_device()
@@ -495,9 +516,9 @@ def generate_story(
     log.info("%s", describe(memory_plan, "story"))
     batch_size = min(spec.generation.batch_size, memory_plan.max_batch or spec.generation.batch_size)
     if batch_size < spec.generation.batch_size:  # smaller batches may need fewer ControlNets
-        groups = story_batches(plans, batch_size)
+        groups = story_batches(plans, batch_size, sharing)
         if frames:
-            groups = [batch for batch in groups if any(plan.index in indices for plan in batch)]
+            groups = with_bank(groups, set(indices), sharing)
         needed = {guide.controlnet for batch in groups for plan in batch for guide in plan.guides}
         controlnet_weights = {name: cn for name, cn in controlnet_weights.items() if name in needed}
     torch_dtype = torch_dtype or default_dtype(device, memory_plan)
@@ -514,9 +535,9 @@ def generate_story(
                 path=out_dir, fix="regenerate all frames (leave out the frame selection) or use another folder",
             )
     known = {int(k): r.get("key", "") for k, r in (current or {}).get("frames", {}).items()}
-    work = frame_work(groups, manifest["setup_id"], origin, from_spec, adapter, known)
+    work = frame_work(groups, manifest["setup_id"], origin, from_spec, adapter, known, sharing)
     if attach_repairs(plans, repairs or {}, current if frames is None else None, work, out_dir):
-        work = frame_work(groups, manifest["setup_id"], origin, from_spec, adapter, known)
+        work = frame_work(groups, manifest["setup_id"], origin, from_spec, adapter, known, sharing)
     build = StoryBuild(out_dir, current)
     build.open()
     if current is not None and frames:
@@ -531,4 +552,15 @@ def generate_story(
 
     return build_story(build, manifest, groups, set(indices), work, load_session=load_session,
                        spec_text=spec_bytes.decode("utf-8"), release=spec.generation.release_text_encoder,
-                       device=device)
+                       device=device, sharing=sharing)
+
+
+def readers_too(indices: list[int], sharing: SharingSettings) -> list[int]:
+    """A partial run that remakes an identity frame remakes the frames reading its bank too."""
+    if not any(sharing.role(i) == "identity" for i in indices):
+        return indices
+    added = sorted(set(sharing.identity_frames + sharing.readers) - set(indices))
+    if added:
+        log.info("frame(s) %s share attention with the identity frames being made, so they are made too",
+                 ", ".join(map(str, added)))
+    return sorted(set(indices) | set(added))

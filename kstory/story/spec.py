@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from kstory.core.errors import KstoryError
 from kstory.core.seeds import Seed
 from kstory.core.yamlio import load_yaml, validate
+from kstory.story.consistent_spec import ConsistentAttention, check_consistent_attention
 from kstory.story.guides.pose_library import pose_names
 from kstory.story.samplers import LEGACY, SAMPLERS
 
@@ -77,12 +78,14 @@ class Defaults(FrameSettings):
 
 
 class Generation(_Strict):
-    """How frames are run; none of this changes what a frame looks like except ``batch_size`` (see docs/story.md)."""
+    """How frames are run; of this only ``batch_size`` and ``consistent_attention`` change a frame (docs/story.md)."""
 
     batch_size: int = Field(default=4, ge=1, le=64, description="Frames of one size denoised together.")
     release_text_encoder: Literal["auto", "always", "never"] = Field(
         default="auto", description="Move the text encoder off the GPU after encoding ('auto': when memory is short)."
     )
+    consistent_attention: ConsistentAttention | None = Field(
+        default=None, description="Frames attend to the identity frames' tokens (StoryDiffusion); none: off.")
 
 
 class Person(_Strict):
@@ -227,6 +230,7 @@ def load_spec(path: Path) -> StorySpec:
     spec = validate(StorySpec, data, marks, path)
     _check_keypoints(spec, marks, path)
     _check_reference(spec, marks, path)
+    check_consistent_attention(spec, marks, path)
     return spec
 
 
