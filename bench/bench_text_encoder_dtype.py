@@ -85,7 +85,7 @@ def main() -> None:
         reference, reference_bytes = encode(weights, torch.float16, "none")
         label = f"random ChatGLM, 4096 wide, {args.full_width_layers} layers" if args.full_width_layers else weights.identity
         print(f"text encoder: {label}; reference fp16, linear weights {reference_bytes / 1e6:.1f} MB")
-        print(f"| option | worst cosine | max abs error | max abs value | linear weights vs fp16 |")
+        print("| option | worst cosine | max abs error | max abs value | linear weights vs fp16 |")
         print("| --- | --- | --- | --- | --- |")
         for name, dtype, quant in OPTIONS:
             test, size = encode(weights, dtype, quant)
