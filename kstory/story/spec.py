@@ -55,6 +55,10 @@ class Generation(_Strict):
     release_text_encoder: Literal["auto", "always", "never"] = Field(
         default="auto", description="Move the text encoder off the GPU after encoding ('auto': when memory is short)."
     )
+    candidates: int = Field(
+        default=1, ge=0, le=256,
+        description="Seeds tried per frame by `kstory search` (best-of-N, docs/story.md); 1: the spec's seeds only.",
+    )
 
 
 class Person(_Strict):
