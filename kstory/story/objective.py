@@ -135,7 +135,7 @@ def _best_by_aesthetic(options: Sequence[Candidate], goal: Goal) -> Candidate:
 
 
 def _ascend(start: dict[int, Candidate], candidates: Mapping[int, Sequence[Candidate]], goal: Goal,
-            passes: int = 10) -> dict[int, Candidate]:
+            passes: int = 4) -> dict[int, Candidate]:
     """Coordinate ascent on ``rank_key``: change one frame at a time while the set gets better."""
     picks, best = dict(start), rank_key(start, goal)
     for _ in range(passes):
@@ -153,6 +153,27 @@ def _ascend(start: dict[int, Candidate], candidates: Mapping[int, Sequence[Candi
     return picks
 
 
+def _anchored(anchor: Candidate, candidates: Mapping[int, Sequence[Candidate]], goal: Goal) -> dict[int, Candidate]:
+    """A start built around ``anchor``: every other frame takes its candidate most like it (on the floor)."""
+    own = np.asarray(anchor.embedding, dtype=np.float64)
+    picks = {}
+    for frame, options in candidates.items():
+        if frame == anchor.frame:
+            picks[frame] = anchor
+            continue
+        eligible = [c for c in options if goal.fits_prompt(c) and c.embedding is not None] or list(options)
+        picks[frame] = max(enumerate(eligible), key=lambda item: (
+            _cosine(own, item[1].embedding), item[1].aesthetic, -item[0]))[1]
+    return picks
+
+
+def _cosine(a: np.ndarray, b: np.ndarray | None) -> float:
+    if b is None:
+        return -2.0
+    b = np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 def select(candidates: Mapping[int, Sequence[Candidate]], goal: Goal,
            start: Mapping[int, Candidate] | None = None) -> Selection:
     """The best set found among ``candidates`` (frame -> its candidates, in a fixed order).
@@ -166,6 +187,9 @@ def select(candidates: Mapping[int, Sequence[Candidate]], goal: Goal,
     starts = [{f: _best_by_aesthetic(options, goal) for f, options in candidates.items()}]
     if start is not None and set(start) == set(candidates):
         starts.append(dict(start))
+    if rank_key(starts[0], goal)[0] == 1.0:  # the goal can be met: look for the most alike sets too
+        starts += [_anchored(anchor, candidates, goal) for options in candidates.values() for anchor in options
+                   if anchor.embedding is not None]
     results = [_ascend(s, candidates, goal) for s in starts]
     best = max(enumerate(results), key=lambda item: (rank_key(item[1], goal), -item[0]))[1]
     return evaluate(best, goal)
