@@ -191,3 +191,25 @@ def test_missing_scorer_weights_fail_before_rendering(base, tmp_path):
         load_in_memory_scorer(tmp_path / "no-predictor")
     assert main(["search", str(run), "--aesthetic-model", str(tmp_path / "no-predictor")]) == 2
     assert not (run / "candidates").exists()
+
+
+@pytest.mark.slow
+def test_search_then_score_package_verify_ships_the_candidates_and_regenerates_the_picks(tmp_path):
+    from test_submissions_package import SUFFIX, TEAM, make_quick_run
+
+    from kstory.cli import main
+    from kstory.submissions import verify_package
+
+    run = make_quick_run(tmp_path / "run")
+    assert main(["search", str(run), "--aesthetic-model", "tiny", "--candidates", "2", "--margin", "50"]) == 3
+    picked = manifest_of(run)["frames"]
+    assert all(len(f["search"]["candidates"]) == 2 for f in picked.values())
+    assert main(["score", str(run), "--aesthetic-model", "tiny"]) in (0, 3)
+    assert main(["package", str(run), "--team", TEAM, "--suffix", SUFFIX, "--allow-failed-gate",
+                 "--allow-test-model"]) == 0
+    shipped = json.loads((run / "submission" / "candidates.json").read_text(encoding="utf-8"))
+    assert shipped["frames"]["1"] == picked["1"]["search"] and shipped["search"]["candidates"] == 2
+    assert (run / "submission" / "candidates.png").is_file()
+    report = verify_package(run / "submission", model="tiny")
+    assert report.verdict == "identical", report.render()
+    assert len(report.frames) == 8  # the picks only, not the candidates
