@@ -101,7 +101,7 @@ def test_readme_use_block_runs_on_the_tiny_preset(tmp_path: Path, monkeypatch: p
             _run_config(tmp_path)
         status = main(args)
         out = capsys.readouterr()
-        expected = {"score": (0, 3)}.get(command, (0,))  # score: the gate on random scores
+        expected = {"score": (0, 3), "search": (0, 3)}.get(command, (0,))  # the gate on random scores
         assert status in expected, f"kstory {' '.join(args)} -> {status}\n{out.out}\n{out.err}"
         ran.append(command)
         statuses[command] = status
@@ -111,7 +111,7 @@ def test_readme_use_block_runs_on_the_tiny_preset(tmp_path: Path, monkeypatch: p
         if command == "score":  # `kstory score RUN`: the manifest's 8 frames with their prompts, into RUN/scores.json
             scores = json.loads((tmp_path / "runs" / "mine" / "scores.json").read_text(encoding="utf-8"))
             assert len(scores["images"]) == 8 and all(image["prompt"] for image in scores["images"])
-    assert ran == ["demo", "prep", "train", "story", "reroll", "score", "package", "verify", "upload", "run",
+    assert ran == ["demo", "prep", "train", "story", "reroll", "search", "score", "package", "verify", "upload", "run",
                    "status", "doctor"]
     run = tmp_path / "runs" / "mine"
     log = (run / "kstory.log").read_text(encoding="utf-8")

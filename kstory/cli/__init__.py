@@ -246,6 +246,12 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from kstory.cli.search import run_search
+
+    return run_search(args)
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from kstory.scoring import exit_status, load_prompts, render_table, score_images
     from kstory.scoring.story_input import story_folder, story_frames
@@ -543,6 +549,19 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     inpaint.set_defaults(func=_cmd_inpaint)
 
+    search = commands.add_parser(
+        "search", parents=[common], help="best-of-N seeds per frame, scored; keeps the set that clears the gate best "
+        "(exit 0 goal met, 3 not)",
+        description="Render N candidate seeds per frame of an existing story (derived from each frame's seed; "
+        "locked frames untouched), score each (aesthetic, CLIP-T, identity) and pick the set that reaches the gate "
+        "plus a margin with every frame on the CLIP-T floor, most alike, then most aesthetic (docs/story.md). Stops "
+        "as soon as the goal is met; Ctrl-C keeps every finished candidate and the next run continues.",
+    )
+    from kstory.cli.search import add_search_arguments
+
+    add_search_arguments(search)
+    search.set_defaults(func=_cmd_search)
+
     score = commands.add_parser(
         "score", parents=[common], help="the challenge's aesthetic gate (exit 0 pass, 3 fail), plus coherence and prompt fit",
         description="Score images with the organisers' aesthetic predictor (same numbers, batched), CLIP-T against "
@@ -679,6 +698,10 @@ def _written_run(args: argparse.Namespace) -> Path | None:
         return story.parent if story is not None else None
     if args.command in ("verify", "upload"):
         return run_folder_for(Path(args.submission))  # RUN/submission: verify.json, the run's log
+    if args.command == "search":
+        from kstory.submissions.search import story_dir_of
+
+        return run_folder_for(story_dir_of(Path(args.run)))
     output = {"prep": "out", "train": "out", "story": "out", "reroll": "story", "score": "out"}.get(args.command)
     value = getattr(args, output, None) if output else None
     return run_folder_for(value) if value else None

@@ -25,7 +25,8 @@ from kstory.story.masks import DEFAULT_THRESHOLD, read_mask
 from kstory.story.reference_records import find_recorded_adapter
 from kstory.story.repair import (KINDS, REPAIRS_DIR, Repair, SourceEncoder, apply_repair, check_strength,
                                  load_picture, repair_plan, repaired_key)
-from kstory.story.reroll_frame import _plan_from_record, recorded_session
+from kstory.story.recorded_setup import recorded_session
+from kstory.story.reroll_frame import plan_from_record
 from kstory.story.run import StoryResult, result_of
 from kstory.story.samplers import check_sampler
 from kstory.story.spec import load_spec
@@ -64,7 +65,7 @@ def repair_frame(
         raise KstoryError(f"frame {frame} is not in this story (frames: {', '.join(records)})", path=out_dir,
                           fix="pick one of the listed frames")
     record = records[str(frame)]
-    plan = _plan_from_record(out_dir, frame, record)
+    plan = plan_from_record(out_dir, frame, record)
     picture = load_picture(out_dir / record["file"], f"frame {frame}", record["sha256"])
     earlier = [Repair.from_record(r, out_dir) for r in record.get("repairs", [])]
     last = earlier[-1] if earlier else None
@@ -105,7 +106,8 @@ def repair_frame(
 
     # A frame made with the character reference is repaired with it too.
     adapter = find_recorded_adapter(manifest.get("ip_adapter"), None, cache_dir) if plan.reference else None
-    load_session = recorded_session(out_dir, manifest, [plan], controlnets, cache_dir, adapter)
+    load_session = recorded_session(out_dir, manifest, {guide.controlnet for guide in plan.guides},
+                                    controlnets=controlnets, cache_dir=cache_dir, ip_adapter=adapter)
     new = {**manifest, "frames": {}}
     build = StoryBuild(out_dir, manifest)
     build.open()

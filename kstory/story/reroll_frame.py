@@ -10,24 +10,20 @@ manifest entry keeps the history of every seed tried.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
-from kstory.core.models import resolve_model
 from kstory.core.seeds import SEED_LIMIT
 from kstory.story.consistent_attention import SharingSettings, bank_batches
-from kstory.story.controlnets import identify
-from kstory.story.generate import SAMPLER, FramePlan, GuidePlan, Session, recorded_memory
-from kstory.core.hashing import sha256_file
+from kstory.story.generate import SAMPLER, FramePlan, GuidePlan
 from kstory.story.manifest import read_manifest
 from kstory.story.build import StoryBuild
-from kstory.story.review import FINAL_LORA, checkpoint_lora
+from kstory.story.recorded_setup import recorded_session, verified
 from kstory.story.run import StoryResult, build_story, frame_work, spec_values
 from kstory.story.spec_copy import SPEC_COPY
 from kstory.story.reference_records import find_recorded_adapter, plan_from_entry
@@ -36,17 +32,10 @@ from kstory.story.spec import load_spec
 log = get_logger("story")
 
 
-def _verified(path: Path, sha256: str, what: str) -> Path:
-    if not path.is_file() or sha256_file(path) != sha256:
-        raise KstoryError(f"{what} changed or is missing since the story was generated", path=path,
-                          fix="restore it, or generate the whole story again")
-    return path
-
-
-def _plan_from_record(out_dir: Path, index: int, record: dict[str, Any]) -> FramePlan:
+def plan_from_record(out_dir: Path, index: int, record: dict[str, Any]) -> FramePlan:
     guides = []
     for g in record["guides"]:
-        with Image.open(_verified(out_dir / g["file"], g["sha256"], "guide image")) as handle:
+        with Image.open(verified(out_dir / g["file"], g["sha256"], "guide image")) as handle:
             image = handle.convert("RGB")
         guides.append(GuidePlan(kind=g["kind"], task=g["task"], controlnet=g["controlnet"], scale=g["scale"],
                                 start=g["start"], end=g["end"], image=image, file=g["file"], source=g["source"],
@@ -56,50 +45,6 @@ def _plan_from_record(out_dir: Path, index: int, record: dict[str, Any]) -> Fram
                      height=record["height"], steps=record["steps"], cfg_scale=record["cfg_scale"], guides=guides,
                      sampler=record.get("sampler", SAMPLER),
                      reference=plan_from_entry(record["ip_adapter"], out_dir) if record.get("ip_adapter") else None)
-
-
-def _lora_file(out_dir: Path, lora: dict[str, Any]) -> Path:
-    """The LoRA the story was made with: at its recorded path, or in the run's lora/ folder after a move
-    (``lora/checkpoints/<name>/`` when the manifest names the picked checkpoint)."""
-    recorded = Path(lora["path"])
-    lora_dir = Path(out_dir).resolve().parent / "lora"
-    moved = checkpoint_lora(lora_dir, lora["checkpoint"]) if lora.get("checkpoint") else lora_dir / FINAL_LORA
-    for candidate in (recorded, moved):
-        if candidate.is_file() and sha256_file(candidate) == lora["sha256"]:
-            return candidate
-    return _verified(recorded, lora["sha256"], "LoRA")
-
-
-def recorded_session(out_dir: Path, manifest: dict[str, Any], plans: list[FramePlan],
-                     controlnets: Mapping[str, Path] | None, cache_dir: Path | None,
-                     ip_adapter: Any = None) -> Callable[[], Session]:
-    """A loader of the session the story was made with: weights, LoRA and ControlNets checked by hash, the
-    recorded device, dtype and memory profile (bad ones refused before anything loads)."""
-    weights = resolve_model(manifest["model"]["spec"], cache_dir)
-    if weights.fingerprint != manifest["model"]["fingerprint"]:
-        raise KstoryError(f"the base model {manifest['model']['spec']!r} changed since the story was generated",
-                          path=weights.root, fix="restore those weights, or generate the whole story again")
-    lora = manifest["lora"]
-    lora_path = _lora_file(out_dir, lora) if lora else None
-    paths = {name: Path(cn["path"]) for name, cn in manifest["controlnets"].items()}
-    paths.update({name: Path(p) for name, p in (controlnets or {}).items()})
-    needed = {guide.controlnet for plan in plans for guide in plan.guides}
-    found = {name: identify(name, paths[name]) for name in sorted(needed)}
-    for name, cn in found.items():
-        if cn.sha256 != manifest["controlnets"][name]["sha256"]:
-            raise KstoryError(f"ControlNet {name!r} is not the one the story was generated with", path=cn.path,
-                              fix="point at the original weights (--controlnet NAME=PATH)")
-    device = manifest["device"]
-    if device == "cuda" and not torch.cuda.is_available():
-        raise KstoryError("this story was generated on a GPU; re-rolling on the CPU would not match its frames",
-                          path=out_dir, fix="re-roll on a machine with a GPU, or generate the whole story again")
-
-    def load_session() -> Session:
-        return Session.load(weights, lora=lora_path, lora_scale=lora["scale"] if lora else None, controlnets=found,
-                            device=device, torch_dtype=getattr(torch, manifest["dtype"]), memory=recorded_memory(manifest),
-                            ip_adapter=ip_adapter)
-
-    return load_session
 
 
 def reroll(
@@ -141,11 +86,11 @@ def reroll(
     spec = load_spec(out_dir / SPEC_COPY)
 
     companions = [i for i in record.get("batch", [frame]) if str(i) in records]
-    plans = [_plan_from_record(out_dir, i, records[str(i)]) for i in companions]
+    plans = [plan_from_record(out_dir, i, records[str(i)]) for i in companions]
     target = next(plan for plan in plans if plan.index == frame)
     sharing = SharingSettings.from_record(record["consistent_attention"]) if record.get("consistent_attention") else None
     bank = bank_batches(frame, sharing, records, out_dir)
-    groups = [[_plan_from_record(out_dir, i, records[str(i)]) for i in batch] for batch in bank] + [plans]
+    groups = [[plan_from_record(out_dir, i, records[str(i)]) for i in batch] for batch in bank] + [plans]
     if seed is not None:
         target.seed = seed
     if prompt is not None:
@@ -154,8 +99,9 @@ def reroll(
         target.prompt = spec.prompt(frame, manifest.get("trigger_word", ""))
 
     adapter = find_recorded_adapter(manifest.get("ip_adapter"), ip_adapter, cache_dir)
-    load_session = recorded_session(out_dir, manifest, [p for batch in groups for p in batch], controlnets, cache_dir,
-                                    adapter)
+    needed = {guide.controlnet for batch in groups for plan in batch for guide in plan.guides}
+    load_session = recorded_session(out_dir, manifest, needed, controlnets=controlnets, cache_dir=cache_dir,
+                                    ip_adapter=adapter)
 
     spec_value = {plan.index: spec_values(records[str(plan.index)]) for batch in groups for plan in batch}
     origin = {frame: "reroll" if (target.seed, target.frame_prompt) != spec_value[frame] else "spec"}

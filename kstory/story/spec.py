@@ -86,6 +86,10 @@ class Generation(_Strict):
     )
     consistent_attention: ConsistentAttention | None = Field(
         default=None, description="Frames attend to the identity frames' tokens (StoryDiffusion); none: off.")
+    candidates: int = Field(
+        default=1, ge=0, le=256,
+        description="Seeds tried per frame by `kstory search` (best-of-N, docs/story.md); 1: the spec's seeds only.",
+    )
 
 
 class Person(_Strict):

@@ -365,6 +365,7 @@ def build_package(
     renumbered 1..N; the locked ones are recorded in ``kstory_package.json``.
     """
     from kstory.submissions.lora_export import FILE_NAMES, export_lora
+    from kstory.submissions.candidates_export import export_candidates
 
     run_dir = Path(run_dir).resolve()
     name = model_name(team, suffix)
@@ -420,6 +421,7 @@ def build_package(
         copy_file(story / "story.yaml", staging / "story.yaml")
         write_json(staging / "manifest.json", shipped)
         write_json(staging / "scores.json", shipped_scores)
+        export_candidates(story, manifest, staging)  # the best-of-N search's record, when there was one
         write_text(staging / "README.md", _readme(
             name, description=description, trigger=trigger, training=training, manifest=shipped,
             scores=shipped_scores, strength=strength, license_id=license_id, origin=origin))

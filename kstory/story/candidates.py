@@ -1,0 +1,191 @@
+"""Candidate frames for the best-of-N search: rendered in the story's own batches and kept as they finish.
+
+A frame's last bits depend on how many frames share its batch (docs/story.md),
+so a *round* of candidates runs every batch of the story exactly as the story
+did, each frame with one of its candidate seeds. A candidate is then bit for
+bit the frame a full story run with that seed makes, and picking it needs no
+second render: ``kstory verify`` regenerates the picks from the manifest alone.
+
+A preview round runs the same batches with fewer steps and/or smaller frames
+(guides resized to match); its pictures only rank the candidates.
+
+Every finished candidate is written at once (PNG, atomically) and listed in
+``candidates/index.json`` after each batch, keyed like a story frame (the hash of
+everything that decides its pixels), so an interrupted search resumes without
+rendering a finished candidate again.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from kstory.core.atomic import write_json
+from kstory.core.hashing import sha256_file
+from kstory.story.build import plan_key
+from kstory.story.generate import FramePlan, Session
+from kstory.story.manifest import frame_name, png_bytes, save_png, sha256_bytes
+
+FOLDER = "candidates"
+INDEX = "index.json"
+FORMAT = "kstory-candidates/1"
+FULL, PREVIEW = "full", "preview"
+
+
+def candidates_dir(story_dir: Path) -> Path:
+    """Where a story's candidates live: beside the story folder (``runs/<name>/candidates/``)."""
+    return Path(story_dir).resolve().parent / FOLDER
+
+
+@dataclass(frozen=True)
+class Quality:
+    """How a round renders: ``full`` is the story's own settings; a preview has fewer steps and/or smaller frames."""
+
+    name: str = FULL
+    steps: int | None = None  # None: the frame's own
+    scale: float = 1.0  # frame side multiplier, rounded to a multiple of 64 (at least 64)
+
+    def plan(self, plan: FramePlan) -> FramePlan:
+        """``plan`` at this quality (the full quality is the plan itself)."""
+        if self.name == FULL:
+            return plan
+        width, height = _side(plan.width, self.scale), _side(plan.height, self.scale)
+        out = copy.copy(plan)
+        out.steps = min(plan.steps, self.steps) if self.steps else plan.steps
+        out.width, out.height = width, height
+        out.guides = [copy.copy(g) for g in plan.guides]
+        for guide in out.guides:
+            if guide.image.size != (width, height):
+                guide.image = guide.image.resize((width, height), Image.BILINEAR)
+        return out
+
+
+def _side(pixels: int, scale: float) -> int:
+    return max(64, int(round(pixels * scale / 64)) * 64)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A candidate image that is on disk, with where it came from."""
+
+    frame: int
+    seed: int
+    quality: str
+    key: str
+    file: Path
+    sha256: str
+    seconds: float
+    image: Image.Image | None = None  # in memory when just rendered (the scorer reads it without decoding)
+
+
+class CandidateStore:
+    """``candidates/``: one PNG per candidate and ``index.json`` listing them, written as they finish."""
+
+    def __init__(self, folder: Path, setup_id: str):
+        self.folder = Path(folder)
+        self.setup_id = setup_id
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.extra: dict[str, Any] = {}
+        index = self.folder / INDEX
+        if index.is_file():
+            import json
+
+            try:
+                data = json.loads(index.read_text(encoding="utf-8"))
+            except ValueError:
+                data = {}
+            if data.get("format") == FORMAT and data.get("setup_id") == setup_id:
+                self.entries = {e["key"]: e for e in data.get("candidates", []) if "key" in e}
+                self.extra = {k: v for k, v in data.items() if k not in ("format", "setup_id", "candidates")}
+
+    def found(self, key: str) -> Rendered | None:
+        """A finished candidate with this key whose file is intact."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        path = self.folder / entry["file"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            return None
+        return Rendered(entry["frame"], entry["seed"], entry["quality"], key, path, entry["sha256"], entry["seconds"])
+
+    def add(self, plan: FramePlan, quality: str, key: str, image: Image.Image, seconds: float) -> Rendered:
+        """Write one candidate's PNG (atomically) and list it; ``save`` makes the listing durable."""
+        name = f"{frame_name(plan.index)}/{quality}-{plan.seed}.png"
+        digest = save_png(image, self.folder / name)
+        self.entries[key] = {"key": key, "frame": plan.index, "seed": plan.seed, "quality": quality,
+                             "width": plan.width, "height": plan.height, "steps": plan.steps, "file": name,
+                             "sha256": digest, "seconds": round(seconds, 3)}
+        return Rendered(plan.index, plan.seed, quality, key, self.folder / name, digest, seconds, image)
+
+    def record_scores(self, key: str, scores: Mapping[str, Any]) -> None:
+        self.entries[key].update(scores)
+
+    def save(self) -> None:
+        ordered = sorted(self.entries.values(), key=lambda e: (e["frame"], e["quality"], e["seed"]))
+        write_json(self.folder / INDEX, {"format": FORMAT, "setup_id": self.setup_id, **self.extra,
+                                         "candidates": ordered})
+
+
+def story_batches(plans: Mapping[int, FramePlan], records: Mapping[str, Any]) -> list[list[int]]:
+    """The story's batches (frame numbers, in order) as its manifest records them."""
+    seen: list[list[int]] = []
+    for key in sorted(records, key=int):
+        members = [int(i) for i in records[key].get("batch", [int(key)]) if int(i) in plans]
+        if members and members not in seen:
+            seen.append(members)
+    return seen
+
+
+def candidate_key(plan: FramePlan, members: list[int], setup_id: str, quality: str) -> str:
+    """Like a story frame's key (docs/story.md), plus the quality it was rendered at."""
+    guides = [sha256_bytes(png_bytes(g.image)) for g in plan.guides]
+    return plan_key(plan, members, setup_id, plan.sampler, guides) + ("" if quality == FULL else f"-{quality}")
+
+
+def render_round(
+    store: CandidateStore, plans: Mapping[int, FramePlan], story: list[list[int]], seeds: Mapping[int, int],
+    quality: Quality, session: Callable[[], Session], release: str = "auto",
+) -> Iterator[list[Rendered]]:
+    """Render one candidate seed per frame (``seeds``: frame -> seed) in the story's batches, batch by batch.
+
+    Frames not in ``seeds`` ride along with their current seed (their picture is not kept). Candidates
+    already in the store are not rendered again; a batch with nothing new is skipped. Yields the
+    candidates of each batch (found or new) once they are on disk; the caller saves the index.
+    """
+    for members in story:
+        wanted = [i for i in members if i in seeds]
+        if not wanted:
+            continue
+        batch = []
+        for index in members:
+            plan = copy.copy(plans[index])
+            if index in seeds:
+                plan.seed = seeds[index]
+            batch.append(quality.plan(plan))
+        keys = {plan.index: candidate_key(plan, members, store.setup_id, quality.name) for plan in batch}
+        found = {i: store.found(keys[i]) for i in wanted}
+        if all(found.values()):
+            yield [found[i] for i in wanted]  # type: ignore[misc]
+            continue
+        live = session()
+        live.encode(batch, release)
+        [(_, images, seconds)] = list(live.generate([batch]))  # one story batch: one size and step count
+        out = []
+        for plan, image in zip(batch, images):
+            if plan.index not in seeds:
+                continue
+            existing = found[plan.index]
+            out.append(existing or store.add(plan, quality.name, keys[plan.index], image, seconds / len(batch)))
+        yield out
+
+
+def timer() -> Callable[[], float]:
+    """Seconds since the call (for the search's time-to-goal)."""
+    start = time.perf_counter()
+    return lambda: time.perf_counter() - start
