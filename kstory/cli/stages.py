@@ -168,19 +168,25 @@ def _story_digest(config: RunConfig, run: RunDir) -> str:
     for name in ("memory", "text_encoder_device"):  # may change pixels; unset keeps older runs' digests
         if name in config.model_fields_set:
             settings[name] = getattr(config, name)
+    # The user's own LoRAs by content, scale, source and licence flag, in order (only when there are any).
+    loras = [{"content": path_digest(lora.path), "scale": lora.scale, "source": lora.source, "ship": lora.ship}
+             for lora in story.loras]
     return fingerprint("story", settings, controlnets, path_digest(spec), references,
-                       *([{"checkpoint": picked}] if picked else []))
+                       *([{"checkpoint": picked}] if picked else []), *([{"loras": loras}] if loras else []))
 
 
 def _story_run(config: RunConfig, run: RunDir) -> None:
     from kstory.story import generate_story
     from kstory.story.review import story_lora
 
+    from kstory.core.lora_stack import LoraRequest
+
     lora, checkpoint = story_lora(run.lora, run.story)  # the picked checkpoint's LoRA, else the final one
     generate_story(
         config.story.spec, run.story, model=config.model, lora=lora, lora_checkpoint=checkpoint,
         lora_scale=config.story.lora_scale, controlnets=controlnet_paths(config.story.controlnets, config.cache_dir),
         cache_dir=config.cache_dir, memory=config.memory, text_encoder_device=config.text_encoder_device,
+        loras=[LoraRequest(lora.path, lora.scale, lora.source, lora.ship) for lora in config.story.loras],
     )
 
 

@@ -35,6 +35,18 @@ class PrepSettings(Section):
     num_proc: int = Field(default=1, ge=1, description="Worker processes for Data-Juicer.")
 
 
+class LoraSetting(Section):
+    """One of the user's own LoRAs, stacked on the run's trained LoRA (docs/story.md, "Bringing LoRAs")."""
+
+    path: Path = Field(description="The LoRA file: kohya/ComfyUI, diffusers/peft or DiffSynth keys; safetensors, or "
+                       "a pickle that loads with weights_only.")
+    scale: float = Field(default=1.0, description="Its strength: 1.0 applies it as its alpha/rank says.")
+    source: str = Field(default="", description="Where it came from (a URL or hub id), recorded in the manifest "
+                        "and the model card.")
+    ship: bool = Field(default=False, description="Its licence lets you redistribute it: `kstory package` then "
+                       "includes the file; otherwise the package records it by name, sha256 and source only.")
+
+
 class StorySettings(Section):
     """Settings of the story stage (``kstory story``, docs/story.md)."""
 
@@ -44,6 +56,8 @@ class StorySettings(Section):
         default_factory=dict,
         description="ControlNet name -> weights path, or 'tiny' for the offline random ControlNet of that name.",
     )
+    loras: list[LoraSetting] = Field(default_factory=list, description="The user's own LoRAs, each with its scale, "
+                                     "stacked in order on the run's trained LoRA.")
 
 
 class ScoreSettings(Section):
@@ -137,4 +151,6 @@ def load_config(path: str | Path) -> RunConfig:
         data["story"].update(spec=_anchor(config.story.spec, base), controlnets={
             name: value if value == "tiny" else str(_anchor(Path(value), base))
             for name, value in config.story.controlnets.items()})
+        for lora in data["story"].get("loras", []):
+            lora["path"] = _anchor(Path(lora["path"]), base)
     return RunConfig.model_validate(data)  # validated again, never a bare copy

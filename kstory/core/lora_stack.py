@@ -225,3 +225,36 @@ def merge_loras(unet: torch.nn.Module, planned: Sequence[PlannedLora]) -> int:
             weight += delta.reshape(weight.shape).to(weight.dtype)
             changed += 1
     return changed
+
+
+def check_loras(requests: Sequence[LoraRequest], weights: Any, *, own_scale: float | None = None) -> list[PlannedLora]:
+    """:func:`plan_loras` against a weightless copy of ``weights``' UNet: wrong files fail before anything loads."""
+    return plan_loras(requests, unet_skeleton(weights), own_scale=own_scale) if requests else []
+
+
+def requests_from_records(records: Sequence[dict[str, Any]], candidates: Sequence[Path] = (),
+                          where: Path | None = None) -> list[LoraRequest]:
+    """The LoRAs a manifest recorded, each found by its sha256: among ``candidates`` first, then at its recorded path.
+
+    A file not found is a KstoryError naming it by name, hash and source, so the user can supply it.
+    """
+    from kstory.core.hashing import sha256_file
+
+    hashes: dict[str, Path] = {}
+    for path in candidates:
+        if Path(path).is_file():
+            hashes.setdefault(sha256_file(Path(path)), Path(path))
+    found = []
+    for record in records:
+        path = hashes.get(record["sha256"])
+        recorded = Path(record["path"])
+        if path is None and recorded.is_file() and sha256_file(recorded) == record["sha256"]:
+            path = recorded
+        if path is None:
+            source = f", from {record['source']}" if record.get("source") else ""
+            raise KstoryError(
+                f"the LoRA {record['file']} (sha256 {record['sha256'][:12]}{source}) the frames were made with is "
+                "not here", path=where,
+                fix=f"pass it with --lora PATH (it is found by its sha256 {record['sha256']})")
+        found.append(LoraRequest(path, float(record["scale"]), record.get("source", ""), bool(record.get("ship"))))
+    return found

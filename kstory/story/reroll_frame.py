@@ -119,6 +119,11 @@ def reroll(
                           path=weights.root, fix="restore those weights, or generate the whole story again")
     lora = manifest["lora"]
     lora_path = _lora_file(out_dir, lora) if lora else None
+    from kstory.core.lora_stack import check_loras, requests_from_records
+
+    own_scale = (1.0 if lora["scale"] is None else lora["scale"]) if lora else None
+    extra_loras = check_loras(requests_from_records(manifest.get("loras") or [], where=out_dir), weights,
+                              own_scale=own_scale)
     paths = {name: Path(cn["path"]) for name, cn in manifest["controlnets"].items()}
     paths.update({name: Path(p) for name, p in (controlnets or {}).items()})
     needed = {guide.controlnet for plan in plans for guide in plan.guides}
@@ -144,7 +149,8 @@ def reroll(
 
     def load_session() -> Session:
         return Session.load(weights, lora=lora_path, lora_scale=lora["scale"] if lora else None, controlnets=found,
-                            device=device, torch_dtype=getattr(torch, manifest["dtype"]), memory=recorded_memory(manifest))
+                            device=device, torch_dtype=getattr(torch, manifest["dtype"]), memory=recorded_memory(manifest),
+                            loras=extra_loras)
 
     log.info("re-rolling frame %d with seed %d (batch %s)", frame, target.seed, companions)
     return build_story(build, new, [plans], {frame}, work, load_session=load_session, spec_text=spec_text,
