@@ -70,7 +70,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from kstory.cli.runner import run_config
 
     _print_outcomes(run_config(Path(args.config), model=args.model, until=args.until,
-                               use_final_lora=args.use_final_lora))
+                               use_final_lora=args.use_final_lora, upload=args.upload))
     return 0
 
 
@@ -385,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--use-final-lora", action="store_true",
                      help="clear the checkpoint picked on the dashboard (story/review.json) and make the story "
                           "with lora/lora.safetensors")
+    run.add_argument("--upload", action="store_true",
+                     help="also upload the package (the config's upload: section names the model); without it, "
+                          "only upload.enabled: true uploads")
     run.set_defaults(func=_cmd_run)
 
     prep = commands.add_parser(

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kstory.cli import publish
 from kstory.core.config import RunConfig
 from kstory.core.errors import KstoryError
 from kstory.core.hashing import path_digest
@@ -246,5 +247,23 @@ STAGES: tuple[Stage, ...] = (
         digest=_score_digest,
         run=_score_run,
         enabled=lambda config: config.story is not None,
+    ),
+    Stage(
+        name="package",
+        summary="build the ModelScope package and verify it regenerates -> submission/",
+        output=lambda run: run.submission,
+        digest=publish.package_digest,
+        run=publish.package_run,
+        staged=True,  # build_package keeps the previous package in .history/ itself
+        enabled=lambda config: config.story is not None and config.package is not None,
+    ),
+    Stage(
+        name="upload",
+        summary="upload the package to ModelScope -> submission/.upload.json",
+        output=publish.upload_output,
+        digest=publish.upload_digest,
+        run=publish.upload_run,
+        enabled=lambda config: config.story is not None and config.package is not None
+        and config.upload is not None and config.upload.enabled,
     ),
 )
