@@ -16,6 +16,7 @@ from kstory.core.logs import get_logger, setup_console
 from kstory.core.oserrors import os_fault
 from kstory.core.seeds import check_seed
 from kstory.core.runlog import logging_to_run
+from kstory.cli.lora_args import LORA_HELP, split_loras
 
 log = get_logger("cli")
 
@@ -70,7 +71,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from kstory.cli.runner import run_config
 
     _print_outcomes(run_config(Path(args.config), model=args.model, until=args.until,
-                               use_final_lora=args.use_final_lora))
+                               use_final_lora=args.use_final_lora, upload=args.upload))
     return 0
 
 
@@ -152,10 +153,11 @@ def _cmd_story(args: argparse.Namespace) -> int:
 
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
     frames = parse_frames(args.frames) if args.frames else None
+    lora, lora_scale, loras = split_loras(args.lora, args.lora_scale)
     with logging_to_run(args.out, "story"):
         result = generate_story(
-            Path(args.spec), Path(args.out), model=args.model, lora=Path(args.lora) if args.lora else None,
-            lora_scale=args.lora_scale, controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir),
+            Path(args.spec), Path(args.out), model=args.model, lora=lora, loras=loras,
+            lora_scale=lora_scale, controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir),
             cache_dir=cache_dir, frames=frames, memory=args.memory, text_encoder_device=args.text_encoder_device,
             text_encoder_quant=args.text_encoder_quant, ip_adapter=args.ip_adapter,
             torch_dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
@@ -313,7 +315,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         report = verify_package(
             Path(args.submission), model=args.model, cache_dir=cache_dir,
             controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None,
-            rescore=not args.no_rescore, ip_adapter=args.ip_adapter,
+            rescore=not args.no_rescore, ip_adapter=args.ip_adapter, loras=[Path(path) for path in args.lora or []],
         )
         if report.verdict != "modified":  # a changed package gets no record: upload refuses it anyway
             write_verify_record(Path(args.submission), report)
@@ -437,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--use-final-lora", action="store_true",
                      help="clear the checkpoint picked on the dashboard (story/review.json) and make the story "
                           "with lora/lora.safetensors")
+    run.add_argument("--upload", action="store_true",
+                     help="also upload the package (the config's upload: section names the model); without it, "
+                          "only upload.enabled: true uploads")
     run.set_defaults(func=_cmd_run)
 
     prep = commands.add_parser(
@@ -489,8 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     story.add_argument("spec", help="story spec YAML")
     story.add_argument("--out", required=True, help="output folder (e.g. runs/mine/story)")
     story.add_argument("--model", default="tiny", help="base model: tiny (default, offline), kolors, or a local folder")
-    story.add_argument("--lora", help="lora.safetensors from `kstory train`")
-    story.add_argument("--lora-scale", type=float, help="LoRA strength (default: as trained, 1.0)")
+    story.add_argument("--lora", action="append", metavar="PATH[:SCALE]", help=LORA_HELP)
+    story.add_argument("--lora-scale", type=float, help="strength of the LoRA from `kstory train` (default: as "
+                       "trained, 1.0)")
     story.add_argument("--controlnet", action="append", metavar="NAME=PATH",
                        help="ControlNet weights for the spec's guides (repeatable); PATH may be 'tiny' (offline, random)")
     story.add_argument("--ip-adapter", metavar="PATH", help="Kolors-IP-Adapter-Plus folder for the spec's character reference (overrides its adapter:); 'tiny' for the offline random one")
@@ -615,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--model", default="tiny", help="base model the story was made with: tiny, kolors, or a folder")
     verify.add_argument("--controlnet", action="append", metavar="NAME=PATH", help="ControlNet weights (found by hash)")
     verify.add_argument("--ip-adapter", metavar="PATH", help="IP-Adapter the story used (found by hash)")
+    verify.add_argument("--lora", action="append", metavar="PATH",
+                        help="a LoRA the frames were made with that the package records but does not ship (its "
+                        "licence was not marked as allowing it); found by its sha256 (repeatable)")
     verify.add_argument("--no-rescore", action="store_true", help="skip re-scoring")
     verify.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     verify.set_defaults(func=_cmd_verify)

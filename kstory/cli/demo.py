@@ -83,7 +83,7 @@ def prepare_demo_run(out: Path, *, model: str = "tiny", images: int = 24) -> Pat
 
 def run_demo(out: Path = Path("runs/demo"), *, model: str = "tiny", images: int = 24) -> list[StageOutcome]:
     """Generate the demo dataset and config under ``out`` (once), then run every stage."""
-    return run_config(prepare_demo_run(out, model=model, images=images), model=model)
+    return run_config(prepare_demo_run(out, model=model, images=images), model=model, until="score")
 
 
 DEMO_TEAM, DEMO_SUFFIX, DEMO_OWNER = "kstory", "demo", "kstory-demo"

@@ -36,7 +36,7 @@ def _keep_config_copy(config_path: Path, run: RunDir) -> None:
 
 
 def run_config(config_path: str | Path, *, model: str | None = None, until: str | None = None,
-               only: set[str] | None = None, use_final_lora: bool = False) -> list[StageOutcome]:
+               only: set[str] | None = None, use_final_lora: bool = False, upload: bool = False) -> list[StageOutcome]:
     """Run the stages of the config at ``config_path`` in order; return what ran and what was skipped.
 
     ``until`` stops after the named stage, so a notebook can walk the run one
@@ -46,12 +46,18 @@ def run_config(config_path: str | Path, *, model: str | None = None, until: str 
     ``use_final_lora`` clears the checkpoint picked on the dashboard first, so the
     story is made with ``lora/lora.safetensors`` (the user's confirmation when the
     picked checkpoint is gone).
+    ``upload`` uploads the package (the config's ``upload:`` section says where) even when ``upload.enabled`` is false.
     """
     config_path = Path(config_path)
     stages = _stages_until(until)
     config: RunConfig = load_config(config_path)
     if model is not None:
         config = config.model_copy(update={"model": model})
+    if upload:
+        if config.upload is None:
+            raise KstoryError("--upload: the config has no upload: section", path=config_path,
+                              fix="add `upload: {model_id: OWNER/NAME}` next to `package:` (docs/config.md)")
+        config = config.model_copy(update={"upload": config.upload.model_copy(update={"enabled": True})})
     run = RunDir(config.run_dir).ensure()
     outcomes: list[StageOutcome] = []
     with log_to_file(run.log):

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kstory.cli import publish
 from kstory.core.config import RunConfig
 from kstory.core.errors import KstoryError
 from kstory.core.hashing import path_digest
@@ -176,13 +177,18 @@ def _story_digest(config: RunConfig, run: RunDir) -> str:
     for name in ("memory", "text_encoder_device", "text_encoder_quant"):  # may change pixels; unset keeps older runs' digests
         if name in config.model_fields_set:
             settings[name] = getattr(config, name)
+    # The user's own LoRAs by content, scale, source and licence flag, in order (only when there are any).
+    loras = [{"content": path_digest(lora.path), "scale": lora.scale, "source": lora.source, "ship": lora.ship}
+             for lora in story.loras]
     return fingerprint("story", settings, controlnets, path_digest(spec), references,
-                       *([{"checkpoint": picked}] if picked else []))
+                       *([{"checkpoint": picked}] if picked else []), *([{"loras": loras}] if loras else []))
 
 
 def _story_run(config: RunConfig, run: RunDir) -> None:
     from kstory.story import generate_story
     from kstory.story.review import story_lora
+
+    from kstory.core.lora_stack import LoraRequest
 
     lora, checkpoint = story_lora(run.lora, run.story)  # the picked checkpoint's LoRA, else the final one
     generate_story(
@@ -190,6 +196,7 @@ def _story_run(config: RunConfig, run: RunDir) -> None:
         lora_scale=config.story.lora_scale, controlnets=controlnet_paths(config.story.controlnets, config.cache_dir),
         cache_dir=config.cache_dir, memory=config.memory, text_encoder_device=config.text_encoder_device,
         text_encoder_quant=config.text_encoder_quant,
+        loras=[LoraRequest(lora.path, lora.scale, lora.source, lora.ship) for lora in config.story.loras],
     )
 
 
@@ -249,5 +256,23 @@ STAGES: tuple[Stage, ...] = (
         digest=_score_digest,
         run=_score_run,
         enabled=lambda config: config.story is not None,
+    ),
+    Stage(
+        name="package",
+        summary="build the ModelScope package and verify it regenerates -> submission/",
+        output=lambda run: run.submission,
+        digest=publish.package_digest,
+        run=publish.package_run,
+        staged=True,  # build_package keeps the previous package in .history/ itself
+        enabled=lambda config: config.story is not None and config.package is not None,
+    ),
+    Stage(
+        name="upload",
+        summary="upload the package to ModelScope -> submission/.upload.json",
+        output=publish.upload_output,
+        digest=publish.upload_digest,
+        run=publish.upload_run,
+        enabled=lambda config: config.story is not None and config.package is not None
+        and config.upload is not None and config.upload.enabled,
     ),
 )

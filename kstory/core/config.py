@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kstory.core.seeds import Seed
 from kstory.core.yamlio import load_model
@@ -35,6 +35,18 @@ class PrepSettings(Section):
     num_proc: int = Field(default=1, ge=1, description="Worker processes for Data-Juicer.")
 
 
+class LoraSetting(Section):
+    """One of the user's own LoRAs, stacked on the run's trained LoRA (docs/story.md, "Bringing LoRAs")."""
+
+    path: Path = Field(description="The LoRA file: kohya/ComfyUI, diffusers/peft or DiffSynth keys; safetensors, or "
+                       "a pickle that loads with weights_only.")
+    scale: float = Field(default=1.0, description="Its strength: 1.0 applies it as its alpha/rank says.")
+    source: str = Field(default="", description="Where it came from (a URL or hub id), recorded in the manifest "
+                        "and the model card.")
+    ship: bool = Field(default=False, description="Its licence lets you redistribute it: `kstory package` then "
+                       "includes the file; otherwise the package records it by name, sha256 and source only.")
+
+
 class StorySettings(Section):
     """Settings of the story stage (``kstory story``, docs/story.md)."""
 
@@ -44,6 +56,8 @@ class StorySettings(Section):
         default_factory=dict,
         description="ControlNet name -> weights path, or 'tiny' for the offline random ControlNet of that name.",
     )
+    loras: list[LoraSetting] = Field(default_factory=list, description="The user's own LoRAs, each with its scale, "
+                                     "stacked in order on the run's trained LoRA.")
 
 
 class ScoreSettings(Section):
@@ -58,6 +72,30 @@ class ScoreSettings(Section):
 
     def aesthetic_for(self, model: str) -> str:
         return self.aesthetic_model or ("tiny" if model == "tiny" else "kolors-challenge")
+
+
+class PackageSettings(Section):
+    """``kstory run`` builds and verifies the package when this section is there (docs/submissions.md)."""
+
+    team: str = Field(description="Team name: the model is <team>-可图Kolors训练-<suffix>.")
+    suffix: str = Field(description="Last part of the model name.")
+    description: str | None = Field(default=None, description="Style description for the model card.")
+    owner: str | None = Field(default=None, description="ModelScope owner, for the model card and the upload's model id.")
+    verify: bool = Field(default=True, description="Regenerate every frame from the package and compare (kstory verify).")
+    allow_failed_gate: bool = Field(default=False, description="Package although the score gate failed.")
+    allow_test_model: bool = Field(default=False, description="Package a test artefact (tiny model or scorer), labelled.")
+
+
+class UploadSettings(Section):
+    """``kstory run`` uploads the package only when ``enabled`` or given ``--upload``: a run never publishes by surprise."""
+
+    enabled: bool = Field(default=False, description="Upload on every `kstory run` (otherwise only with --upload).")
+    model_id: str | None = Field(default=None, description="OWNER/<team>-可图Kolors训练-<suffix>; default: package.owner "
+                                 "and the package's model name.")
+    visibility: Literal["public", "private", "internal"] = Field(default="public",
+                                                                  description="Visibility of a newly created model.")
+    dry_run: bool = Field(default=False, description="List what would be sent, send nothing.")
+    endpoint: str | None = Field(default=None, description="Hub endpoint; default: ModelScope's.")
 
 
 class RunConfig(Section):
@@ -83,6 +121,10 @@ class RunConfig(Section):
     train: TrainSettings = Field(default_factory=TrainSettings, description="LoRA training (docs/train.md).")
     story: StorySettings | None = Field(default=None, description="Story generation; without it the run ends after train.")
     score: ScoreSettings = Field(default_factory=ScoreSettings, description="Scoring of the story's frames.")
+    package: PackageSettings | None = Field(default=None, description="Package and verify; without it the run ends "
+                                            "after score.")
+    upload: UploadSettings | None = Field(default=None, description="Upload the package (needs package:, and "
+                                          "enabled: true or --upload).")
 
     @field_validator("name")
     @classmethod
@@ -90,6 +132,14 @@ class RunConfig(Section):
         if not RUN_NAME.match(value):
             raise ValueError("use letters, digits, '.', '_' or '-' (at most 64), starting with a letter or digit")
         return value
+
+    @model_validator(mode="after")
+    def _upload_needs_a_package(self) -> RunConfig:
+        if self.upload is not None and self.package is None:
+            raise ValueError("upload: needs a package: section (team, suffix) to upload")
+        if self.upload is not None and not self.upload.model_id and not (self.package and self.package.owner):
+            raise ValueError("upload: needs model_id (OWNER/NAME), or package.owner to name the model")
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -140,4 +190,6 @@ def load_config(path: str | Path) -> RunConfig:
         data["story"].update(spec=_anchor(config.story.spec, base), controlnets={
             name: value if value == "tiny" else str(_anchor(Path(value), base))
             for name, value in config.story.controlnets.items()})
+        for lora in data["story"].get("loras", []):
+            lora["path"] = _anchor(Path(lora["path"]), base)
     return RunConfig.model_validate(data)  # validated again, never a bare copy

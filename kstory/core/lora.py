@@ -116,3 +116,12 @@ def load_lora_into_pipeline(pipe: Any, lora_path: Path, scale: float | None = No
     with contextlib.redirect_stdout(io.StringIO()):  # DiffSynth prints "N tensors are updated."
         loader.load(pipe.unet, state, alpha=strength)
     return {**metadata, "strength": strength, "training_config": json.loads(metadata.get(META_CONFIG) or "{}")}
+
+
+def is_kstory_lora(path: Path) -> bool:
+    """Whether ``path`` is a LoRA written by ``kstory train`` (reads the header only; False for anything else)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return (handle.metadata() or {}).get(META_KSTORY_FORMAT) == FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,9 +142,10 @@ class Session:
     def __init__(
         self, weights: KolorsWeights, *, lora: Path | None, lora_scale: float | None,
         controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype,
-        memory: MemoryPlan | None = None, ip_adapter: IpAdapterWeights | None = None,
+        memory: MemoryPlan | None = None, ip_adapter: IpAdapterWeights | None = None, loras: Sequence[Any] = (),
     ):
         self.weights, self.lora, self.lora_scale = weights, lora, lora_scale
+        self.loras = list(loras)  # the user's own LoRAs (kstory.core.lora_stack.PlannedLora), stacked on ``lora``
         self.references = References(ip_adapter, device, torch_dtype)
         self.controlnet_weights = dict(controlnets)
         self.device, self.torch_dtype, self.memory = device, torch_dtype, memory
@@ -163,12 +164,12 @@ class Session:
     def load(
         cls, weights: KolorsWeights, *, lora: Path | None, lora_scale: float | None,
         controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype,
-        memory: MemoryPlan | None = None, ip_adapter: IpAdapterWeights | None = None,
+        memory: MemoryPlan | None = None, ip_adapter: IpAdapterWeights | None = None, loras: Sequence[Any] = (),
     ) -> Session:
         """A session on ``weights`` with the LoRA, the named ControlNets and the IP-Adapter; each network loads in
         its phase."""
         return cls(weights, lora=lora, lora_scale=lora_scale, controlnets=controlnets, device=device,
-                   torch_dtype=torch_dtype, memory=memory, ip_adapter=ip_adapter)
+                   torch_dtype=torch_dtype, memory=memory, ip_adapter=ip_adapter, loras=loras)
 
     def _prompter(self) -> Any:
         if self._text is None:
@@ -256,6 +257,10 @@ class Session:
             from kstory.core.lora import load_lora_into_pipeline
 
             self.lora_info = load_lora_into_pipeline(pipe, self.lora, scale=self.lora_scale)
+        if self.loras:
+            from kstory.core.lora_stack import merge_loras
+
+            merge_loras(pipe.unet, self.loras)
         self.controlnets = {name: (cn, load(cn, self.device, self.torch_dtype))
                             for name, cn in self.controlnet_weights.items()}
         return pipe

@@ -55,6 +55,11 @@ def recorded_session(out_dir: Path, manifest: dict[str, Any], needed: set[str], 
                           path=weights.root, fix="restore those weights, or generate the whole story again")
     lora = manifest["lora"]
     lora_path = lora_file(out_dir, lora) if lora else None
+    from kstory.core.lora_stack import check_loras, requests_from_records
+
+    own_scale = (1.0 if lora["scale"] is None else lora["scale"]) if lora else None
+    user_loras = check_loras(requests_from_records(manifest.get("loras") or [], where=out_dir), weights,
+                             own_scale=own_scale)  # the user's LoRAs, found again by hash
     paths = {name: Path(cn["path"]) for name, cn in manifest["controlnets"].items()}
     paths.update({name: Path(p) for name, p in (controlnets or {}).items()})
     found = {name: identify(name, paths[name]) for name in sorted(needed)}
@@ -70,6 +75,6 @@ def recorded_session(out_dir: Path, manifest: dict[str, Any], needed: set[str], 
     def load_session() -> Session:
         return Session.load(weights, lora=lora_path, lora_scale=lora["scale"] if lora else None, controlnets=found,
                             device=device, torch_dtype=getattr(torch, manifest["dtype"]),
-                            memory=recorded_memory(manifest), ip_adapter=ip_adapter)
+                            memory=recorded_memory(manifest), ip_adapter=ip_adapter, loras=user_loras)
 
     return load_session

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +21,7 @@ from kstory.core.atomic import write_bytes, write_text
 from kstory.core.errors import KstoryError
 from kstory.core.hashing import sha256_file
 from kstory.core.logs import get_logger
+from kstory.core.lora_stack import LoraRequest, check_loras
 from kstory.core.models import KolorsWeights, resolve_model
 from kstory.story.controlnets import ControlNetWeights, identify
 from kstory.core.memory import MemoryPlan, describe, plan_memory
@@ -141,11 +142,12 @@ def plan_frames(spec: StorySpec, indices: list[int], spec_dir: Path, trigger_wor
 def setup_record(
     model: str, weights: KolorsWeights, lora: LoraChoice | None,
     controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype, batch_size: int,
-    memory: MemoryPlan | None = None, sampler: str = SAMPLER,
+    memory: MemoryPlan | None = None, sampler: str = SAMPLER, loras: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """The manifest's description of the networks and runtime; frames are only comparable within one setup.
 
     ``sampler`` is the spec's default sampler (each frame records its own); ``ddim`` keeps older setup ids.
+    ``loras`` are the user's own LoRAs stacked on the story's (``PlannedLora``); recorded only when there are any.
 
     ``memory`` adds the profile in effect; of its choices only tiled decoding and a text encoder on
     another device or with integer weights change pixels, so only those (when used) join the setup id.
@@ -174,6 +176,7 @@ def setup_record(
         "controlnets": {name: {"kind": cn.kind, "path": str(cn.path), "sha256": cn.sha256} for name, cn in controlnets.items()},
         "sampler": sampler_record(sampler),
         "device": torch.device(device).type, "dtype": str(torch_dtype).removeprefix("torch."), "batch_size": batch_size,
+        **({"loras": [planned.record() for planned in loras]} if loras else {}),
         **extra,
     }
 
@@ -185,6 +188,8 @@ def setup_id(setup: dict[str, Any]) -> str:
     keep["controlnets"] = {name: cn["sha256"] for name, cn in setup["controlnets"].items()}
     keep["model"] = setup["model"]["fingerprint"]
     keep.update({k: setup[k] for k in ("vae_decode", "text_encoder", "text_encoder_quant") if k in setup})  # only when not the default
+    if setup.get("loras"):  # the user's LoRAs by content and scale, in merge order; never by path
+        keep["loras"] = [{k: lora[k] for k in ("sha256", "scale")} for lora in setup["loras"]]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
@@ -459,6 +464,7 @@ def generate_story(
     repairs: Mapping[int, list[Repair]] | None = None,
     ip_adapter: str | Path | None = None,
     text_encoder_quant: str = "none",
+    loras: Sequence[LoraRequest] = (),
 ) -> StoryResult:
     """Generate the story of ``spec_path`` (or only ``frames``, 1-based) into ``out_dir``.
 
@@ -477,6 +483,7 @@ def generate_story(
     ``repairs`` (frame -> recorded repairs, as ``kstory verify`` passes them) are replayed on those frames; a full
     run also keeps the repairs of every frame whose generation is unchanged (kstory.story.repair).
     ``ip_adapter`` (a Kolors-IP-Adapter-Plus folder, or ``"tiny"``) overrides the spec's ``character.reference.adapter``.
+    ``loras`` are the user's own LoRA files, each with its scale, stacked on ``lora`` in order (docs/story.md).
     """
     spec_path, out_dir = Path(spec_path).resolve(), Path(out_dir)
     spec = load_spec(spec_path)
@@ -486,6 +493,7 @@ def generate_story(
         raise KstoryError(f"no frame {bad[0]}: frames are numbered 1..{spec.frame_count}", fix="pick existing frames")
     weights = resolve_model(model, cache_dir)
     lora_choice = check_lora(lora, lora_scale, weights, lora_checkpoint)
+    planned = check_loras(loras, weights, own_scale=(1.0 if lora_scale is None else lora_scale) if lora_choice else None)
     lora_trigger = lora_choice.metadata.get("kstory.trigger_word", "") if lora_choice else ""
     trigger = spec.character.trigger_word or lora_trigger
     if lora_trigger and trigger != lora_trigger:
@@ -523,7 +531,7 @@ def generate_story(
         controlnet_weights = {name: cn for name, cn in controlnet_weights.items() if name in needed}
     torch_dtype = torch_dtype or default_dtype(device, memory_plan)
     setup = setup_record(model, weights, lora_choice, controlnet_weights, device, torch_dtype, batch_size,
-                         memory_plan, sampler=spec.defaults.sampler)
+                         memory_plan, sampler=spec.defaults.sampler, loras=planned)
     spec_bytes = spec_path.read_bytes()
     manifest = new_manifest(spec, setup, sha256_bytes(spec_bytes), trigger)
     if adapter is not None:
@@ -548,7 +556,7 @@ def generate_story(
     def load_session() -> Session:
         return Session.load(weights, lora=lora_choice.path if lora_choice else None, lora_scale=lora_scale,
                             controlnets=controlnet_weights, device=device, torch_dtype=torch_dtype,
-                            memory=memory_plan, ip_adapter=adapter)
+                            memory=memory_plan, ip_adapter=adapter, loras=planned)
 
     return build_story(build, manifest, groups, set(indices), work, load_session=load_session,
                        spec_text=spec_bytes.decode("utf-8"), release=spec.generation.release_text_encoder,

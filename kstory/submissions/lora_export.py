@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 
 from kstory.core.atomic import atomic_path, copy_file
 from kstory.core.errors import KstoryError
+from kstory.core.unet_names import sdxl_block_prefixes
 
 FORMATS = ("diffsynth", "diffusers", "kohya")
 FILE_NAMES = {
@@ -51,35 +52,6 @@ _DIFFSYNTH_KEY = re.compile(
 )
 _DIFFUSERS_KEY = re.compile(r"^unet\.(.+)\.lora_([AB])\.weight$")
 _KOHYA_KEY = re.compile(r"^lora_unet_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-
-
-def sdxl_block_prefixes(levels: int = 3, attention_levels: tuple[int, ...] = (1, 2)) -> list[str | None]:
-    """Diffusers prefix of each entry of DiffSynth's ``SDXLUNet.blocks`` (None for push/pop blocks).
-
-    Walks the SDXL topology in DiffSynth's order: per down level two
-    (resnet, [attention], push) groups and a downsampler + push except on the
-    last level; the mid block; per up level three (pop, resnet, [attention])
-    groups and an upsampler except on the last level.
-    """
-    out: list[str | None] = []
-    for level in range(levels):
-        for j in range(2):
-            out.append(f"down_blocks.{level}.resnets.{j}")
-            if level in attention_levels:
-                out.append(f"down_blocks.{level}.attentions.{j}")
-            out.append(None)
-        if level < levels - 1:
-            out += [f"down_blocks.{level}.downsamplers.0", None]
-    out += ["mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"]
-    for i in range(levels):
-        level = levels - 1 - i
-        for j in range(3):
-            out += [None, f"up_blocks.{i}.resnets.{j}"]
-            if level in attention_levels:
-                out.append(f"up_blocks.{i}.attentions.{j}")
-        if level > 0:
-            out.append(f"up_blocks.{i}.upsamplers.0")
-    return out
 
 
 _PREFIXES = sdxl_block_prefixes()

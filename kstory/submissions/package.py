@@ -261,7 +261,7 @@ def _gate_notice(scores: dict[str, Any]) -> str:
 
 
 def _readme(name: str, *, description: str, trigger: str, training: dict[str, Any], manifest: dict[str, Any],
-            scores: dict[str, Any], strength: float, license_id: str, origin: Provenance) -> str:
+            scores: dict[str, Any], strength: float, license_id: str, origin: Provenance, other_loras: str = "") -> str:
     by_file = {Path(i["file"]).name: i for i in scores.get("images", [])}
     summary = scores.get("summary", {})
     rows = []
@@ -304,7 +304,7 @@ Every frame's prompt, negative prompt, seed, size, steps, CFG and ControlNet gui
 | `lora.safetensors` | DiffSynth-Studio (`ModelManager.load_lora`, `lora_alpha={strength!r}`) |
 | `pytorch_lora_weights.safetensors` | diffusers `KolorsPipeline.load_lora_weights` (diffusers >= 0.34 reads the alpha) |
 | `lora_kohya.safetensors` | ComfyUI with Kolors-MZ (model-only LoRA loader), diffusers `KolorsPipeline`; not WebUI or kohya sd-scripts, which do not run Kolors |
-
+{other_loras}
 ## Use with DiffSynth-Studio
 
 ```python
@@ -366,6 +366,7 @@ def build_package(
     """
     from kstory.submissions.lora_export import FILE_NAMES, export_lora
     from kstory.submissions.candidates_export import export_candidates
+    from kstory.submissions.user_loras import model_card_section, ship_user_loras
 
     run_dir = Path(run_dir).resolve()
     name = model_name(team, suffix)
@@ -416,6 +417,7 @@ def build_package(
     shipped_scores = _scores_in_order(scores, names)
     with atomic_directory(out) as staging:
         exports = export_lora(lora, staging)
+        user_loras = ship_user_loras(shipped, staging)  # the user's own LoRAs: shipped only when allowed
         for old, new in renames.items():
             copy_file(story / old, staging / new)
         copy_file(story / "story.yaml", staging / "story.yaml")
@@ -424,7 +426,8 @@ def build_package(
         export_candidates(story, manifest, staging)  # the best-of-N search's record, when there was one
         write_text(staging / "README.md", _readme(
             name, description=description, trigger=trigger, training=training, manifest=shipped,
-            scores=shipped_scores, strength=strength, license_id=license_id, origin=origin))
+            scores=shipped_scores, strength=strength, license_id=license_id, origin=origin,
+            other_loras=model_card_section(user_loras)))
         write_json(staging / "configuration.json", {
             "framework": "Pytorch", "task": TASK, **origin.to_json(),
             "score_gate": {"gate": gate, "mean": scores.get("summary", {}).get("mean"),
@@ -449,6 +452,7 @@ def build_package(
             "allow_test_model": bool(allow_test_model),
             "lora_files": dict(FILE_NAMES),
             "lora_checkpoint": checkpoint,
+            "loras": user_loras,
             # package frame number -> the story's frame number (the order chosen on the dashboard)
             "story_frames": {key: frame["story_frame"] for key, frame in shipped["frames"].items()},
             "locked_frames": [key for key, frame in shipped["frames"].items()

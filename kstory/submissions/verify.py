@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,12 +208,14 @@ def verify_package(
     submission_dir: str | Path, *, model: str = "tiny", cache_dir: str | Path | None = None,
     controlnets: dict[str, Path] | None = None, rescore: bool = True, device: str | None = None,
     ip_adapter: str | Path | None = None,
+    loras: Sequence[Path] = (),
 ) -> VerifyReport:
     """Regenerate the package's frames and compare; see the module docstring.
 
     ``verdict``: ``identical`` (every frame byte-identical, files intact, scores
     match), ``different`` (some frame or score differs; PSNR/SSIM say how much)
     or ``modified`` (a packaged file changed after packaging).
+    ``loras`` supplies the user's own LoRAs the package records but does not ship (found by sha256).
     """
     import torch
 
@@ -235,6 +238,9 @@ def verify_package(
     if not lora.is_file():
         raise KstoryError("the package has no lora.safetensors", path=lora, fix="repackage the run")
     nets = _controlnets(manifest, controlnets, cache)
+    from kstory.submissions.user_loras import verify_requests
+
+    user_loras = verify_requests(submission, manifest, loras)
     lora_info = manifest.get("lora") or {}
     from kstory.story.reference_records import find_recorded_adapter
 
@@ -249,7 +255,8 @@ def verify_package(
         result = generate_story(spec, Path(tmp) / "regen", model=model, lora=lora, lora_scale=lora_info.get("scale"),
                                 controlnets=nets, cache_dir=cache, device=device, torch_dtype=dtype, memory=memory,
                                 repairs=_repairs(submission, manifest), ip_adapter=adapter.path if adapter else None,
-                                text_encoder_quant=(manifest.get("memory") or {}).get("text_encoder_quant", "none"))
+                                text_encoder_quant=(manifest.get("memory") or {}).get("text_encoder_quant", "none"),
+                                loras=user_loras)
         regen_manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))
         for key, frame in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0])):
             index = story_frame(key, frame)
