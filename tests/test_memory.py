@@ -211,3 +211,53 @@ def test_integer_text_encoder_weights_have_a_bounded_error_and_their_own_records
     assert Runtime("cpu", "bf16", torch.bfloat16, cpu, text_quant="int8").cache_tag == "-text-int8"
     with pytest.raises(KstoryError, match="unknown text_encoder_quant"):
         plan_memory("cpu", KOLORS_COUNTS, task="story", device="cpu", text_encoder_quant="int3")
+
+
+def test_chatglm_streamed_block_by_block_gives_the_whole_models_numbers(tmp_path: Path, monkeypatch):
+    """The cpu profile reads ChatGLM one block at a time: same embeddings in every published layout, same frames
+    and the same caption cache as the whole model, and the whole model is never loaded."""
+    import contextlib
+    import io
+
+    from diffsynth.prompters import KolorsPrompter
+    from safetensors.torch import load_file
+
+    import kstory.core.memory as memory_module
+    from kstory.core.models import load_kolors_model_manager
+    from kstory.core.models.streamed_text_encoder import StreamedChatGLM
+    from kstory.core.models.tiny import TinyKolorsSpec, build_tiny_kolors
+
+    prompts = [("a fox in the snow, watercolour", True), ("blurry, low quality", False)]
+    for layout in ("single", "official", "diffusers"):
+        weights = resolve_model(str(build_tiny_kolors(tmp_path / layout, TinyKolorsSpec(), layout=layout)))
+        manager = load_kolors_model_manager(weights, device="cpu", torch_dtype=torch.bfloat16, parts=("text_encoder",))
+        prompter = KolorsPrompter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            prompter.fetch_models(manager.fetch_model("kolors_text_encoder"))
+        with torch.no_grad():
+            whole = [prompter.encode_prompt(p, clip_skip=1, clip_skip_2=2, device="cpu", positive=pos) for p, pos in prompts]
+        streamed = StreamedChatGLM(weights.text_encoder, device="cpu", dtype=torch.bfloat16).encode(prompts)
+        for (pooled, emb), (s_pooled, s_emb) in zip(whole, streamed):
+            assert torch.equal(pooled, s_pooled) and torch.equal(emb, s_emb), layout
+
+    spec = write_spec(tmp_path / "s.yaml", [{"prompt": "x", "seed": 1}, {"prompt": "y", "seed": 2}])
+    data = make_dataset(tmp_path / "data")
+    settings = TrainSettings(**{**FAST, "mixed_precision": "bf16"}, max_steps=1)
+    watch = LoadWatch(monkeypatch)
+    streamed_story = story.generate_story(spec, tmp_path / "streamed", model="tiny", memory="cpu")
+    train_lora(data, tmp_path / "lora-streamed", settings, cache_dir=tmp_path / "cache-streamed", memory="cpu")
+    assert all("text_encoder" not in parts for parts in watch.parts)  # never the whole ChatGLM
+    manifest = json.loads(streamed_story.manifest_path.read_text())
+    assert manifest["memory"]["text_encoder_streamed"] is True
+
+    monkeypatch.setitem(memory_module._TABLE, "cpu", {**memory_module._TABLE["cpu"], "text_encoder_streamed": False})
+    whole_story = story.generate_story(spec, tmp_path / "whole", model="tiny", memory="cpu")
+    train_lora(data, tmp_path / "lora-whole", settings, cache_dir=tmp_path / "cache-whole", memory="cpu")
+    assert ("text_encoder",) in watch.parts
+    assert streamed_story.frame_hashes == whole_story.frame_hashes
+    captions = sorted((tmp_path / "cache-streamed").rglob("text/*.safetensors"))
+    assert captions
+    for path in captions:
+        twin = tmp_path / "cache-whole" / path.relative_to(tmp_path / "cache-streamed")
+        a, b = load_file(str(path)), load_file(str(twin))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

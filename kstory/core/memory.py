@@ -31,6 +31,7 @@ _DENOISE_PER_FRAME = 1.0 * GiB
 _VAE_DECODE = 3.0 * GiB
 _VAE_DECODE_TILED = 0.5 * GiB
 _TRAIN_STEP = {True: 3.0 * GiB, False: 10.0 * GiB}
+_STREAMED_SHARE = 0.1  # ChatGLM streamed block by block: the token embedding and one of 28 blocks resident
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class MemoryPlan:
     tiled_vae: bool  # decode frames in tiles (DiffSynth's tiled VAE decoder): less memory, other pixels
     gradient_checkpointing: bool | None  # None: the training settings decide
     text_encoder_quant: str = "none"  # ChatGLM's linear weights: none, int8 or int4 (torchao)
+    text_encoder_streamed: bool = False  # ChatGLM read and run one block at a time (same numbers, ~1 GB)
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,17 +57,17 @@ class MemoryPlan:
 
 _TABLE: dict[str, dict[str, Any]] = {
     "none": dict(half=False, keep_text_encoder=False, text_encoder_device="device", max_batch=None,
-                 tiled_vae=False, gradient_checkpointing=None),
+                 tiled_vae=False, gradient_checkpointing=None, text_encoder_streamed=False),
     "24gb": dict(half=True, keep_text_encoder=True, text_encoder_device="device", max_batch=4,
-                 tiled_vae=False, gradient_checkpointing=None),
+                 tiled_vae=False, gradient_checkpointing=None, text_encoder_streamed=False),
     "16gb": dict(half=True, keep_text_encoder=False, text_encoder_device="device", max_batch=2,
-                 tiled_vae=False, gradient_checkpointing=True),
+                 tiled_vae=False, gradient_checkpointing=True, text_encoder_streamed=False),
     "12gb": dict(half=True, keep_text_encoder=False, text_encoder_device="cpu", max_batch=1,
-                 tiled_vae=True, gradient_checkpointing=True),
+                 tiled_vae=True, gradient_checkpointing=True, text_encoder_streamed=True),
     "8gb": dict(half=True, keep_text_encoder=False, text_encoder_device="cpu", max_batch=1,
-                tiled_vae=True, gradient_checkpointing=True),
+                tiled_vae=True, gradient_checkpointing=True, text_encoder_streamed=True),
     "cpu": dict(half=True, keep_text_encoder=False, text_encoder_device="device", max_batch=1,
-                tiled_vae=True, gradient_checkpointing=True),
+                tiled_vae=True, gradient_checkpointing=True, text_encoder_streamed=True),
 }
 
 
@@ -137,6 +139,8 @@ def estimate(weights: Any, table: dict[str, Any], *, task: str, pixels: int = 10
     # (loaded on the CPU, quantised, then moved), not host memory.
     quantised_on_gpu = table.get("text_encoder_quant", "none") != "none" and table.get("device") == "cuda"
     text = counts["text_encoder"] * (1 if quantised_on_gpu else item)
+    if table.get("text_encoder_streamed"):
+        text = int(text * _STREAMED_SHARE)
     vae = counts["vae"] * 4  # DiffSynth runs the SDXL VAE in float32 whatever the dtype
     unet = counts["unet"] * item
     scale = pixels / (1024 * 1024)
@@ -251,7 +255,8 @@ def describe(plan: MemoryPlan, task: str | None = None) -> str:
              f"{'half' if plan.half else 'full'}-precision weights",
              "ChatGLM kept loaded" if plan.keep_text_encoder else "ChatGLM freed before the UNet loads",
              f"text encoder on the {'CPU' if plan.text_encoder_device == 'cpu' else plan.device}"
-             + (f" with {plan.text_encoder_quant} weights" if plan.text_encoder_quant != "none" else "")]
+             + (f" with {plan.text_encoder_quant} weights" if plan.text_encoder_quant != "none" else "")
+             + (", one block at a time" if plan.text_encoder_streamed else "")]
     if plan.max_batch and task != "train":
         parts.append(f"at most {plan.max_batch} frame(s) per batch")
     if plan.tiled_vae and task != "train":

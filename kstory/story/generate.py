@@ -213,7 +213,9 @@ class Session:
         """Encode every distinct prompt once; then free ChatGLM (or, when the profile keeps it, maybe park it on the CPU)."""
         wanted = {(plan.prompt, True) for plan in plans} | {(plan.negative_prompt, False) for plan in plans}
         missing = sorted(wanted - set(self._embeddings))
-        if missing:
+        if missing and self.memory is not None and self.memory.text_encoder_streamed:
+            self._encode_streamed(missing)
+        elif missing:
             prompter = self._prompter()
             for prompt, positive in missing:
                 pooled, prompt_emb = prompter.encode_prompt(prompt, clip_skip=1, clip_skip_2=2,
@@ -228,6 +230,21 @@ class Session:
             self._text[1].text_encoder.to("cpu")
             torch.cuda.empty_cache()
             log.info("text encoder moved to the CPU for denoising (generation.release_text_encoder)")
+
+    def _encode_streamed(self, missing: list[tuple[str, bool]]) -> None:
+        """The memory profile's way: ChatGLM one block at a time, every prompt through each (same numbers)."""
+        from kstory.core.models.streamed_text_encoder import StreamedChatGLM
+
+        quant = self.memory.text_encoder_quant if self.memory else "none"
+        log.info("encoding %d prompt(s) with the text encoder one block at a time (%s on the %s)", len(missing),
+                 str(self.text_dtype).removeprefix("torch."), self.text_device)
+        encoder = StreamedChatGLM(self.weights.text_encoder, device=self.text_device, dtype=self.text_dtype,
+                                  quant=quant)
+        for (prompt, positive), (pooled, prompt_emb) in zip(missing, encoder.encode(missing)):
+            self._embeddings[(prompt, positive)] = {
+                "encoder_hidden_states": prompt_emb.to(self.device, self.torch_dtype),
+                "add_text_embeds": pooled.to(self.device, self.torch_dtype),
+            }
 
     @property
     def pipe(self) -> Any:

@@ -130,13 +130,16 @@ class Encoders:
         self.text_encoder = text_encoder
         self.vae_encoder = vae_encoder
         self.prompter = None
-        if text_encoder is not None:
+        self.streamed = None  # a StreamedChatGLM: every caption through one block at a time
+        if text_encoder is not None and not isinstance(text_encoder, torch.nn.Module):
+            self.streamed, self.text_encoder = text_encoder, None
+        elif text_encoder is not None:
             self.prompter = KolorsPrompter()
             self.prompter.fetch_models(text_encoder)
 
     def release(self) -> None:
         """Drop every reference to the networks, so freeing them frees their memory."""
-        self.text_encoder = self.vae_encoder = self.prompter = None
+        self.text_encoder = self.vae_encoder = self.prompter = self.streamed = None
 
     @torch.no_grad()
     def encode_text(self, text: str) -> dict[str, torch.Tensor]:
@@ -144,6 +147,13 @@ class Encoders:
         pooled, prompt_emb = self.prompter.encode_prompt(text, clip_skip=1, clip_skip_2=2, positive=True,
                                                          device=self.text_device)
         return {"prompt_emb": prompt_emb[0].float(), "pooled": pooled[0].float()}
+
+    def encode_texts(self, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+        """``encode_text`` of each, in order; the streamed encoder takes them all through each block at once."""
+        if self.streamed is None:
+            return [self.encode_text(text) for text in texts]
+        return [{"prompt_emb": prompt_emb[0].float(), "pooled": pooled[0].float()}
+                for pooled, prompt_emb in self.streamed.encode([(text, True) for text in texts])]
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -182,8 +192,8 @@ def build_cache(
         if encoders is None:
             raise MissingCache(len(todo_text), len(todo_images))
         log.info("caching %d caption(s) and %d image(s) in %s", len(todo_text), len(todo_images), root)
-        for path, text in todo_text.items():
-            _save(path, encoders.encode_text(text))
+        for path, tensors in zip(todo_text, encoders.encode_texts(list(todo_text.values()))):
+            _save(path, tensors)
         for entry in todo_images:
             image = fit_to(open_rgb(entry.image), entry.size)
             tensors = {"latent": encoders.encode_image(to_tensor(image))}

@@ -78,9 +78,11 @@ def _encode(weights: KolorsWeights, samples: list[Sample], runtime: Runtime, roo
     from kstory.core.models.pipeline import load_kolors_model_manager
     from kstory.core.models.quantize import quantize_text_encoder
 
-    parts = (("text_encoder",) if missing.texts else ()) + (("vae",) if missing.images else ())
+    streamed = runtime.text_streamed and missing.texts
+    parts = (("text_encoder",) if missing.texts and not streamed else ()) + (("vae",) if missing.images else ())
     log.info("loading %s of %s (%s) to encode %d caption(s) and %d image(s)",
-             " and ".join(p.replace("_", " ") for p in parts), weights.identity,
+             " and ".join([p.replace("_", " ") for p in parts] + (["the text encoder block by block"] if streamed else [])),
+             weights.identity,
              str(runtime.text_encoder_dtype).removeprefix("torch."), missing.texts, missing.images)
     with contextlib.redirect_stdout(io.StringIO()):
         manager = load_kolors_model_manager(weights, device="cpu", torch_dtype=runtime.text_encoder_dtype,
@@ -88,8 +90,13 @@ def _encode(weights: KolorsWeights, samples: list[Sample], runtime: Runtime, roo
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             text_encoder, vae_encoder = (manager.fetch_model(name) for name in ("kolors_text_encoder", "sdxl_vae_encoder"))
-        if text_encoder is not None:
+        if text_encoder is not None and not streamed:
             quantize_text_encoder(text_encoder, runtime.text_quant)
+        if streamed:
+            from kstory.core.models.streamed_text_encoder import StreamedChatGLM
+
+            text_encoder = StreamedChatGLM(weights.text_encoder, device=runtime.text_encoder_device,
+                                           dtype=runtime.text_encoder_dtype, quant=runtime.text_quant)
         encoders = Encoders(text_encoder, vae_encoder, runtime.device, text_device=runtime.text_encoder_device)
         del text_encoder, vae_encoder
         try:

@@ -25,6 +25,7 @@ class Runtime:
     device: torch.device  # where this process trains (and encodes the cache)
     text_device: torch.device | None = None  # where ChatGLM encodes captions, when not ``device``
     text_quant: str = "none"  # ChatGLM's linear weights: none, int8 or int4
+    text_streamed: bool = False  # ChatGLM read and run one block at a time (the same numbers)
 
     @property
     def text_encoder_device(self) -> torch.device:
@@ -112,4 +113,5 @@ def resolve_runtime(settings: TrainSettings, memory: MemoryPlan | None = None) -
         device = torch.device(accelerator)
     text_device = torch.device("cpu") if memory is not None and memory.text_encoder_device == "cpu" else None
     text_quant = memory.text_encoder_quant if memory is not None else "none"
-    return Runtime(accelerator, precision, weight_dtype, device, text_device, text_quant)
+    return Runtime(accelerator, precision, weight_dtype, device, text_device, text_quant,
+                   bool(memory is not None and memory.text_encoder_streamed))
