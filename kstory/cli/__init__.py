@@ -86,6 +86,8 @@ def _cmd_prep(args: argparse.Namespace) -> int:
             trigger_word=args.trigger_word,
             overwrite=args.overwrite,
             num_proc=args.num_proc,
+            executor=args.executor,
+            ray_address=args.ray_address,
         )
     dropped = ", ".join(f"{op}: {count}" for op, count in result.dropped_by.items()) or "none"
     print(f"kept {result.kept}, dropped {result.dropped} ({dropped})")
@@ -456,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--trigger-word", help="put this word at the front of every caption")
     prep.add_argument("--overwrite", action="store_true", help="replace a previous output (swapped in atomically)")
     prep.add_argument("--num-proc", type=int, default=1, help="Data-Juicer worker processes (default: 1)")
+    prep.add_argument("--executor", choices=["default", "ray"], default="default",
+                      help="Data-Juicer executor: default (in this process) or ray (see docs/scale-out.md)")
+    prep.add_argument("--ray-address", default="local",
+                      help="with --executor ray: local (start Ray here), auto (join `ray start`) or HOST:PORT")
     prep.set_defaults(func=_cmd_prep)
 
     train = commands.add_parser(

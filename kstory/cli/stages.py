@@ -92,6 +92,8 @@ def _prep_run(config: RunConfig, run: RunDir) -> None:
         recipe=config.prep.recipe,
         trigger_word=config.prep.trigger_word,
         num_proc=config.prep.num_proc,
+        executor=config.prep.executor,
+        ray_address=config.prep.ray_address,
     )
 
 

@@ -33,6 +33,9 @@ class PrepSettings(Section):
     recipe: Path | None = Field(default=None, description="Data-Juicer recipe YAML; the shipped default when empty.")
     trigger_word: str | None = Field(default=None, description="Word put at the front of every caption.")
     num_proc: int = Field(default=1, ge=1, description="Worker processes for Data-Juicer.")
+    executor: Literal["default", "ray"] = Field(
+        default="default", description="Data-Juicer executor: default (in this process) or ray (docs/scale-out.md).")
+    ray_address: str = Field(default="local", description="With executor ray: local, auto or HOST:PORT of the cluster.")
 
 
 class LoraSetting(Section):

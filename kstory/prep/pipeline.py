@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kstory.prep import layout
+from kstory.prep.executors import DEFAULT_EXECUTOR, RAY, choose_executor
 from kstory.prep.juicer import JuicerRun, run_juicer
+from kstory.prep.ray_executor import run_juicer_on_ray
 from kstory.prep.recipe import IMAGE_KEY, TEXT_KEY, Recipe, juicer_config, load_recipe, no_auto_install
 from kstory.prep.report import build_report, write_reports
 from kstory.prep.sources import export_modelscope, is_modelscope_id, scan_folder
@@ -44,17 +46,22 @@ def prep(
     overwrite: bool = False,
     num_proc: int = 1,
     show_progress: bool = True,
+    executor: str = "default",
+    ray_address: str = "local",
 ) -> PrepResult:
     """Clean an image-caption dataset into ``out/train`` (DiffSynth layout); explain every drop in ``out/report.json``.
 
     ``source`` is a local folder or ``modelscope://owner/name[?subset=..&split=..]``.
     The input is never modified; ``out`` is replaced as a whole or not at all.
+    ``executor`` ``ray`` runs the recipe on Data-Juicer's RayExecutor at
+    ``ray_address`` (``local``, ``auto`` or HOST:PORT) with the same outputs.
     Raises KstoryError when nothing is left (after writing the report).
     """
     out = Path(out).absolute()
     trigger_word = (trigger_word or "").strip() or None
     if num_proc < 1:
         raise KstoryError(f"num_proc must be >= 1, got {num_proc}", fix="pass a positive number of processes")
+    executor = choose_executor(executor)
     inputs = inputs_fingerprint(source, recipe, trigger_word)
     if not overwrite and (done := finished_result(out, inputs)) is not None:
         log.info("prep: %s already holds this prep of the same inputs, recipe and trigger word: nothing to do", out)
@@ -68,7 +75,8 @@ def prep(
         handler = _log_to(staging / "prep.log")
         try:
             with no_auto_install():
-                result = _build(str(source), folder, out, staging, loaded, trigger_word, num_proc, show_progress)
+                result = _build(str(source), folder, out, staging, loaded, trigger_word, num_proc, show_progress,
+                                (executor, ray_address))
         finally:
             logging.getLogger("kstory.prep").removeHandler(handler)
             handler.close()
@@ -125,6 +133,7 @@ def _build(
     trigger_word: str | None,
     num_proc: int,
     show_progress: bool,
+    engine: tuple[str, str] = (DEFAULT_EXECUTOR, "local"),
 ) -> PrepResult:
     """Everything up to the publish, written into ``staging``; returns the result with final paths.
 
@@ -147,7 +156,7 @@ def _build(
         scan.samples, measuring_ops(recipe), max_pixels=recipe.max_image_pixels, num_proc=num_proc, show_progress=show_progress
     ) as checked:
         # parsing the config takes a second or two: let it overlap the workers' decoding
-        cfg = juicer_config(recipe, work_dir=work_dir, num_samples=len(scan.samples))
+        cfg = juicer_config(recipe, work_dir=work_dir, num_samples=len(scan.samples)) if engine[0] != RAY else None
         checks = checked()
     failed = Counter(check.reason for check in checks if check.reason)
     log.info(
@@ -159,7 +168,13 @@ def _build(
 
     passed = [check for check in checks if check.reason is None]
     with layout.TrainingSetWriter([_picture(check) for check in passed], staging) as training_set:
-        run = run_juicer(cfg, recipe, [_row(check) for check in passed], work_dir / "data_juicer.log") if passed else None
+        rows = [_row(check) for check in passed]
+        if not passed:
+            run = None
+        elif engine[0] == RAY:
+            run = run_juicer_on_ray(recipe, rows, work_dir=work_dir, address=engine[1])
+        else:
+            run = run_juicer(cfg, recipe, rows, work_dir / "data_juicer.log")
         if run is not None:
             log.info(
                 "data-juicer: %d of %d kept, dropped %s (%.1fs)",

@@ -186,8 +186,14 @@ def juicer_config(recipe: Recipe, *, work_dir: Path, num_samples: int) -> Any:
     map with ``np`` >= 1 forks its own worker pool.  With ``np: 1`` the ops
     therefore run in this process (see :func:`_in_main_process`).
     """
-    from data_juicer.config import init_configs
+    config = pinned_config(recipe, work_dir=work_dir, num_samples=num_samples)
+    if config["np"] == 1:
+        config.update(auto_op_parallelism=False, process=_in_main_process(config["process"]))
+    return parse_config(config, work_dir)
 
+
+def pinned_config(recipe: Recipe, *, work_dir: Path, num_samples: int) -> dict[str, Any]:
+    """The recipe with the settings the report relies on, whichever executor runs it."""
     config = dict(recipe.juicer)
     config.update(
         dataset_path=str(work_dir / "input.jsonl"),
@@ -206,8 +212,13 @@ def juicer_config(recipe: Recipe, *, work_dir: Path, num_samples: int) -> Any:
         keep_hashes_in_res_ds=True,
         op_fusion=False,
     )
-    if config["np"] == 1:
-        config.update(auto_op_parallelism=False, process=_in_main_process(config["process"]))
+    return config
+
+
+def parse_config(config: dict[str, Any], work_dir: Path) -> Any:
+    """Write ``config`` as ``work_dir/recipe.yaml`` (the exact config run) and parse it with Data-Juicer."""
+    from data_juicer.config import init_configs
+
     config_path = work_dir / "recipe.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return init_configs(["--config", str(config_path)], load_configs_only=True)
