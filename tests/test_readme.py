@@ -32,6 +32,7 @@ SWAPS = [
     ("--model kolors", "--model tiny"),
     ("--aesthetic-model kolors-challenge", "--aesthetic-model tiny"),
     ("pose=models/Kolors-ControlNet-Pose", "pose=tiny"),
+    ("--ip-adapter models/Kolors-IP-Adapter-Plus", "--ip-adapter tiny"),
 ]
 EXTRA = {
     "train": ["--resolution", "128", "--steps", "4"],
@@ -63,6 +64,11 @@ def _inputs(root: Path) -> None:
     spec = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
     spec["frames"][-1]["guides"] = [{"type": "pose", "pose": "waving", "scale": 0.8}]
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (spec["defaults"]["width"], spec["defaults"]["height"]))
+    ImageDraw.Draw(mask).rectangle((40, 40, 80, 80), fill=255)  # `kstory inpaint ... --mask hand.png`
+    mask.save(root / "hand.png")
 
 
 def _run_config(root: Path) -> None:
@@ -111,8 +117,8 @@ def test_readme_use_block_runs_on_the_tiny_preset(tmp_path: Path, monkeypatch: p
         if command == "score":  # `kstory score RUN`: the manifest's 8 frames with their prompts, into RUN/scores.json
             scores = json.loads((tmp_path / "runs" / "mine" / "scores.json").read_text(encoding="utf-8"))
             assert len(scores["images"]) == 8 and all(image["prompt"] for image in scores["images"])
-    assert ran == ["demo", "prep", "train", "story", "reroll", "search", "score", "package", "verify", "upload", "run",
-                   "status", "doctor"]
+    assert ran == ["demo", "prep", "train", "story", "story", "reroll", "inpaint", "search", "score", "package", "verify",
+                   "upload", "run", "status", "doctor"]
     run = tmp_path / "runs" / "mine"
     log = (run / "kstory.log").read_text(encoding="utf-8")
     for command in ("prep", "train", "story", "reroll", "score", "package", "verify", "upload"):
