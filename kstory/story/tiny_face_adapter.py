@@ -51,3 +51,27 @@ def write_tiny_face_adapter(folder: Path, *, safetensors: bool = False, seed: in
                    folder / "ipa-faceid-plus.bin")
     write_tiny_image_encoder(folder / FACE_ENCODER_DIR)
     return folder
+
+
+TINY_DIR = "tiny-faceid-plus-v1"
+
+
+def build_tiny_face_adapter(cache_dir: Path | None = None) -> Path:
+    """Build (once) and return the tiny FaceID-Plus folder in the model cache."""
+    import shutil
+
+    from kstory.core.atomic import atomic_directory
+    from kstory.core.models import default_cache_dir
+
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir()) / TINY_DIR
+    done = (root / "ipa-faceid-plus.bin").is_file() and (root / FACE_ENCODER_DIR / "model.safetensors").is_file()
+    if not done:
+        if root.exists():
+            shutil.rmtree(root)  # our own cache entry, half-written
+        try:
+            with atomic_directory(root) as staging:
+                write_tiny_face_adapter(staging)
+        except (OSError, FileExistsError):
+            if not (root / "ipa-faceid-plus.bin").is_file():
+                raise
+    return root
