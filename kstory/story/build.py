@@ -56,6 +56,7 @@ def _files_intact(folder: Path, record: dict[str, Any]) -> bool:
     reference = _reference_file(record)
     if reference:
         entries.append((reference["file"], reference.get("sha256")))
+    entries += [(part["file"], part.get("sha256")) for part in _face_files(record)]
     for name, digest in entries:
         if not name or not digest:
             return False
@@ -71,11 +72,17 @@ def _reference_file(record: dict[str, Any]) -> dict[str, Any] | None:
     return reference if reference.get("file") else None
 
 
+def _face_files(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The face embedding and crop a frame was made with (FaceID-Plus), files of the story folder."""
+    face = record.get("face_id") or {}
+    return [face[part] for part in ("embedding", "crop") if face.get(part)]
+
+
 def _record_files(record: dict[str, Any]) -> list[str]:
     repairs = [name for r in record.get("repairs", []) for name in (r.get("source_file"), r.get("mask_file")) if name]
     reference = _reference_file(record)
     return [record["file"], *(g["file"] for g in record.get("guides", [])), *repairs,
-            *([reference["file"]] if reference else [])]
+            *([reference["file"]] if reference else []), *(part["file"] for part in _face_files(record))]
 
 
 @dataclass

@@ -28,6 +28,7 @@ from kstory.core.models import KolorsWeights
 from kstory.story.consistent_attention import AttentionBank, shared_attention
 from kstory.story.controlnets import ControlNetWeights, ControlUnit, GuidedControl, load, union_task
 from kstory.story.ip_adapter import IpAdapterWeights
+from kstory.story.face_references import FaceReferences
 from kstory.story.references import ReferencePlan, References
 from kstory.story.samplers import LEGACY, make_sampler
 
@@ -87,6 +88,7 @@ class FramePlan:
     sampler: str = SAMPLER
     repairs: list[Any] = field(default_factory=list)  # kstory.story.repair.Repair, applied in order after generation
     reference: ReferencePlan | None = None  # the character reference (IP-Adapter), when the frame uses one
+    face: Any = None  # kstory.story.face_references.FacePlan: the face (FaceID-Plus), when the frame uses one
 
     def group(self) -> tuple[int, int, int, str]:
         return (self.width, self.height, self.steps, self.sampler)
@@ -143,10 +145,12 @@ class Session:
         self, weights: KolorsWeights, *, lora: Path | None, lora_scale: float | None,
         controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype,
         memory: MemoryPlan | None = None, ip_adapter: IpAdapterWeights | None = None, loras: Sequence[Any] = (),
+        face_adapter: Any = None,
     ):
         self.weights, self.lora, self.lora_scale = weights, lora, lora_scale
         self.loras = list(loras)  # the user's own LoRAs (kstory.core.lora_stack.PlannedLora), stacked on ``lora``
         self.references = References(ip_adapter, device, torch_dtype)
+        self.faces = FaceReferences(face_adapter, device, torch_dtype)
         self.controlnet_weights = dict(controlnets)
         self.device, self.torch_dtype, self.memory = device, torch_dtype, memory
         self.tiled_vae = bool(memory and memory.tiled_vae)
@@ -165,11 +169,12 @@ class Session:
         cls, weights: KolorsWeights, *, lora: Path | None, lora_scale: float | None,
         controlnets: Mapping[str, ControlNetWeights], device: str, torch_dtype: torch.dtype,
         memory: MemoryPlan | None = None, ip_adapter: IpAdapterWeights | None = None, loras: Sequence[Any] = (),
+        face_adapter: Any = None,
     ) -> Session:
         """A session on ``weights`` with the LoRA, the named ControlNets and the IP-Adapter; each network loads in
         its phase."""
         return cls(weights, lora=lora, lora_scale=lora_scale, controlnets=controlnets, device=device,
-                   torch_dtype=torch_dtype, memory=memory, ip_adapter=ip_adapter, loras=loras)
+                   torch_dtype=torch_dtype, memory=memory, ip_adapter=ip_adapter, loras=loras, face_adapter=face_adapter)
 
     def _prompter(self) -> Any:
         if self._text is None:
@@ -322,7 +327,7 @@ class Session:
         prompt_emb = {key: torch.cat([e[key] for e in posi + nega]) for key in ("encoder_hidden_states", "add_text_embeds")}
         cfg = torch.tensor([plan.cfg_scale for plan in batch], device=self.device, dtype=self.torch_dtype).view(-1, 1, 1, 1)
         units = self._units(batch)
-        references = self.references.for_batch(batch, pipe.unet)
+        references = self.references.for_batch(batch, pipe.unet) or self.faces.for_batch(batch, pipe.unet)
         size, count = 2 * len(batch), len(sampler.timesteps)
         sharing = shared_attention(pipe.unet, bank, [(plan.index, plan.seed) for plan in batch])
         try:

@@ -33,6 +33,10 @@ log = get_logger("story")
 
 
 def plan_from_record(out_dir: Path, index: int, record: dict[str, Any]) -> FramePlan:
+    if record.get("face_id"):  # refused rather than made again without the face
+        raise KstoryError(f"frame {index} was made with a face (FaceID-Plus): re-rolling or repairing it alone is not "
+                          "supported yet", path=out_dir / "manifest.json",
+                          fix="change the frame's seed in the spec and run kstory story")
     guides = []
     for g in record["guides"]:
         with Image.open(verified(out_dir / g["file"], g["sha256"], "guide image")) as handle:

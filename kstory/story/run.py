@@ -33,6 +33,7 @@ from kstory.story.consistent_attention import AttentionBank, SharingSettings, sh
 from kstory.story.manifest import FORMAT, frame_name, package_versions, png_bytes, read_manifest, save_png, sha256_bytes
 from kstory.story.reference_records import adapter_record, frame_entry, keyed, reference_plans, resolve_ip_adapter
 from kstory.story.references import waves
+from kstory.story.face_references import face_keyed, face_plans, resolve_face_adapter, write_face_files
 from kstory.story.repair import Repair, apply_repairs, repair_plan, repaired_key
 from kstory.story.samplers import sampler_record
 from kstory.story.staging import link_or_copy
@@ -133,9 +134,9 @@ def plan_frames(spec: StorySpec, indices: list[int], spec_dir: Path, trigger_wor
             negative_prompt=spec.negative_prompt(index), seed=frame.seed,
             width=width, height=height, steps=steps, cfg_scale=cfg, guides=guides, sampler=spec.sampler(index),
         ))
-    references = reference_plans(spec, spec_dir)
+    references, faces = reference_plans(spec, spec_dir), face_plans(spec, spec_dir)
     for plan in plans:
-        plan.reference = references.get(plan.index)
+        plan.reference, plan.face = references.get(plan.index), faces.get(plan.index)
     return plans
 
 
@@ -294,7 +295,7 @@ class FrameWork:
 def frame_work(groups: list[list[FramePlan]], setup: str, origin: Mapping[int, str],
                spec_value: Mapping[int, tuple[int, str]], adapter: Any = None,
                known_keys: Mapping[int, str] | None = None, sharing: SharingSettings | None = None,
-               ) -> dict[int, FrameWork]:
+               face_adapter: Any = None) -> dict[int, FrameWork]:
     """Key and record extras of every planned frame (guide images encoded once).
 
     A frame that uses a frame reference keys on that frame's key (from ``groups`` or ``known_keys``). With
@@ -314,6 +315,7 @@ def frame_work(groups: list[list[FramePlan]], setup: str, origin: Mapping[int, s
     for batch in groups:
         for plan in batch:
             key = keyed(sharing_key(base[plan.index], plan.index, sharing, identity_keys), plan, keys, adapter)
+            key = face_keyed(key, plan, face_adapter)
             seed, prompt = spec_value[plan.index]
             extra = {"key": key, "origin": origin.get(plan.index, "spec"), "spec_seed": seed,
                      "spec_frame_prompt": prompt}
@@ -364,6 +366,8 @@ def run_plans(
         if plan.index in keep and plan.reference is not None and plan.reference.file:
             write_bytes(out_dir / plan.reference.file, plan.reference.data)
     session.references.encode(plans)  # the image encoder's phase, before the UNet loads
+    write_face_files(out_dir, plans, keep)
+    session.faces.encode(plans)  # the face encoder's phase, before the UNet loads too
     session.references.frame_file = lambda index: out_dir / "frames" / f"{frame_name(index)}.png"
     generated, seconds = [], 0.0
     bank = AttentionBank(sharing) if sharing is not None else None
@@ -381,6 +385,8 @@ def run_plans(
                                                    batch_seconds / len(batch), work[plan.index].extra)
             if plan.reference is not None:
                 manifest["frames"][key]["ip_adapter"] = frame_entry(plan.reference, session.references.weights)
+            if plan.face is not None:
+                manifest["frames"][key]["face_id"] = plan.face.entry(session.faces.weights)
             generated.append(plan.index)
         save(manifest)
         log.info("frames %s done in %.1f s", ", ".join(str(i) for i in members if i in keep), batch_seconds)
@@ -465,6 +471,7 @@ def generate_story(
     ip_adapter: str | Path | None = None,
     text_encoder_quant: str = "none",
     loras: Sequence[LoraRequest] = (),
+    face_adapter: str | Path | None = None,
 ) -> StoryResult:
     """Generate the story of ``spec_path`` (or only ``frames``, 1-based) into ``out_dir``.
 
@@ -484,6 +491,7 @@ def generate_story(
     run also keeps the repairs of every frame whose generation is unchanged (kstory.story.repair).
     ``ip_adapter`` (a Kolors-IP-Adapter-Plus folder, or ``"tiny"``) overrides the spec's ``character.reference.adapter``.
     ``loras`` are the user's own LoRA files, each with its scale, stacked on ``lora`` in order (docs/story.md).
+    ``face_adapter`` (a Kolors-IP-Adapter-FaceID-Plus folder, or ``"tiny"``) overrides ``character.face.adapter``.
     """
     spec_path, out_dir = Path(spec_path).resolve(), Path(out_dir)
     spec = load_spec(spec_path)
@@ -500,6 +508,7 @@ def generate_story(
         log.warning("the spec's trigger word %r differs from the LoRA's %r", trigger, lora_trigger)
     plans = plan_frames(spec, list(range(1, spec.frame_count + 1)), spec_path.parent, trigger)
     adapter = resolve_ip_adapter(spec, spec_path.parent, ip_adapter, cache_dir)
+    faces = resolve_face_adapter(spec, spec_path.parent, face_adapter, cache_dir)
     from_spec = {plan.index: (plan.seed, plan.frame_prompt) for plan in plans}
     current = read_manifest(out_dir)
     origin: dict[int, str] = {}
@@ -536,6 +545,8 @@ def generate_story(
     manifest = new_manifest(spec, setup, sha256_bytes(spec_bytes), trigger)
     if adapter is not None:
         manifest["ip_adapter"] = adapter_record(adapter, str(ip_adapter or spec.character.reference.adapter) == "tiny")
+    if faces is not None:
+        manifest["face_adapter"] = {**faces.record(), "tiny": str(face_adapter or spec.character.face.adapter) == "tiny"}
     if current is not None and frames:
         if current.get("setup_id") != manifest["setup_id"]:
             raise KstoryError(
@@ -543,9 +554,9 @@ def generate_story(
                 path=out_dir, fix="regenerate all frames (leave out the frame selection) or use another folder",
             )
     known = {int(k): r.get("key", "") for k, r in (current or {}).get("frames", {}).items()}
-    work = frame_work(groups, manifest["setup_id"], origin, from_spec, adapter, known, sharing)
+    work = frame_work(groups, manifest["setup_id"], origin, from_spec, adapter, known, sharing, faces)
     if attach_repairs(plans, repairs or {}, current if frames is None else None, work, out_dir):
-        work = frame_work(groups, manifest["setup_id"], origin, from_spec, adapter, known, sharing)
+        work = frame_work(groups, manifest["setup_id"], origin, from_spec, adapter, known, sharing, faces)
     build = StoryBuild(out_dir, current)
     build.open()
     if current is not None and frames:
@@ -556,7 +567,7 @@ def generate_story(
     def load_session() -> Session:
         return Session.load(weights, lora=lora_choice.path if lora_choice else None, lora_scale=lora_scale,
                             controlnets=controlnet_weights, device=device, torch_dtype=torch_dtype,
-                            memory=memory_plan, ip_adapter=adapter, loras=planned)
+                            memory=memory_plan, ip_adapter=adapter, loras=planned, face_adapter=faces)
 
     return build_story(build, manifest, groups, set(indices), work, load_session=load_session,
                        spec_text=spec_bytes.decode("utf-8"), release=spec.generation.release_text_encoder,

@@ -15,6 +15,7 @@ from kstory.core.errors import KstoryError
 from kstory.core.seeds import Seed
 from kstory.core.yamlio import load_yaml, validate
 from kstory.story.consistent_spec import ConsistentAttention, check_consistent_attention
+from kstory.story.face_spec import Face, check_face
 from kstory.story.guides.pose_library import pose_names
 from kstory.story.samplers import LEGACY, SAMPLERS
 
@@ -55,6 +56,7 @@ class Character(_Strict):
     style: str = Field(default="", description="Style words added to every frame's prompt.")
     negative_prompt: str = Field(default="", description="Negative prompt of every frame (a frame may override it).")
     reference: Reference | None = Field(default=None, description="A character reference for chosen frames.")
+    face: Face | None = Field(default=None, description="A person's face for chosen frames (FaceID-Plus).")
 
 
 class FrameSettings(_Strict):
@@ -235,6 +237,7 @@ def load_spec(path: Path) -> StorySpec:
     _check_keypoints(spec, marks, path)
     _check_reference(spec, marks, path)
     check_consistent_attention(spec, marks, path)
+    check_face(spec, marks, path)
     return spec
 
 

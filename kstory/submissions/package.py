@@ -178,6 +178,8 @@ def _in_order(manifest: dict[str, Any], order: list[str]) -> tuple[dict[str, Any
         reference = ((record.get("ip_adapter") or {}).get("reference") or {}).get("file")
         if reference:  # the character reference image ships as it is (verify makes the frames from it)
             renames[reference] = reference
+        face = record.get("face_id") or {}
+        renames.update({face[part]["file"]: face[part]["file"] for part in ("embedding", "crop") if face.get(part)})
         record["story_frame"] = int(key)
         frames[str(position)] = record
     return {**manifest, "frames": frames}, renames

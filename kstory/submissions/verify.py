@@ -157,6 +157,7 @@ def _package_spec(submission: Path, manifest: dict[str, Any], target: Path) -> P
     spec = yaml.safe_load((submission / "story.yaml").read_text(encoding="utf-8")) or {}
     spec.pop("controlnets", None)  # given explicitly, found by hash
     _package_reference(submission, manifest, spec)
+    _package_face(submission, manifest, spec)
     frames = spec.get("frames") or []
     for key, frame in manifest["frames"].items():
         index = story_frame(key, frame) - 1
@@ -173,6 +174,21 @@ def _package_spec(submission: Path, manifest: dict[str, Any], target: Path) -> P
         ]
     target.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return target
+
+
+def _package_face(submission: Path, manifest: dict[str, Any], spec: dict[str, Any]) -> None:
+    """The spec's face becomes the packaged embedding and crop (no insightface needed); the adapter is found by hash."""
+    face = (spec.get("character") or {}).get("face")
+    if not face:
+        return
+    entry = next((f["face_id"] for f in manifest["frames"].values() if f.get("face_id")), None)
+    if entry is None:
+        raise KstoryError("story.yaml has a face but no frame records one", path=submission / "manifest.json",
+                          fix="repackage the run")
+    for name in ("adapter", "image"):
+        face.pop(name, None)
+    face["embedding"] = str((submission / entry["embedding"]["file"]).resolve())
+    face["crop"] = str((submission / entry["crop"]["file"]).resolve())
 
 
 def _repairs(submission: Path, manifest: dict[str, Any]) -> dict[int, list[Any]]:
@@ -245,6 +261,9 @@ def verify_package(
     from kstory.story.reference_records import find_recorded_adapter
 
     adapter = find_recorded_adapter(manifest.get("ip_adapter"), ip_adapter, cache)
+    from kstory.story.face_references import find_recorded_face_adapter
+
+    face_adapter = find_recorded_face_adapter(manifest.get("face_adapter"), None, cache)
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     device = device or manifest.get("device") or None
     report = VerifyReport(str(submission), "identical", True, file_problems=problems)
@@ -256,7 +275,7 @@ def verify_package(
                                 controlnets=nets, cache_dir=cache, device=device, torch_dtype=dtype, memory=memory,
                                 repairs=_repairs(submission, manifest), ip_adapter=adapter.path if adapter else None,
                                 text_encoder_quant=(manifest.get("memory") or {}).get("text_encoder_quant", "none"),
-                                loras=user_loras)
+                                loras=user_loras, face_adapter=face_adapter.path if face_adapter else None)
         regen_manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))
         for key, frame in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0])):
             index = story_frame(key, frame)
