@@ -1,0 +1,83 @@
+"""The Kolors-Inpainting UNet (9 input channels) in DiffSynth: parity with diffusers, and wrong UNets refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kstory.core.errors import KstoryError
+from kstory.core.models import resolve_model
+from kstory.core.models.tiny import TinyKolorsSpec
+from kstory.story.inpaint_model import find_recorded_inpaint_model, load_inpaint_unet, resolve_inpaint_model
+from kstory.story.tiny_inpaint import write_tiny_inpaint_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def inpaint_dir(tmp_path_factory) -> Path:
+    return write_tiny_inpaint_model(tmp_path_factory.mktemp("inpaint") / "Kolors-Inpainting")
+
+
+@torch.no_grad()
+def test_kstory_inpaint_unet_matches_diffusers_unet2dcondition_with_9_channels(inpaint_dir):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    model = resolve_inpaint_model(inpaint_dir)
+    ours = load_inpaint_unet(model, "cpu", torch.float32)
+    assert ours.conv_in.in_channels == 9 and type(ours).__name__ == "SDXLUNet"
+    config = json.loads(model.config.read_text())
+    theirs = UNet2DConditionModel(**config).eval()
+    assert theirs.config.in_channels == 9
+    theirs.load_state_dict(load_file(str(model.weights)), strict=True)
+    spec = TinyKolorsSpec()
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 9, 16, 16, generator=g)
+    sample[:, 4] = (sample[:, 4] > 0).float()  # the mask channel is binary, as the pipeline feeds it
+    timestep = torch.tensor([700.0, 120.0])
+    text = torch.randn(2, 7, spec.text_hidden_size, generator=g)
+    pooled = torch.randn(2, spec.text_hidden_size, generator=g)
+    time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]] * 2)
+    expected = theirs(sample, timestep, encoder_hidden_states=text,
+                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    got = ours(sample, timestep, text, time_ids, pooled)
+    assert got.shape == expected.shape == (2, 4, 16, 16)
+    scale = float(expected.abs().max())
+    assert float((got - expected).abs().max()) <= 1e-5 * scale
+    # the extra channels matter: the comparison would catch a conv_in that ignored them
+    changed = sample.clone()
+    changed[:, 5:] = 0
+    assert float((ours(changed, timestep, text, time_ids, pooled) - got).abs().max()) > 1e-3 * scale
+
+
+def test_the_base_unet_is_refused_as_the_inpainting_model_and_the_reverse(inpaint_dir, tmp_path):
+    base = resolve_model("tiny")
+    with pytest.raises(KstoryError, match="base Kolors UNet .4 input channels., not Kolors-Inpainting") as error:
+        resolve_inpaint_model(base.root)
+    assert "diffusion_pytorch_model.safetensors" in str(error.value)
+    # an inpainting UNet where the base UNet belongs
+    wrong = tmp_path / "wrong-base"
+    shutil.copytree(base.root, wrong)
+    shutil.copy(inpaint_dir / "unet/diffusion_pytorch_model.safetensors", wrong / "unet/diffusion_pytorch_model.safetensors")
+    with pytest.raises(KstoryError, match="9 input channels: it is Kolors-Inpainting's, not the base") as error:
+        resolve_model(str(wrong))
+    assert "--inpaint-model" in error.value.fix
+
+
+def test_missing_or_other_inpainting_weights_are_named(inpaint_dir, tmp_path):
+    with pytest.raises(KstoryError, match="does not exist"):
+        resolve_inpaint_model(tmp_path / "nowhere")
+    model = resolve_inpaint_model(inpaint_dir)
+    assert model.fingerprint == resolve_inpaint_model(inpaint_dir / "unet").fingerprint  # the unet folder works too
+    other = write_tiny_inpaint_model(tmp_path / "other", seed=8)
+    assert resolve_inpaint_model(other).fingerprint != model.fingerprint
+    record = {**model.record(), "spec": str(tmp_path / "moved-away")}
+    assert find_recorded_inpaint_model(record, inpaint_dir).fingerprint == model.fingerprint
+    with pytest.raises(KstoryError, match=f"UNet {model.fingerprint[:12]}.*moved-away") as error:
+        find_recorded_inpaint_model(record, other)
+    assert "--inpaint-model" in error.value.fix
