@@ -81,3 +81,78 @@ def test_missing_or_other_inpainting_weights_are_named(inpaint_dir, tmp_path):
     with pytest.raises(KstoryError, match=f"UNet {model.fingerprint[:12]}.*moved-away") as error:
         find_recorded_inpaint_model(record, other)
     assert "--inpaint-model" in error.value.fix
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    import yaml
+
+    import kstory.story as story
+
+    root = tmp_path_factory.mktemp("inpaint-story")
+    spec = {"title": "t", "frame_count": 2, "character": {"trigger_word": "kstory style", "negative_prompt": "blurry"},
+            "defaults": {"width": 64, "height": 64, "steps": 4, "cfg_scale": 5.0, "sampler": "euler"},
+            "frames": [{"prompt": "a fox", "seed": 1}, {"prompt": "a cat", "seed": 2}]}
+    (root / "story.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    story.generate_story(root / "story.yaml", root / "story", model="tiny")
+    return root / "story"
+
+
+@pytest.mark.parametrize("crop", [None, 8])
+def test_inpaint_with_the_inpainting_unet_keeps_the_outside_and_regenerates_bit_identically(
+        made, inpaint_dir, tmp_path, crop):
+    import numpy as np
+    from PIL import Image
+
+    import kstory.story as story
+    from kstory.story.repair import Repair
+    from kstory.story.repair_frame import repair_frame
+
+    out = tmp_path / "story"
+    shutil.copytree(made, out)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:32, 16:40] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    before = np.asarray(Image.open(out / "frames/01.png").convert("RGB"), dtype=int)
+    result = repair_frame(out, 1, kind="inpaint", strength=1.0, seed=5, mask=tmp_path / "m.png", feather=4,
+                          crop_padding=crop, inpaint_model=inpaint_dir)
+    after = np.asarray(Image.open(result.frames[1]).convert("RGB"), dtype=int)
+    outside = np.ones((64, 64), bool)
+    outside[11:37, 11:45] = False  # the mask plus the feather (4) and one pixel
+    assert np.array_equal(after[outside], before[outside])
+    assert np.abs(after[16:32, 16:40] - before[16:32, 16:40]).mean() > 10
+    record = json.loads((out / "manifest.json").read_text())["frames"]["1"]
+    (repair,) = record["repairs"]
+    model = resolve_inpaint_model(inpaint_dir)
+    assert repair["inpaint_model"] == {"kind": "kolors-inpainting", "spec": str(inpaint_dir.resolve()),
+                                       "fingerprint": model.fingerprint, "tiny": False}
+    # the same repair by latent blending is another picture, and another key
+    blended = tmp_path / "blended"
+    shutil.copytree(made, blended)
+    other = repair_frame(blended, 1, kind="inpaint", strength=1.0, seed=5, mask=tmp_path / "m.png", feather=4,
+                         crop_padding=crop)
+    assert other.frame_hashes[1] != result.frame_hashes[1]
+    assert json.loads((blended / "manifest.json").read_text())["frames"]["1"]["key"] != record["key"]
+    # replayed from the record (what verify does), with the model found at the given path by its fingerprint
+    moved = tmp_path / "moved-inpainting"
+    shutil.copytree(inpaint_dir, moved)
+    repairs = {1: [Repair.from_record(r, out) for r in record["repairs"]]}
+    repairs[1][0].inpaint_path = moved
+    again = story.generate_story(out / "story.yaml", tmp_path / "regen", model="tiny", repairs=repairs)
+    assert again.frame_hashes[1] == record["sha256"]
+
+
+def test_inpaint_model_arguments_are_checked(made, inpaint_dir, tmp_path):
+    from kstory.story.repair_frame import repair_frame
+
+    out = tmp_path / "story"
+    shutil.copytree(made, out)
+    with pytest.raises(KstoryError, match="inpainting model is for inpainting"):
+        repair_frame(out, 1, kind="img2img", strength=0.5, seed=1, inpaint_model=inpaint_dir)
+    with pytest.raises(KstoryError, match="base Kolors UNet"):
+        from PIL import Image
+
+        Image.new("L", (64, 64), 255).save(tmp_path / "m.png")
+        repair_frame(out, 1, kind="inpaint", strength=0.5, seed=1, mask=tmp_path / "m.png",
+                     inpaint_model=resolve_model("tiny").root)
+    assert not (out / "repairs").exists()  # nothing was written

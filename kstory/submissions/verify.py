@@ -174,12 +174,21 @@ def _package_spec(submission: Path, manifest: dict[str, Any], target: Path) -> P
     return target
 
 
-def _repairs(submission: Path, manifest: dict[str, Any]) -> dict[int, list[Any]]:
-    """Story frame -> its recorded repairs, replayed from the masks and pictures the package ships."""
+def _repairs(submission: Path, manifest: dict[str, Any], inpaint_model: str | Path | None,
+             cache: Path | None) -> dict[int, list[Any]]:
+    """Story frame -> its recorded repairs, replayed from the masks and pictures the package ships.
+
+    An inpainting model is not shipped (it is Kolors-Inpainting, the same for everyone): it is found by its
+    recorded fingerprint, here before anything generates, so a missing one is named at once.
+    """
+    from kstory.story.inpaint_model import find_recorded_inpaint_model
     from kstory.story.repair import Repair
 
-    return {story_frame(key, frame): [Repair.from_record(r, submission) for r in frame["repairs"]]
-            for key, frame in manifest["frames"].items() if frame.get("repairs")}
+    repairs = {story_frame(key, frame): [Repair.from_record(r, submission) for r in frame["repairs"]]
+               for key, frame in manifest["frames"].items() if frame.get("repairs")}
+    for repair in (r for chain in repairs.values() for r in chain if r.inpaint_model):
+        repair.inpaint_path = find_recorded_inpaint_model(repair.inpaint_model, inpaint_model, cache).spec
+    return repairs
 
 
 def _package_reference(submission: Path, manifest: dict[str, Any], spec: dict[str, Any]) -> None:
@@ -206,7 +215,7 @@ def _scoring_model(info: dict[str, Any] | None, default: str) -> str:
 def verify_package(
     submission_dir: str | Path, *, model: str = "tiny", cache_dir: str | Path | None = None,
     controlnets: dict[str, Path] | None = None, rescore: bool = True, device: str | None = None,
-    ip_adapter: str | Path | None = None,
+    ip_adapter: str | Path | None = None, inpaint_model: str | Path | None = None,
 ) -> VerifyReport:
     """Regenerate the package's frames and compare; see the module docstring.
 
@@ -239,6 +248,7 @@ def verify_package(
     from kstory.story.reference_records import find_recorded_adapter
 
     adapter = find_recorded_adapter(manifest.get("ip_adapter"), ip_adapter, cache)
+    repairs = _repairs(submission, manifest, inpaint_model, cache)
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     device = device or manifest.get("device") or None
     report = VerifyReport(str(submission), "identical", True, file_problems=problems)
@@ -248,7 +258,7 @@ def verify_package(
         memory = (manifest.get("memory") or {}).get("profile") or "none"
         result = generate_story(spec, Path(tmp) / "regen", model=model, lora=lora, lora_scale=lora_info.get("scale"),
                                 controlnets=nets, cache_dir=cache, device=device, torch_dtype=dtype, memory=memory,
-                                repairs=_repairs(submission, manifest), ip_adapter=adapter.path if adapter else None,
+                                repairs=repairs, ip_adapter=adapter.path if adapter else None,
                                 text_encoder_quant=(manifest.get("memory") or {}).get("text_encoder_quant", "none"))
         regen_manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))
         for key, frame in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0])):
