@@ -156,3 +156,39 @@ def test_inpaint_model_arguments_are_checked(made, inpaint_dir, tmp_path):
         repair_frame(out, 1, kind="inpaint", strength=0.5, seed=1, mask=tmp_path / "m.png",
                      inpaint_model=resolve_model("tiny").root)
     assert not (out / "repairs").exists()  # nothing was written
+
+
+@pytest.mark.slow
+def test_package_records_the_inpainting_model_and_verify_needs_it(inpaint_dir, tmp_path):
+    from test_submissions_package import SUFFIX, TEAM, make_quick_run
+
+    from kstory.cli import main
+    from kstory.submissions import verify_package
+
+    run = make_quick_run(tmp_path / "run")
+    model = tmp_path / "Kolors-Inpainting"
+    shutil.copytree(inpaint_dir, model)
+    from PIL import Image
+
+    Image.new("L", (64, 64), 0).save(tmp_path / "m.png")
+    width, height = Image.open(run / "story/frames/02.png").size
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (width // 4, height // 4, width // 2, height // 2))
+    mask.save(tmp_path / "m.png")
+    assert main(["inpaint", str(run / "story"), "2", "--mask", str(tmp_path / "m.png"), "--seed", "7",
+                 "--strength", "0.8", "--inpaint-model", str(model)]) == 0
+    assert main(["score", str(run), "--aesthetic-model", "tiny"]) in (0, 3)
+    assert main(["package", str(run), "--team", TEAM, "--suffix", SUFFIX, "--allow-failed-gate",
+                 "--allow-test-model"]) == 0
+    index = json.loads((run / "submission/kstory_package.json").read_text())
+    fingerprint = resolve_inpaint_model(model).fingerprint
+    assert index["inpaint_models"] == [{"kind": "kolors-inpainting", "fingerprint": fingerprint, "tiny": False}]
+    assert not any(name.endswith("diffusion_pytorch_model.safetensors") for name in index["files"])
+    assert verify_package(run / "submission", model="tiny", rescore=False).verdict == "identical"
+    elsewhere = tmp_path / "elsewhere"
+    model.rename(elsewhere)
+    with pytest.raises(KstoryError, match=f"Kolors-Inpainting UNet {fingerprint[:12]}") as error:
+        verify_package(run / "submission", model="tiny", rescore=False)
+    assert "--inpaint-model" in error.value.fix
+    report = verify_package(run / "submission", model="tiny", rescore=False, inpaint_model=elsewhere)
+    assert report.verdict == "identical", report.render()
