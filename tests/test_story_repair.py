@@ -129,3 +129,29 @@ def test_bad_masks_and_arguments(out, tmp_path, caplog):
         repair_frame(out, 2, kind="inpaint", strength=1.0, seed=1, mask=write_mask(tmp_path / "w.png", box=(0, 0, 64, 64)))
     assert "covers the whole frame: this is a full re-roll" in caplog.text
     assert json.loads((out / "manifest.json").read_text())["frames"]["2"]["repairs"][0]["whole_frame"]
+
+
+def test_undo_puts_the_frame_before_its_last_repair_back_and_keeps_the_history(out, tmp_path):
+    from kstory.story.undo_repair import before_last_repair, undo_last_repair
+
+    with pytest.raises(KstoryError, match="no repair"):
+        undo_last_repair(out, 1)
+    first = (out / "frames/01.png").read_bytes()
+    repair_frame(out, 1, kind="img2img", strength=0.5, seed=3)
+    second = (out / "frames/01.png").read_bytes()
+    repair_frame(out, 1, kind="inpaint", strength=1.0, seed=4, mask=write_mask(tmp_path / "m.png"))
+    assert before_last_repair(out, 1)[1]["sha256"] == json.loads((out / "manifest.json").read_text())[
+        "frames"]["1"]["repairs"][-1]["source_sha256"]
+    other = (out / "frames/02.png").read_bytes()
+    histories = len(list((out.parent / ".history").iterdir()))
+    undo_last_repair(out, 1)
+    assert (out / "frames/01.png").read_bytes() == second and (out / "frames/02.png").read_bytes() == other
+    record = json.loads((out / "manifest.json").read_text())["frames"]["1"]
+    assert [r["kind"] for r in record["repairs"]] == ["img2img"]
+    assert record["seed_history"][-1]["undo"] == "inpaint" and len(record["seed_history"]) == 4
+    assert len(list((out.parent / ".history").iterdir())) == histories + 1  # the repaired story is kept too
+    undo_last_repair(out, 1)
+    assert (out / "frames/01.png").read_bytes() == first
+    assert "repairs" not in json.loads((out / "manifest.json").read_text())["frames"]["1"]
+    # the story is consistent: a full run finds it up to date, and its spec copy agrees with the manifest
+    assert story.generate_story(out / "story.yaml", out, model="tiny").generated == []

@@ -245,7 +245,7 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
                      prompt=args.prompt, mask=Path(args.mask), feather=args.feather, crop_padding=args.crop_padding,
                      threshold=args.threshold, sampler=args.sampler,
                      controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None,
-                     cache_dir=cache_dir)
+                     cache_dir=cache_dir, inpaint_model=args.inpaint_model)
     print(f"frame {args.frame} inpainted; the repair is recorded in {Path(args.story) / 'manifest.json'} (repairs)")
     return 0
 
@@ -317,7 +317,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         report = verify_package(
             Path(args.submission), model=args.model, cache_dir=cache_dir,
             controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir) or None,
-            rescore=not args.no_rescore, ip_adapter=args.ip_adapter, loras=[Path(path) for path in args.lora or []],
+            rescore=not args.no_rescore, ip_adapter=args.ip_adapter, inpaint_model=args.inpaint_model,
+            loras=[Path(path) for path in args.lora or []],
         )
         if report.verdict != "modified":  # a changed package gets no record: upload refuses it anyway
             write_verify_record(Path(args.submission), report)
@@ -558,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "as white (default 128)")
     inpaint.add_argument("--sampler", choices=SAMPLER_CHOICES, help="sampler (default: the frame's)")
     inpaint.add_argument("--controlnet", action="append", metavar="NAME=PATH", help="moved ControlNet weights")
+    inpaint.add_argument("--inpaint-model", metavar="PATH", help="inpaint with the Kwai-Kolors/Kolors-Inpainting "
+                         "UNet in this folder ('tiny': the offline random one) instead of latent blending")
     inpaint.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     inpaint.set_defaults(func=_cmd_inpaint)
 
@@ -630,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--lora", action="append", metavar="PATH",
                         help="a LoRA the frames were made with that the package records but does not ship (its "
                         "licence was not marked as allowing it); found by its sha256 (repeatable)")
+    verify.add_argument("--inpaint-model", metavar="PATH", help="Kolors-Inpainting folder the repairs used "
+                        "(found by hash; default: where they recorded it)")
     verify.add_argument("--no-rescore", action="store_true", help="skip re-scoring")
     verify.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     verify.set_defaults(func=_cmd_verify)

@@ -103,6 +103,7 @@ class GuidedControl:
         return torch.stack([unit.images.repeat(copies, 1, 1, 1) for unit, _, copies in self.active])
 
     def __call__(self, sample, timestep, encoder_hidden_states, conditionings, **kwargs) -> list[torch.Tensor]:
+        sample = sample[:, :4]  # an inpainting UNet's extra channels (mask, masked picture) are not the ControlNet's
         total = None
         for (unit, scales, _), conditioning in zip(self.active, conditionings):
             extra = {"processor_id": unit.task} if unit.task is not None else {}

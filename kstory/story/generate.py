@@ -48,11 +48,15 @@ class StartLatents:
     """Where a repair starts: the source picture's latents, the strength, and for inpainting the latents kept.
 
     ``keep`` is 1 where the source stays (outside the mask) and 0 where the frame is repainted, at latent size.
+    With an inpainting UNet (``unet``, 9 input channels), ``condition`` (the mask and the masked picture's
+    latents) follows the scaled latents into it at every step, as diffusers' inpainting pipelines do.
     """
 
     source: torch.Tensor
     strength: float
     keep: torch.Tensor | None = None
+    condition: torch.Tensor | None = None
+    unet: torch.nn.Module | None = None
 
 
 @dataclass
@@ -327,17 +331,20 @@ class Session:
         prompt_emb = {key: torch.cat([e[key] for e in posi + nega]) for key in ("encoder_hidden_states", "add_text_embeds")}
         cfg = torch.tensor([plan.cfg_scale for plan in batch], device=self.device, dtype=self.torch_dtype).view(-1, 1, 1, 1)
         units = self._units(batch)
-        references = self.references.for_batch(batch, pipe.unet) or self.faces.for_batch(batch, pipe.unet)
+        unet = start.unet if start is not None and start.unet is not None else pipe.unet
+        references = self.references.for_batch(batch, unet) or self.faces.for_batch(batch, unet)
         size, count = 2 * len(batch), len(sampler.timesteps)
-        sharing = shared_attention(pipe.unet, bank, [(plan.index, plan.seed) for plan in batch])
+        sharing = shared_attention(unet, bank, [(plan.index, plan.seed) for plan in batch])
         try:
             for step, timestep in enumerate(sampler.timesteps):
                 sharing.at_step(step)
                 model_input = sampler.scale(torch.cat([latents, latents]), timestep)
                 extra = pipe.prepare_extra_input(model_input)
+                if start is not None and start.condition is not None:  # Kolors-Inpainting: mask and masked picture
+                    model_input = torch.cat([model_input, torch.cat([start.condition] * 2)], dim=1)
                 control = GuidedControl(units, step, count, copies=2)
                 noise_pred = lets_dance_xl(
-                    pipe.unet, motion_modules=None, controlnet=control if control else None,
+                    unet, motion_modules=None, controlnet=control if control else None,
                     sample=model_input, timestep=timestep.unsqueeze(0).to(self.device), **extra, **prompt_emb,
                     controlnet_frames=control.frames().to(self.device, self.torch_dtype) if control else None,
                     ipadapter_kwargs_list=references.at(step, count) if references else {},

@@ -8,7 +8,9 @@ how ``kstory verify`` checks a repaired frame.
 * **img2img** encodes the source picture with the VAE encoder (loaded only for
   this), noises it to the step the strength selects and denoises from there.
 * **inpaint** does the same while, at every step, the latents outside the mask
-  are the source's re-noised to that step (latent blending); the result is
+  are the source's re-noised to that step (latent blending), or, with a
+  Kolors-Inpainting UNet, that UNet sees the mask and the masked picture
+  (kstory.story.inpaint_input) and nothing is blended; either way the result is
   pasted over the source through the feathered mask, so pixels farther than
   the feather from the mask are the source's exactly. With a crop padding, the
   box around the mask is inpainted at the frame's full resolution and pasted back.
@@ -69,27 +71,35 @@ class Repair:
     threshold: int | None = None  # recorded when the given mask was not black and white
     feather: int = 0
     crop_padding: int | None = None
+    inpaint_model: dict[str, Any] | None = None  # the Kolors-Inpainting UNet's record; None: the story's own UNet
     whole_frame: bool = False
     sha256: str = ""  # the picture this repair made
     at: str = ""
     files: dict[str, Path] = field(default_factory=dict, repr=False)  # relative file -> where it is now
+    inpaint_path: str | Path | None = field(default=None, repr=False)  # where the inpainting model is now, if given
 
     def key_data(self) -> dict[str, Any]:
         """What decides this repair's pixels given its starting picture (an outside source by its hash)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("sha256", "at", "files", "source_sha256", "whole_frame")}
+                if f.name not in ("sha256", "at", "files", "inpaint_path", "source_sha256", "whole_frame",
+                                  "inpaint_model")}
         data["source"] = self.source_sha256 if self.source_file else "frame"
+        if self.inpaint_model:  # by its weights, never where they lie (absent: the keys of older repairs stay)
+            data["inpaint_model"] = self.inpaint_model["fingerprint"]
         return data
 
     def record(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("files")
+        data.pop("inpaint_path")
+        if data["inpaint_model"] is None:
+            data.pop("inpaint_model")
         return data
 
     @classmethod
     def from_record(cls, record: dict[str, Any], folder: Path) -> Repair:
         """A recorded repair whose files (source, mask) are in ``folder``."""
-        known = {f.name for f in fields(cls)} - {"files"}
+        known = {f.name for f in fields(cls)} - {"files", "inpaint_path"}
         repair = cls(**{k: v for k, v in record.items() if k in known})
         for name in (repair.source_file, repair.mask_file):
             if name:
@@ -122,15 +132,36 @@ def load_picture(path: Path, what: str, sha256: str | None = None) -> Image.Imag
 
 
 class SourceEncoder:
-    """The VAE encoder, loaded only when a repair needs it (a story without repairs never loads it)."""
+    """The networks only repairs need, loaded on first use (a story without repairs never loads them): the VAE
+    encoder, and the Kolors-Inpainting UNets the repairs name."""
 
     def __init__(self, session: Session):
         self.session = session
         self.model: torch.nn.Module | None = None
+        self.unets: dict[str, torch.nn.Module] = {}  # fingerprint -> inpainting UNet (LoRA merged)
 
-    @torch.no_grad()
+    def inpaint_unet(self, repair: Repair) -> torch.nn.Module:
+        """The inpainting UNet ``repair`` records, found by its fingerprint (at ``inpaint_path`` or the recorded spec)."""
+        from kstory.story.inpaint_model import find_recorded_inpaint_model, load_inpaint_unet
+
+        record = repair.inpaint_model
+        assert record is not None
+        if record["fingerprint"] not in self.unets:
+            model = find_recorded_inpaint_model(record, repair.inpaint_path)
+            log.info("loading the Kolors-Inpainting UNet %s", model.spec)
+            session = self.session
+            self.unets[record["fingerprint"]] = load_inpaint_unet(model, session.device, session.torch_dtype,
+                                                                  session.lora, session.lora_scale)
+        return self.unets[record["fingerprint"]]
+
     def encode(self, image: Image.Image) -> torch.Tensor:
         """(1, 4, H/8, W/8) latents of ``image`` (the encoder's mean, as DiffSynth's img2img uses)."""
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) * (2 / 255) - 1).permute(2, 0, 1)[None]
+        return self.encode_pixels(pixels)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents of (1, 3, H, W) pixels in [-1, 1]."""
         session = self.session
         if self.model is None:
             from kstory.core.models import load_kolors_model_manager
@@ -143,27 +174,38 @@ class SourceEncoder:
             others = [m for m in manager.model if m is not self.model]
             manager.model.clear()
             free_models(*others)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) * (2 / 255) - 1).permute(2, 0, 1)[None]
-        tiled = session.tiled_vae and max(image.size) > 512
+        tiled = session.tiled_vae and max(pixels.shape[-2:]) > 512
         return self.model(pixels.to(session.device, session.torch_dtype), tiled=tiled).to(session.torch_dtype)
 
     def free(self) -> None:
+        unets, self.unets = list(self.unets.values()), {}
         if self.model is not None:
-            model, self.model = self.model, None
-            free_models(model)
+            unets.append(self.model)
+            self.model = None
+        if unets:
+            free_models(*unets)
 
 
 def _denoise_from(session: Session, encoder: SourceEncoder, plan: FramePlan, source: Image.Image, strength: float,
-                  region: np.ndarray | None) -> Image.Image:
-    """One denoising of ``plan`` from ``source`` (img2img; inpainting when ``region`` marks latents to repaint)."""
+                  region: np.ndarray | None, unet: torch.nn.Module | None = None,
+                  mask: np.ndarray | None = None) -> Image.Image:
+    """One denoising of ``plan`` from ``source``: img2img; inpainting by blending when ``region`` marks latents to
+    repaint; with an inpainting ``unet``, inpainting by that UNet given the binary ``mask``."""
     if not make_sampler(plan.sampler, plan.steps, strength).timesteps:
         log.warning("strength %g leaves no step of %d to run: the frame is the source picture", strength, plan.steps)
         return source.copy()
     latents = encoder.encode(source)
-    keep = None
-    if region is not None:
-        keep = torch.from_numpy(1.0 - region)[None, None].to(session.device, session.torch_dtype)
-    (image,) = session.denoise([plan], StartLatents(latents, strength, keep))
+    if unet is not None:
+        from kstory.story.inpaint_input import inpaint_condition
+
+        condition = inpaint_condition(encoder, source, mask).to(session.device, session.torch_dtype)
+        start = StartLatents(latents, strength, condition=condition, unet=unet)
+    else:
+        keep = None
+        if region is not None:
+            keep = torch.from_numpy(1.0 - region)[None, None].to(session.device, session.torch_dtype)
+        start = StartLatents(latents, strength, keep)
+    (image,) = session.denoise([plan], start)
     return image
 
 
@@ -180,16 +222,18 @@ def _inpaint(session: Session, encoder: SourceEncoder, plan: FramePlan, repair: 
              mask: np.ndarray) -> Image.Image:
     weights = feathered(mask, repair.feather)
     size = (plan.width, plan.height)
+    unet = encoder.inpaint_unet(repair) if repair.inpaint_model else None
     if repair.crop_padding is not None and not repair.whole_frame:
         box = crop_box(weights > 0, repair.crop_padding)
         box_size = (box[2] - box[0], box[3] - box[1])
         crop_weights = np.asarray(Image.fromarray(weights[box[1]:box[3], box[0]:box[2]]).resize(size, Image.BILINEAR))
+        crop_mask = np.asarray(Image.fromarray(mask[box[1]:box[3], box[0]:box[2]]).resize(size, Image.NEAREST))
         made = _denoise_from(session, encoder, _cropped(plan, box), source.crop(box).resize(size, Image.LANCZOS),
-                             repair.strength, latent_region(crop_weights))
+                             repair.strength, latent_region(crop_weights), unet, crop_mask)
         generated = source.copy()
         generated.paste(made.resize(box_size, Image.LANCZOS), box[:2])
     else:
-        generated = _denoise_from(session, encoder, plan, source, repair.strength, latent_region(weights))
+        generated = _denoise_from(session, encoder, plan, source, repair.strength, latent_region(weights), unet, mask)
     alpha = weights[..., None]
     blended = np.asarray(source, dtype=np.float32) * (1 - alpha) + np.asarray(generated, dtype=np.float32) * alpha
     return Image.fromarray(np.rint(blended).astype(np.uint8))

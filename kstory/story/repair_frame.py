@@ -39,14 +39,15 @@ def repair_frame(
     out_dir: Path, frame: int, *, kind: str, strength: float, seed: int | None = None, prompt: str | None = None,
     mask: Path | None = None, from_image: Path | None = None, feather: int = 8, crop_padding: int | None = None,
     threshold: int = DEFAULT_THRESHOLD, sampler: str | None = None, controlnets: Mapping[str, Path] | None = None,
-    cache_dir: Path | None = None,
+    cache_dir: Path | None = None, inpaint_model: str | Path | None = None,
 ) -> StoryResult:
     """Repair frame ``frame`` (1-based) of the story in ``out_dir``; see the module docstring.
 
     ``kind`` is ``img2img`` or ``inpaint`` (which needs ``mask``: white is repainted). Without ``seed`` a fresh
     one is drawn; without ``prompt`` the frame's prompt stays; without ``sampler`` the frame's. ``from_image``
     starts from another picture instead of the frame. ``feather`` (pixels) softens the mask's edge,
-    ``crop_padding`` (pixels) inpaints only the box around the mask, at full resolution.
+    ``crop_padding`` (pixels) inpaints only the box around the mask, at full resolution. ``inpaint_model`` (a
+    Kwai-Kolors/Kolors-Inpainting folder, or 'tiny') inpaints with that 9-channel UNet instead of blending.
     """
     if kind not in KINDS:
         raise KstoryError(f"unknown repair {kind!r}", fix=f"use one of {', '.join(KINDS)}")
@@ -103,6 +104,13 @@ def repair_frame(
         repair.threshold, repair.whole_frame = read.threshold, read.whole_frame
     elif mask is not None:
         raise KstoryError("a mask is for inpainting", fix="use `kstory inpaint` for a masked repair")
+    if inpaint_model is not None:
+        if kind != "inpaint":
+            raise KstoryError("an inpainting model is for inpainting", fix="use `kstory inpaint --inpaint-model`")
+        from kstory.story.inpaint_model import resolve_inpaint_model
+
+        chosen = resolve_inpaint_model(inpaint_model, cache_dir)
+        repair.inpaint_model, repair.inpaint_path = chosen.record(), chosen.spec
 
     # A frame made with the character reference is repaired with it too.
     adapter = find_recorded_adapter(manifest.get("ip_adapter"), None, cache_dir) if plan.reference else None

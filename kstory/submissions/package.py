@@ -459,11 +459,25 @@ def build_package(
             "story_frames": {key: frame["story_frame"] for key, frame in shipped["frames"].items()},
             "locked_frames": [key for key, frame in shipped["frames"].items()
                               if str(frame["story_frame"]) in choices.locked],
+            # Kolors-Inpainting UNets the repairs used: not shipped, named by fingerprint (verify finds them so)
+            "inpaint_models": _inpaint_models(shipped),
             "forum_title": FORUM_TITLE.format(name=name),
             "files": {rel: sha256_file(staging / rel) for rel in files},
         })
     log.info("packaged %s into %s", name, out)
     return out
+
+
+def _inpaint_models(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each distinct inpainting model the frames' repairs used, by fingerprint (never by path)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for frame in manifest["frames"].values():
+        for repair in frame.get("repairs", []):
+            model = repair.get("inpaint_model")
+            if model:
+                seen[model["fingerprint"]] = {"kind": model["kind"], "fingerprint": model["fingerprint"],
+                                              "tiny": model["tiny"]}
+    return [seen[key] for key in sorted(seen)]
 
 
 def read_package(submission_dir: Path) -> dict[str, Any]:

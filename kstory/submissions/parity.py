@@ -27,22 +27,9 @@ from kstory.core.models import KolorsWeights
 
 def tiny_diffusers_unet_config(spec: Any) -> dict[str, Any]:
     """A diffusers ``UNet2DConditionModel`` config with the tiny model's widths and Kolors' conditioning."""
-    channels = tuple(spec.unet_channels)
-    heads = tuple(ch // spec.unet_head_dim for ch in channels)  # diffusers' legacy "attention_head_dim" = heads
-    depth = (1, *spec.unet_transformer_depth)
-    return {
-        "sample_size": 16, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
-        "flip_sin_to_cos": True, "freq_shift": 0,
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        "block_out_channels": channels, "layers_per_block": 2, "norm_num_groups": 32,
-        "cross_attention_dim": spec.cross_attention_dim, "transformer_layers_per_block": depth,
-        "attention_head_dim": heads, "use_linear_projection": True,
-        "encoder_hid_dim": spec.text_hidden_size, "encoder_hid_dim_type": "text_proj",
-        "addition_embed_type": "text_time", "addition_time_embed_dim": spec.addition_time_embed_dim,
-        "projection_class_embeddings_input_dim": spec.text_hidden_size + 6 * spec.addition_time_embed_dim,
-    }
+    from kstory.core.models.unet_config import diffusers_unet_config
+
+    return diffusers_unet_config(spec)
 
 
 def load_tiny_diffusers_unet(weights: KolorsWeights) -> torch.nn.Module:

@@ -191,12 +191,21 @@ def _package_face(submission: Path, manifest: dict[str, Any], spec: dict[str, An
     face["crop"] = str((submission / entry["crop"]["file"]).resolve())
 
 
-def _repairs(submission: Path, manifest: dict[str, Any]) -> dict[int, list[Any]]:
-    """Story frame -> its recorded repairs, replayed from the masks and pictures the package ships."""
+def _repairs(submission: Path, manifest: dict[str, Any], inpaint_model: str | Path | None,
+             cache: Path | None) -> dict[int, list[Any]]:
+    """Story frame -> its recorded repairs, replayed from the masks and pictures the package ships.
+
+    An inpainting model is not shipped (it is Kolors-Inpainting, the same for everyone): it is found by its
+    recorded fingerprint, here before anything generates, so a missing one is named at once.
+    """
+    from kstory.story.inpaint_model import find_recorded_inpaint_model
     from kstory.story.repair import Repair
 
-    return {story_frame(key, frame): [Repair.from_record(r, submission) for r in frame["repairs"]]
-            for key, frame in manifest["frames"].items() if frame.get("repairs")}
+    repairs = {story_frame(key, frame): [Repair.from_record(r, submission) for r in frame["repairs"]]
+               for key, frame in manifest["frames"].items() if frame.get("repairs")}
+    for repair in (r for chain in repairs.values() for r in chain if r.inpaint_model):
+        repair.inpaint_path = find_recorded_inpaint_model(repair.inpaint_model, inpaint_model, cache).spec
+    return repairs
 
 
 def _package_reference(submission: Path, manifest: dict[str, Any], spec: dict[str, Any]) -> None:
@@ -223,7 +232,7 @@ def _scoring_model(info: dict[str, Any] | None, default: str) -> str:
 def verify_package(
     submission_dir: str | Path, *, model: str = "tiny", cache_dir: str | Path | None = None,
     controlnets: dict[str, Path] | None = None, rescore: bool = True, device: str | None = None,
-    ip_adapter: str | Path | None = None,
+    ip_adapter: str | Path | None = None, inpaint_model: str | Path | None = None,
     loras: Sequence[Path] = (),
 ) -> VerifyReport:
     """Regenerate the package's frames and compare; see the module docstring.
@@ -264,6 +273,7 @@ def verify_package(
     from kstory.story.face_references import find_recorded_face_adapter
 
     face_adapter = find_recorded_face_adapter(manifest.get("face_adapter"), None, cache)
+    repairs = _repairs(submission, manifest, inpaint_model, cache)
     dtype = getattr(torch, manifest.get("dtype", "float32"))
     device = device or manifest.get("device") or None
     report = VerifyReport(str(submission), "identical", True, file_problems=problems)
@@ -273,7 +283,7 @@ def verify_package(
         memory = (manifest.get("memory") or {}).get("profile") or "none"
         result = generate_story(spec, Path(tmp) / "regen", model=model, lora=lora, lora_scale=lora_info.get("scale"),
                                 controlnets=nets, cache_dir=cache, device=device, torch_dtype=dtype, memory=memory,
-                                repairs=_repairs(submission, manifest), ip_adapter=adapter.path if adapter else None,
+                                repairs=repairs, ip_adapter=adapter.path if adapter else None,
                                 text_encoder_quant=(manifest.get("memory") or {}).get("text_encoder_quant", "none"),
                                 loras=user_loras, face_adapter=face_adapter.path if face_adapter else None)
         regen_manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))

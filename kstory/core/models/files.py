@@ -20,7 +20,9 @@ from pathlib import Path
 
 from kstory.core.errors import KstoryError
 
-VARIANT = "fp16"  # the only variant the published Kolors layouts use
+VARIANT = "fp16"
+BASE_UNET_CHANNELS = 4  # a text-to-image UNet's input: the latents
+INPAINT_UNET_CHANNELS = 9  # Kolors-Inpainting's: latents, the mask, the masked picture's latents  # the only variant the published Kolors layouts use
 _REDOWNLOAD = "download this file again (the download is incomplete or damaged)"
 # transformers' own order for a folder: single safetensors, its index, single .bin, its index.
 _TEXT_ENCODER_KINDS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -146,6 +148,24 @@ def safetensors_dtypes(path: Path) -> dict[str, int]:
         name = _SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"].lower())
         counts[name] = counts.get(name, 0) + int(info["data_offsets"][1]) - int(info["data_offsets"][0])
     return counts
+
+
+def unet_input_channels(path: Path) -> int | None:
+    """The input channels of a diffusers UNet's ``conv_in`` from its safetensors header (None: not readable so).
+
+    4 is a text-to-image UNet, 9 an inpainting one (latents, mask, masked-image
+    latents); only the header is read, so telling them apart is cheap on 5 GB.
+    """
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with open(path, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            info = json.loads(handle.read(header_len)).get("conv_in.weight")
+    except (OSError, ValueError, struct.error):
+        return None
+    shape = info.get("shape") if isinstance(info, dict) else None
+    return int(shape[1]) if isinstance(shape, list) and len(shape) == 4 else None
 
 
 def check_zip_whole(path: Path) -> bool:

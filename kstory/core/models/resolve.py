@@ -72,6 +72,10 @@ def resolve_local(root: Path) -> KolorsWeights:
         raise KstoryError(problem, path=root, fix=_LAYOUT_FIX)
     text_encoder = layout.text_encoder_files(root / "text_encoder", _LAYOUT_FIX)
     unet, vae = _single_file(root / "unet"), _single_file(root / "vae")
+    if layout.unet_input_channels(unet) == layout.INPAINT_UNET_CHANNELS:
+        raise KstoryError("this UNet has 9 input channels: it is Kolors-Inpainting's, not the base Kolors UNet",
+                          path=unet, fix="give the base Kolors folder as the model, and the inpainting folder "
+                          "only to `kstory inpaint --inpaint-model`")
     dtypes = {path: _checked_dtypes(path) for path in (*text_encoder.shards, unet, vae)}
     files = [text_encoder.config, *([text_encoder.index] if text_encoder.index else []), *dtypes]
     fingerprint = _fingerprint({path.relative_to(root).as_posix(): path for path in files})
