@@ -64,6 +64,7 @@ def manifest_of(result) -> dict:
     return json.loads(result.manifest_path.read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 def test_two_ray_workers_make_the_in_process_story_bit_for_bit(spec, in_process, local_ray, tmp_path, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="kstory.story"):
         result = story.generate_story(spec, tmp_path / "story", model="tiny", ray=RaySettings(workers=2))
@@ -90,6 +91,7 @@ class KillAfterFirstBatch(logging.Handler):
             ray.kill(ray.get_actor(self.killed))
 
 
+@pytest.mark.slow
 def test_a_killed_worker_has_its_batches_done_by_the_other(spec, in_process, local_ray, tmp_path, caplog) -> None:
     killer = KillAfterFirstBatch()
     logger = logging.getLogger("kstory.story")
