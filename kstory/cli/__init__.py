@@ -9,6 +9,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 from kstory import __version__
 from kstory.core.errors import KstoryError
@@ -162,12 +163,25 @@ def _cmd_story(args: argparse.Namespace) -> int:
             lora_scale=lora_scale, controlnets=controlnet_paths(_controlnet_args(args.controlnet), cache_dir),
             cache_dir=cache_dir, frames=frames, memory=args.memory, text_encoder_device=args.text_encoder_device,
             text_encoder_quant=args.text_encoder_quant, ip_adapter=args.ip_adapter,
-            torch_dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
+            torch_dtype=None if args.dtype == "auto" else getattr(torch, args.dtype), ray=_ray_settings(args),
         )
     print(f"{len(result.generated)} frame(s) in {Path(args.out) / 'frames'} "
           f"({result.seconds_per_frame:.1f} s/frame); manifest: {Path(args.out) / 'manifest.json'}")
     print_story_identity(Path(args.out), cache_dir)
     return 0
+
+
+def _ray_settings(args: argparse.Namespace) -> Any:
+    """``--ray`` / ``--ray-workers`` as the run config's ``ray:`` section (None: in this process)."""
+    from kstory.core.config import RaySettings
+
+    if args.ray is None:
+        if args.ray_workers is not None:
+            raise KstoryError("--ray-workers needs --ray ADDRESS", fix="add --ray local (or auto, or HOST:PORT)")
+        return None
+    if args.ray_workers is not None and args.ray_workers < 1:
+        raise KstoryError(f"--ray-workers {args.ray_workers}: give at least 1", fix="e.g. --ray-workers 2")
+    return RaySettings(address=args.ray, workers=args.ray_workers)
 
 
 def print_story_identity(story_dir: Path, cache_dir: Path | None) -> None:
@@ -518,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "its memory with a small embedding error (docs/performance.md)")
     story.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights' dtype (default: the profile's; fp16 on a GPU, float32 or bf16 on the CPU)")
+    story.add_argument("--ray", metavar="ADDRESS", help="denoise the batches on Ray workers, one loaded model each: "
+                       "local, auto or HOST:PORT (docs/scale-out.md); the frames are the same")
+    story.add_argument("--ray-workers", type=int, metavar="N", help="with --ray: workers (default: one per GPU, or "
+                       "one per CPU)")
     story.set_defaults(func=_cmd_story)
 
     reroll = commands.add_parser(

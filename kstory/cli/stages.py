@@ -199,6 +199,7 @@ def _story_run(config: RunConfig, run: RunDir) -> None:
         cache_dir=config.cache_dir, memory=config.memory, text_encoder_device=config.text_encoder_device,
         text_encoder_quant=config.text_encoder_quant,
         loras=[LoraRequest(lora.path, lora.scale, lora.source, lora.ship) for lora in config.story.loras],
+        ray=config.ray,
     )
 
 

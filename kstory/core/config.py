@@ -63,6 +63,16 @@ class StorySettings(Section):
                                      "stacked in order on the run's trained LoRA.")
 
 
+class RaySettings(Section):
+    """Story generation on a Ray cluster (docs/scale-out.md); without this section stories run in this process."""
+
+    address: str = Field(default="local", description="local (a private Ray instance on this machine), auto (the "
+                         "cluster started here with `ray start --head`) or HOST:PORT of a head node.")
+    workers: int | None = Field(default=None, ge=1, description="Story workers, each holding one loaded model: "
+                                "default one per GPU of the cluster, or on the CPU one per cpus_per_worker CPUs.")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each worker reserves (CPU workers only).")
+
+
 class ScoreSettings(Section):
     """Settings of the scoring stage (``kstory score``, docs/scoring.md)."""
 
@@ -123,6 +133,8 @@ class RunConfig(Section):
     prep: PrepSettings
     train: TrainSettings = Field(default_factory=TrainSettings, description="LoRA training (docs/train.md).")
     story: StorySettings | None = Field(default=None, description="Story generation; without it the run ends after train.")
+    ray: RaySettings | None = Field(default=None, description="Generate the story's batches on a pool of Ray "
+                                    "workers (docs/scale-out.md); the frames are the same as in one process.")
     score: ScoreSettings = Field(default_factory=ScoreSettings, description="Scoring of the story's frames.")
     package: PackageSettings | None = Field(default=None, description="Package and verify; without it the run ends "
                                             "after score.")

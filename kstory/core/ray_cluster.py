@@ -88,6 +88,16 @@ def ray_cluster(address: str, *, setting: str, num_cpus: int | None = None) -> I
         ray.shutdown()
 
 
+def check_address(address: str, setting: str) -> None:
+    """Fail early, before a stage writes anything, when ``address`` is malformed or a HOST:PORT does not answer."""
+    if not ray_installed():
+        return
+    import ray
+
+    if not ray.is_initialized():
+        _check_reachable(address, setting)
+
+
 def _check_reachable(address: str, setting: str) -> None:
     """A HOST:PORT that refuses connections fails here in seconds; ray.init would retry for a minute."""
     if address in (LOCAL, AUTO):

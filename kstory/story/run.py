@@ -18,11 +18,13 @@ from typing import Any
 import torch
 
 from kstory.core.atomic import write_bytes, write_text
+from kstory.core.config import RaySettings
 from kstory.core.errors import KstoryError
 from kstory.core.hashing import sha256_file
 from kstory.core.logs import get_logger
 from kstory.core.lora_stack import LoraRequest, check_loras
 from kstory.core.models import KolorsWeights, resolve_model
+from kstory.core.ray_cluster import check_address
 from kstory.story.controlnets import ControlNetWeights, identify
 from kstory.core.memory import MemoryPlan, describe, plan_memory
 from kstory.story.generate import (SAMPLER, FramePlan, GuidePlan, Session, batches, default_device, default_dtype,
@@ -336,6 +338,51 @@ def story_batches(plans: list[FramePlan], batch_size: int,
     return [batch for part in split_by_role(plans, sharing) for wave in waves(part) for batch in batches(wave, batch_size)]
 
 
+def write_inputs(out_dir: Path, plans: list[FramePlan], keep: set[int],
+                 work: Mapping[int, FrameWork]) -> dict[int, list[str]]:
+    """Write the guides, repair sources and reference copies of the frames in ``keep``; returns the guide hashes."""
+    guide_hashes = {}
+    for plan in plans:
+        if plan.index not in keep:
+            continue
+        guide_hashes[plan.index] = [sha256_bytes(data) for data in work[plan.index].guide_pngs]
+        for guide, data in zip(plan.guides, work[plan.index].guide_pngs):
+            write_bytes(out_dir / guide.file, data)
+        for repair in plan.repairs:
+            for name, source in repair.files.items():
+                if not (out_dir / name).is_file():
+                    link_or_copy(source, out_dir / name)
+    for plan in plans:
+        if plan.index in keep and plan.reference is not None and plan.reference.file:
+            write_bytes(out_dir / plan.reference.file, plan.reference.data)
+    return guide_hashes
+
+
+def encoded_plans(plans: list[FramePlan], keep: set[int]) -> list[FramePlan]:
+    """Every plan whose prompts the text encoder must see: the frames, and the repairs of the frames kept."""
+    return plans + [repair_plan(p, r) for p in plans if p.index in keep for r in p.repairs]
+
+
+def record_batch(out_dir: Path, batch: list[FramePlan], images: list[Any], batch_seconds: float, keep: set[int], *,
+                 manifest: dict[str, Any], earlier: dict[str, Any], guide_hashes: Mapping[int, list[str]],
+                 work: Mapping[int, FrameWork], adapter: Any, faces: Any = None) -> list[int]:
+    """Save the kept frames of one finished batch (repairs already applied) and record them in ``manifest``."""
+    members, written = [plan.index for plan in batch], []
+    for plan, image in zip(batch, images):
+        if plan.index not in keep:
+            continue
+        digest = save_png(image, out_dir / "frames" / f"{frame_name(plan.index)}.png")
+        key = str(plan.index)
+        manifest["frames"][key] = frame_record(plan, digest, members, earlier.get(key), guide_hashes[plan.index],
+                                               batch_seconds / len(batch), work[plan.index].extra)
+        if plan.reference is not None:
+            manifest["frames"][key]["ip_adapter"] = frame_entry(plan.reference, adapter)
+        if plan.face is not None:
+            manifest["frames"][key]["face_id"] = plan.face.entry(faces)
+        written.append(plan.index)
+    return written
+
+
 def run_plans(
     out_dir: Path, groups: list[list[FramePlan]], keep: set[int], *, session: Session, manifest: dict[str, Any],
     earlier: dict[str, Any], release: str, work: Mapping[int, FrameWork], save: Callable[[dict[str, Any]], None],
@@ -350,21 +397,8 @@ def run_plans(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     plans = [plan for batch in groups for plan in batch]
-    guide_hashes = {}
-    for plan in plans:
-        if plan.index in keep:
-            guide_hashes[plan.index] = [sha256_bytes(data) for data in work[plan.index].guide_pngs]
-            for guide, data in zip(plan.guides, work[plan.index].guide_pngs):
-                write_bytes(out_dir / guide.file, data)
-        if plan.index in keep:
-            for repair in plan.repairs:
-                for name, source in repair.files.items():
-                    if not (out_dir / name).is_file():
-                        link_or_copy(source, out_dir / name)
-    session.encode(plans + [repair_plan(p, r) for p in plans if p.index in keep for r in p.repairs], release)
-    for plan in plans:
-        if plan.index in keep and plan.reference is not None and plan.reference.file:
-            write_bytes(out_dir / plan.reference.file, plan.reference.data)
+    guide_hashes = write_inputs(out_dir, plans, keep, work)
+    session.encode(encoded_plans(plans, keep), release)
     session.references.encode(plans)  # the image encoder's phase, before the UNet loads
     write_face_files(out_dir, plans, keep)
     session.faces.encode(plans)  # the face encoder's phase, before the UNet loads too
@@ -373,23 +407,13 @@ def run_plans(
     bank = AttentionBank(sharing) if sharing is not None else None
     for batch, images, batch_seconds in session.generate(groups, bank):
         seconds += batch_seconds
-        members = [plan.index for plan in batch]
-        for plan, image in zip(batch, images):
-            if plan.index not in keep:
-                continue
-            if plan.repairs:
-                image = apply_repairs(session, plan, image)
-            digest = save_png(image, out_dir / "frames" / f"{frame_name(plan.index)}.png")
-            key = str(plan.index)
-            manifest["frames"][key] = frame_record(plan, digest, members, earlier.get(key), guide_hashes[plan.index],
-                                                   batch_seconds / len(batch), work[plan.index].extra)
-            if plan.reference is not None:
-                manifest["frames"][key]["ip_adapter"] = frame_entry(plan.reference, session.references.weights)
-            if plan.face is not None:
-                manifest["frames"][key]["face_id"] = plan.face.entry(session.faces.weights)
-            generated.append(plan.index)
+        images = [apply_repairs(session, plan, image) if plan.index in keep and plan.repairs else image
+                  for plan, image in zip(batch, images)]
+        generated += record_batch(out_dir, batch, images, batch_seconds, keep, manifest=manifest, earlier=earlier,
+                                  guide_hashes=guide_hashes, work=work, adapter=session.references.weights,
+                                  faces=session.faces.weights)
         save(manifest)
-        log.info("frames %s done in %.1f s", ", ".join(str(i) for i in members if i in keep), batch_seconds)
+        log.info("frames %s done in %.1f s", ", ".join(str(p.index) for p in batch if p.index in keep), batch_seconds)
     peak = torch.cuda.max_memory_allocated() if cuda else None
     return generated, seconds, peak
 
@@ -419,11 +443,12 @@ def result_of(out_dir: Path, manifest: dict[str, Any], generated: list[int], sec
 def build_story(
     build: StoryBuild, manifest: dict[str, Any], groups: list[list[FramePlan]], wanted: set[int],
     work: Mapping[int, FrameWork], *, load_session: Callable[[], Session], spec_text: str, release: str, device: str,
-    sharing: SharingSettings | None = None,
+    sharing: SharingSettings | None = None, ray: RaySettings | None = None,
 ) -> StoryResult:
     """Make the frames ``wanted`` in ``build``'s staging folder (reusing unchanged ones) and swap it in.
 
     Frames outside ``wanted`` must already be in ``manifest`` (taken from the story folder).
+    With ``ray``, the batches are denoised on a pool of Ray workers (kstory.story.ray_story), same pixels.
     """
     to_make = set()
     for index in sorted(wanted):
@@ -441,15 +466,25 @@ def build_story(
         return result_of(build.out_dir, manifest, [], 0.0, None, device)
     generated, seconds, peak = [], 0.0, None
     if to_make:
-        session = load_session()
         groups = with_bank(groups, to_make, sharing)
         earlier = dict((build.current or {}).get("frames", {}))
-        generated, seconds, peak = run_plans(build.staging, groups, to_make, session=session, manifest=manifest,
-                                             earlier=earlier, release=release, work=work, save=build.save,
-                                             sharing=sharing)
+        if ray is not None and _ray_story().use_ray(ray):
+            generated, seconds, peak = _ray_story().run_plans_on_ray(
+                build.staging, groups, to_make, settings=ray, load_session=load_session, manifest=manifest,
+                earlier=earlier, release=release, work=work, save=build.save, sharing=sharing, device=device)
+        else:
+            generated, seconds, peak = run_plans(build.staging, groups, to_make, session=load_session(),
+                                                 manifest=manifest, earlier=earlier, release=release, work=work,
+                                                 save=build.save, sharing=sharing)
     text = derive_spec_text(spec_text, manifest)
     build.finish(manifest, lambda folder: write_text(folder / SPEC_COPY, text))
     return result_of(build.out_dir, manifest, generated, seconds, peak, device)
+
+
+def _ray_story() -> Any:
+    import kstory.story.ray_story as ray_story  # imports this module: loaded only when Ray is configured
+
+    return ray_story
 
 
 def generate_story(
@@ -472,6 +507,7 @@ def generate_story(
     text_encoder_quant: str = "none",
     loras: Sequence[LoraRequest] = (),
     face_adapter: str | Path | None = None,
+    ray: RaySettings | None = None,
 ) -> StoryResult:
     """Generate the story of ``spec_path`` (or only ``frames``, 1-based) into ``out_dir``.
 
@@ -492,7 +528,10 @@ def generate_story(
     ``ip_adapter`` (a Kolors-IP-Adapter-Plus folder, or ``"tiny"``) overrides the spec's ``character.reference.adapter``.
     ``loras`` are the user's own LoRA files, each with its scale, stacked on ``lora`` in order (docs/story.md).
     ``face_adapter`` (a Kolors-IP-Adapter-FaceID-Plus folder, or ``"tiny"``) overrides ``character.face.adapter``.
+    ``ray`` denoises the batches on a pool of Ray workers (docs/scale-out.md): the same frames, bit for bit.
     """
+    if ray is not None:
+        check_address(ray.address, _ray_story().SETTING)
     spec_path, out_dir = Path(spec_path).resolve(), Path(out_dir)
     spec = load_spec(spec_path)
     indices = sorted(set(frames)) if frames else list(range(1, spec.frame_count + 1))
@@ -571,7 +610,7 @@ def generate_story(
 
     return build_story(build, manifest, groups, set(indices), work, load_session=load_session,
                        spec_text=spec_bytes.decode("utf-8"), release=spec.generation.release_text_encoder,
-                       device=device, sharing=sharing)
+                       device=device, sharing=sharing, ray=ray)
 
 
 def readers_too(indices: list[int], sharing: SharingSettings) -> list[int]:

@@ -101,6 +101,9 @@ def resolve_runtime(settings: TrainSettings, memory: MemoryPlan | None = None) -
     if settings.use_8bit_adam:
         _require("bitsandbytes", "use_8bit_adam needs bitsandbytes, which is not installed",
                  "pip install bitsandbytes (CUDA only), or set use_8bit_adam: false")
+    from kstory.train.distributed import check_distributed
+
+    check_distributed(settings, accelerator)
     if settings.strategy.startswith("deepspeed"):
         _require("deepspeed", f"strategy {settings.strategy!r} needs deepspeed, which is not installed",
                  "pip install deepspeed, or use strategy: auto / ddp")

@@ -1,0 +1,59 @@
+"""Checks of the multi-device settings (``train.devices``, ``train.strategy``) before any model loads.
+
+Lightning would fail on these only after the caption cache is built, or hang
+waiting for processes that never start; each is refused here with the setting
+named and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kstory.core.errors import KstoryError
+from kstory.core.train_settings import TrainSettings
+
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp")  # and deepspeed_stage_1/2/3, checked for the package
+
+
+def available_devices(accelerator: str) -> int:
+    """How many devices of this kind this machine has: GPUs, or CPU cores (one process each)."""
+    if accelerator == "gpu":
+        return torch.cuda.device_count()
+    if accelerator == "mps":
+        return 1
+    return os.cpu_count() or 1
+
+
+def requested_devices(devices: int | str) -> int | None:
+    """The number of devices ``devices`` asks for (a count, ``-1``/``auto``: all, ``0,1``: a list)."""
+    if isinstance(devices, int):
+        return None if devices == -1 else devices
+    text = str(devices).strip().lower()
+    if text in ("auto", "-1"):
+        return None
+    if text.isdigit():
+        return int(text)
+    return len([part for part in text.split(",") if part.strip()])
+
+
+def check_distributed(settings: TrainSettings, accelerator: str) -> None:
+    """Refuse device counts this machine does not have and strategies its accelerator cannot run."""
+    strategy = settings.strategy.lower()
+    if strategy not in STRATEGIES and not strategy.startswith("deepspeed"):
+        raise KstoryError(f"train.strategy is {settings.strategy!r}, which kstory does not run",
+                          fix="set train.strategy to auto, ddp, ddp_spawn, fsdp (GPUs) or deepspeed_stage_1/2")
+    if strategy == "fsdp" and accelerator != "gpu":
+        raise KstoryError(f"train.strategy fsdp needs CUDA GPUs; this run trains on the {accelerator}",
+                          fix="use train.strategy: ddp (or auto) on the CPU, or train on GPUs")
+    wanted = requested_devices(settings.devices)
+    if wanted is not None and wanted < 1:
+        raise KstoryError(f"train.devices is {settings.devices!r}: give at least 1",
+                          fix="set train.devices to auto, a count like 2, or a list like '0,1'")
+    have = available_devices(accelerator)
+    if wanted is not None and wanted > have:
+        kind = {"gpu": "GPU(s)", "mps": "MPS device"}.get(accelerator, "CPU core(s)")
+        raise KstoryError(f"train.devices asks for {wanted} device(s), but this machine has {have} {kind}",
+                          fix=f"set train.devices to {have} or fewer (or auto); several machines: "
+                          "train.num_nodes with torchrun or SLURM (docs/scale-out.md)")
