@@ -226,25 +226,25 @@ def _job_of(run: Path, label: str) -> dict:
 
 def test_story_reroll_runs_as_a_job_that_a_reload_finds(demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = demo_runs / "demo"
-    before = json.loads((run / "story" / "manifest.json").read_text())["frames"]["2"]
+    before = json.loads((run / "story" / "manifest.json").read_text())["frames"]["6"]
     at = _goto(_app(monkeypatch, demo_runs), "Story")
-    at.selectbox(key="reroll_frame").set_value("2").run()
+    at.selectbox(key="reroll_frame").set_value("6").run()
     at.checkbox(key="reroll_random").uncheck().run()
-    at.number_input(key="reroll_seed_2").set_value(4242).run()
+    at.number_input(key="reroll_seed_6").set_value(4242).run()
     at.button(key="reroll_go").click().run()
     assert not at.exception, [e.value for e in at.exception]
-    job = _job_of(run, "Re-roll frame 2")
+    job = _job_of(run, "Re-roll frame 6")
     assert job["state"] == "done", job
     assert job["pid"] != os.getpid() and job["progress"]["fraction"] == 1.0
     # A reload (a new session) finds the job and its result in the run's files.
     again = _goto(_app(monkeypatch, demo_runs), "Story")
-    assert any("Re-roll frame 2 and score the story: done" in s.value for s in again.success), _texts(again)
-    after = json.loads((run / "story" / "manifest.json").read_text())["frames"]["2"]
+    assert any("Re-roll frame 6 and score the story: done" in s.value for s in again.success), _texts(again)
+    after = json.loads((run / "story" / "manifest.json").read_text())["frames"]["6"]
     assert after["seed"] == 4242 and [h["seed"] for h in after["seed_history"]][-1] == 4242
     assert before["seed"] in [h["seed"] for h in after["seed_history"]]
     scores = json.loads((run / "scores.json").read_text())
-    frame2 = next(i for i in scores["images"] if Path(i["file"]).name == "02.png")
-    assert frame2["sha256"] == after["sha256"]
+    frame6 = next(i for i in scores["images"] if Path(i["file"]).name == "06.png")
+    assert frame6["sha256"] == after["sha256"]
     assert "seed **4242**" in _texts(again)
     # The re-roll is part of the story's state: a later `kstory run` keeps it and has nothing left to do.
     from kstory.cli.runner import run_config
@@ -252,7 +252,7 @@ def test_story_reroll_runs_as_a_job_that_a_reload_finds(demo_runs: Path, monkeyp
     outcomes = {o.stage: o.status for o in run_config(run / "kstory.yaml")}
     assert outcomes == {"prep": "skipped", "train": "skipped", "story": "skipped", "score": "skipped",
                         "package": "not configured", "upload": "not configured"}, outcomes
-    assert json.loads((run / "story" / "manifest.json").read_text())["frames"]["2"]["seed"] == 4242
+    assert json.loads((run / "story" / "manifest.json").read_text())["frames"]["6"]["seed"] == 4242
 
 
 def test_package_name_build_preview_and_upload(demo_runs: Path, monkeypatch: pytest.MonkeyPatch,

@@ -53,9 +53,9 @@ def test_browser_loads_run_rerolls_and_packages(demo_runs: Path) -> None:
             sidebar = page.get_by_test_id("stSidebar")
             sidebar.get_by_text("Story", exact=True).click()
             page.get_by_text("Re-roll a frame").first.wait_for()
-            page.get_by_role("button", name="Re-roll frame 1").first.click()
+            page.get_by_role("button", name="Re-roll frame 3").first.click()  # 1 and 2: identity frames
             page.get_by_role("button", name="Cancel").first.wait_for()  # the job's panel, polled while it runs
-            page.get_by_text("Re-roll frame 1 and score the story: done").first.wait_for(timeout=180_000)
+            page.get_by_text("Re-roll frame 3 and score the story: done").first.wait_for(timeout=180_000)
             page.get_by_text("8. frame 8").first.wait_for()  # the page may still hold the previous run's copy
             scored = page.get_by_text(re.compile(r"^seed \d+ · aesthetic"))
             deadline = time.monotonic() + 60

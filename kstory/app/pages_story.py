@@ -108,7 +108,12 @@ def _summary(scores: run_access.Loaded) -> dict[str, Any]:
 
 def _reroll_form(run: RunDir, records: dict[str, Any], state: review.Review, order: list[str], busy: bool) -> None:
     st.subheader("Re-roll a frame")
-    free = [k for k in order if k not in state.locked]
+    # An identity frame of consistent attention feeds the frames that read its bank: re-rolling it alone is refused.
+    identity = [k for k in order if (records.get(k, {}).get("consistent_attention") or {}).get("role") == "identity"]
+    free = [k for k in order if k not in state.locked and k not in identity]
+    if identity:
+        st.caption(f"frame(s) {', '.join(identity)} are identity frames of consistent attention: change them in the "
+                   "spec and regenerate the story (`kstory story`), which remakes the frames that read them too")
     if not free:
         st.info("every frame is locked")
         return
