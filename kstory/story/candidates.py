@@ -31,6 +31,7 @@ from kstory.core.hashing import sha256_file
 from kstory.story.build import plan_key
 from kstory.story.generate import FramePlan, Session
 from kstory.story.manifest import frame_name, png_bytes, save_png, sha256_bytes
+from kstory.story.staging import link_or_copy
 
 FOLDER = "candidates"
 INDEX = "index.json"
@@ -122,6 +123,22 @@ class CandidateStore:
                              "width": plan.width, "height": plan.height, "steps": plan.steps, "file": name,
                              "sha256": digest, "seconds": round(seconds, 3)}
         return Rendered(plan.index, plan.seed, quality, key, self.folder / name, digest, seconds, image)
+
+    def keep(self, plan: FramePlan, members: list[int], file: Path, seconds: float,
+             scores: Mapping[str, Any] | None = None) -> Rendered:
+        """List the story's current picture of ``plan`` (about to be replaced by a pick) as a full-quality
+        candidate, so the dashboard can pick it back; a picture already listed is left as it is."""
+        key = candidate_key(plan, members, self.setup_id, FULL)
+        found = self.found(key)
+        if found is not None:
+            return found
+        name = f"{frame_name(plan.index)}/{FULL}-{plan.seed}.png"
+        link_or_copy(Path(file), self.folder / name)
+        digest = sha256_file(self.folder / name)
+        self.entries[key] = {"key": key, "frame": plan.index, "seed": plan.seed, "quality": FULL,
+                             "width": plan.width, "height": plan.height, "steps": plan.steps, "file": name,
+                             "sha256": digest, "seconds": round(seconds, 3), **(scores or {})}
+        return Rendered(plan.index, plan.seed, FULL, key, self.folder / name, digest, seconds)
 
     def record_scores(self, key: str, scores: Mapping[str, Any]) -> None:
         self.entries[key].update(scores)

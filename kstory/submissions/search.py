@@ -235,6 +235,7 @@ def search_story(
     searched_now = bool(pool.rendered or pool.reused)
     record = {i: _search_record(i, pool, best) for i in searched} if searched_now else {}  # else: keep the last
     picks = {i: pool.files[(i, c.seed)] for i, c in best.picks.items()}
+    _keep_replaced(store, story_dir, plans, records, picks, pool)
     changed = apply_picks(story_dir, plans, picks, record)
     store.extra["search"] = _outcome(best, settings, n, scorer, correlation)
     if store.entries or changed:
@@ -257,6 +258,19 @@ def _session_loader(story_dir: Path, manifest: dict[str, Any], plans: Mapping[in
         return live[0]
 
     return session
+
+
+def _keep_replaced(store: CandidateStore, story_dir: Path, plans: Mapping[int, Any], records: Mapping[str, Any],
+                   picks: Mapping[int, Rendered], pool: _Pool) -> None:
+    """Keep each story picture a pick replaces among the candidates, so it can be picked back later."""
+    for i, pick in picks.items():
+        record = records[str(i)]
+        if pick.sha256 == record["sha256"]:
+            continue
+        scored = next((c for c in pool.full.get(i, []) if c.seed == int(record["seed"])), None)
+        scores = {} if scored is None else {"aesthetic": scored.aesthetic, "clip_t": scored.clip_t}
+        store.keep(plans[i], list(record.get("batch", [i])), story_dir / record["file"],
+                   float(record.get("seconds", 0.0)), scores)
 
 
 def _by_preview(seeds: Sequence[int], frame: int, pool: _Pool, goal: Goal) -> list[int]:
