@@ -130,6 +130,10 @@ def test_candidates_page_sorts_by_score_shows_the_margin_and_records_pick_and_lo
     at = _page(monkeypatch, run)
     text = _texts(at)
     assert any("gate margin" in m.label for m in at.metric) and "from the gate 6" in text
+    [mean] = [m.value for m in at.metric if m.label.startswith("story mean")]
+    assert mean != "—" and float(mean) == pytest.approx(sum(
+        c["aesthetic"] for f in manifest_of(run)["frames"].values() for c in f["search"]["candidates"]
+        if c["quality"] == FULL and c["seed"] == f["seed"]) / 4, abs=1e-3)
     for key, record in manifest_of(run)["frames"].items():  # each frame's candidates, best aesthetic first
         full = sorted((c for c in record["search"]["candidates"] if c["quality"] == FULL),
                       key=lambda c: (-c["aesthetic"], c["seed"]))

@@ -45,13 +45,17 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "—"
 
 
-def current_aesthetics(records: dict[str, Any]) -> dict[str, float | None]:
-    """Each frame's aesthetic now, from its search record (the search's scorer); None for a frame never searched."""
+def current_aesthetics(records: dict[str, Any], outcome: dict[str, Any]) -> dict[str, float | None]:
+    """Each frame's aesthetic now, by the search's scorer: its search record, else (a frame the search kept as it
+    was) the last search's score of its pick; None when neither is about the frame's seed now."""
+    picks, kept = outcome.get("picks") or {}, outcome.get("pick_scores") or {}
     out: dict[str, float | None] = {}
     for key, record in records.items():
         search = record.get("search") if isinstance(record.get("search"), dict) else {}
         entry = next((c for c in search.get("candidates", []) if c.get("quality") == FULL
                       and c.get("seed") == record.get("seed")), None)
+        if entry is None and picks.get(key) == record.get("seed") and isinstance(kept.get(key), dict):
+            entry = kept[key]
         out[key] = float(entry["aesthetic"]) if entry and isinstance(entry.get("aesthetic"), (int, float)) else None
     return out
 
@@ -172,7 +176,7 @@ def render(ctx: Context) -> None:
         st.info("this story was never searched: start a search below or run `kstory search` on the run")
     else:
         threshold = float(outcome.get("threshold", DEFAULT_THRESHOLD))
-        now = current_aesthetics(records)
+        now = current_aesthetics(records, outcome)
         known = [v for v in now.values() if v is not None]
         cols = st.columns(3)
         if len(known) == len(now):
@@ -181,7 +185,7 @@ def render(ctx: Context) -> None:
             cols[1].metric(f"gate margin (mean − {threshold:g})", f"{mean - threshold:+.3f}")
         else:
             cols[0].metric("story mean aesthetic (search scores)", "—")
-            st.caption("frames that were not searched have no search score, so the story mean is not shown")
+            st.caption("a frame changed since the last search has no search score, so the story mean is not shown")
         cols[2].metric("target (gate + margin)", _fmt(threshold + float(outcome.get("margin", 0.0))))
         state = review.load(run.story)
         for key in state.ordered(list(records)):

@@ -6,6 +6,10 @@ did, each frame with one of its candidate seeds. A candidate is then bit for
 bit the frame a full story run with that seed makes, and picking it needs no
 second render: ``kstory verify`` regenerates the picks from the manifest alone.
 
+With consistent attention a round first runs the identity frames' batches
+(never searched: every reading frame depends on them) to fill the attention
+bank, then the reading frames' candidate batches, as a story run does.
+
 A preview round runs the same batches with fewer steps and/or smaller frames
 (guides resized to match); its pictures only rank the candidates.
 
@@ -29,6 +33,7 @@ from PIL import Image
 from kstory.core.atomic import write_json
 from kstory.core.hashing import sha256_file
 from kstory.story.build import plan_key
+from kstory.story.consistent_attention import IDENTITY, READER, AttentionBank, SharingSettings, sharing_key
 from kstory.story.generate import FramePlan, Session
 from kstory.story.manifest import frame_name, png_bytes, save_png, sha256_bytes
 from kstory.story.staging import link_or_copy
@@ -125,10 +130,10 @@ class CandidateStore:
         return Rendered(plan.index, plan.seed, quality, key, self.folder / name, digest, seconds, image)
 
     def keep(self, plan: FramePlan, members: list[int], file: Path, seconds: float,
-             scores: Mapping[str, Any] | None = None) -> Rendered:
+             scores: Mapping[str, Any] | None = None, shared: SharedAttention | None = None) -> Rendered:
         """List the story's current picture of ``plan`` (about to be replaced by a pick) as a full-quality
         candidate, so the dashboard can pick it back; a picture already listed is left as it is."""
-        key = candidate_key(plan, members, self.setup_id, FULL)
+        key = candidate_key(plan, members, self.setup_id, FULL, shared)
         found = self.found(key)
         if found is not None:
             return found
@@ -149,6 +154,32 @@ class CandidateStore:
                                          "candidates": ordered})
 
 
+@dataclass(frozen=True)
+class SharedAttention:
+    """A story's consistent attention as its candidates need it: the settings and the identity frames' own keys."""
+
+    settings: SharingSettings
+    identity_keys: dict[int, str]
+
+    @classmethod
+    def of(cls, plans: Mapping[int, FramePlan], records: Mapping[str, Any], setup_id: str) -> SharedAttention | None:
+        """None for a story without consistent attention (what its manifest records)."""
+        record = next((r["consistent_attention"] for r in records.values() if r.get("consistent_attention")), None)
+        if record is None:
+            return None
+        settings = SharingSettings.from_record(record)
+        keys = {i: plan_key(plans[i], [int(m) for m in records[str(i)].get("batch", [i])], setup_id, plans[i].sampler,
+                            [sha256_bytes(png_bytes(g.image)) for g in plans[i].guides])
+                for i in settings.identity_frames}
+        return cls(settings, keys)
+
+    def reads(self, members: list[int]) -> bool:
+        return any(self.settings.role(i) == READER for i in members)
+
+    def fills(self, members: list[int]) -> bool:
+        return any(self.settings.role(i) == IDENTITY for i in members)
+
+
 def story_batches(plans: Mapping[int, FramePlan], records: Mapping[str, Any]) -> list[list[int]]:
     """The story's batches (frame numbers, in order) as its manifest records them."""
     seen: list[list[int]] = []
@@ -159,22 +190,28 @@ def story_batches(plans: Mapping[int, FramePlan], records: Mapping[str, Any]) ->
     return seen
 
 
-def candidate_key(plan: FramePlan, members: list[int], setup_id: str, quality: str) -> str:
-    """Like a story frame's key (docs/story.md), plus the quality it was rendered at."""
+def candidate_key(plan: FramePlan, members: list[int], setup_id: str, quality: str,
+                  shared: SharedAttention | None = None) -> str:
+    """Like a story frame's key (docs/story.md, with its consistent attention), plus the quality it was rendered at."""
     guides = [sha256_bytes(png_bytes(g.image)) for g in plan.guides]
-    return plan_key(plan, members, setup_id, plan.sampler, guides) + ("" if quality == FULL else f"-{quality}")
+    key = plan_key(plan, members, setup_id, plan.sampler, guides)
+    if shared is not None:
+        key = sharing_key(key, plan.index, shared.settings, shared.identity_keys)
+    return key + ("" if quality == FULL else f"-{quality}")
 
 
 def render_round(
     store: CandidateStore, plans: Mapping[int, FramePlan], story: list[list[int]], seeds: Mapping[int, int],
-    quality: Quality, session: Callable[[], Session], release: str = "auto",
+    quality: Quality, session: Callable[[], Session], release: str = "auto", shared: SharedAttention | None = None,
 ) -> Iterator[list[Rendered]]:
     """Render one candidate seed per frame (``seeds``: frame -> seed) in the story's batches, batch by batch.
 
     Frames not in ``seeds`` ride along with their current seed (their picture is not kept). Candidates
-    already in the store are not rendered again; a batch with nothing new is skipped. Yields the
+    already in the store are not rendered again; a batch with nothing new is skipped. Batches that read
+    the attention bank (``shared``) run after the identity batches, which refill it. Yields the
     candidates of each batch (found or new) once they are on disk; the caller saves the index.
     """
+    readers: list[tuple[list[int], list[FramePlan], dict[int, str], dict[int, Rendered | None]]] = []
     for members in story:
         wanted = [i for i in members if i in seeds]
         if not wanted:
@@ -185,21 +222,39 @@ def render_round(
             if index in seeds:
                 plan.seed = seeds[index]
             batch.append(quality.plan(plan))
-        keys = {plan.index: candidate_key(plan, members, store.setup_id, quality.name) for plan in batch}
+        keys = {plan.index: candidate_key(plan, members, store.setup_id, quality.name, shared) for plan in batch}
         found = {i: store.found(keys[i]) for i in wanted}
         if all(found.values()):
             yield [found[i] for i in wanted]  # type: ignore[misc]
-            continue
+        elif shared is not None and shared.reads(members):
+            readers.append((members, batch, keys, found))
+        else:
+            live = session()
+            live.encode(batch, release)
+            [(_, images, seconds)] = list(live.generate([batch]))  # one story batch: one size and step count
+            yield _kept(store, quality, batch, images, seconds, seeds, keys, found)
+    if readers:
+        assert shared is not None
+        identity = [[quality.plan(copy.copy(plans[i])) for i in members] for members in story if shared.fills(members)]
         live = session()
-        live.encode(batch, release)
-        [(_, images, seconds)] = list(live.generate([batch]))  # one story batch: one size and step count
-        out = []
-        for plan, image in zip(batch, images):
-            if plan.index not in seeds:
-                continue
-            existing = found[plan.index]
-            out.append(existing or store.add(plan, quality.name, keys[plan.index], image, seconds / len(batch)))
-        yield out
+        live.encode([plan for batch in identity for plan in batch] + [p for _, b, _, _ in readers for p in b], release)
+        outputs = live.generate(identity + [batch for _, batch, _, _ in readers], AttentionBank(shared.settings))
+        for _ in identity:  # the bank's batches: their pictures are the story's own identity frames
+            next(outputs)
+        for (_, batch, keys, found), (_, images, seconds) in zip(readers, outputs):
+            yield _kept(store, quality, batch, images, seconds, seeds, keys, found)
+
+
+def _kept(store: CandidateStore, quality: Quality, batch: list[FramePlan], images: list[Image.Image], seconds: float,
+          seeds: Mapping[int, int], keys: Mapping[int, str], found: Mapping[int, Rendered | None]) -> list[Rendered]:
+    """The batch's candidates: those found in the store, the others written to it."""
+    out = []
+    for plan, image in zip(batch, images):
+        if plan.index not in seeds:
+            continue
+        existing = found[plan.index]
+        out.append(existing or store.add(plan, quality.name, keys[plan.index], image, seconds / len(batch)))
+    return out
 
 
 def timer() -> Callable[[], float]:
