@@ -232,7 +232,7 @@ def sharing(tmp_path_factory) -> Path:
 
 def test_consistent_attention_searches_the_readers_with_the_bank_and_keeps_identity_frames(sharing, scorer,
                                                                                           tmp_path):
-    from kstory.story.candidates import SharedAttention, candidate_key, candidates_dir
+    from kstory.story.candidates import FrameTies, candidate_key, candidates_dir
     from kstory.story.pick_candidate import pick_candidate
     from kstory.story.reroll_frame import plan_from_record
 
@@ -253,8 +253,8 @@ def test_consistent_attention_searches_the_readers_with_the_bank_and_keeps_ident
     # a candidate's key is the key a story run computes for the frame (sharing included)
     story_dir = run / "story"
     plans = {int(k): plan_from_record(story_dir, int(k), r) for k, r in after.items()}
-    shared = SharedAttention.of(plans, after, manifest_of(run)["setup_id"])
-    assert candidate_key(plans[3], after["3"]["batch"], manifest_of(run)["setup_id"], "full", shared) == after["3"]["key"]
+    ties = FrameTies.of(plans, manifest_of(run))
+    assert candidate_key(plans[3], after["3"]["batch"], manifest_of(run)["setup_id"], "full", ties) == after["3"]["key"]
     # a reviewer's pick of another reader candidate, then the story made from its spec copy: bit for bit the same
     other = next(c["seed"] for c in after["4"]["search"]["candidates"] if c["seed"] != after["4"]["seed"])
     assert pick_candidate(story_dir, 4, other)
@@ -267,3 +267,33 @@ def test_consistent_attention_searches_the_readers_with_the_bank_and_keeps_ident
     assert again.generated == [] and again.frame_hashes == regen.frame_hashes
     assert manifest_of(run)["frames"]["4"]["seed"] == other
 
+
+
+def test_character_reference_frames_are_searched_with_the_reference_and_the_reference_frame_kept(scorer,
+                                                                                                 tmp_path):
+    from kstory.story.pick_candidate import pick_candidate
+
+    spec = {"title": "reference search", "frame_count": 3, "character": {
+                "trigger_word": "ks", "description": "a fox",
+                "reference": {"frame": 1, "adapter": "tiny", "frames": [2, 3], "scale": 1.0}},
+            "defaults": {"width": 64, "height": 64, "steps": 2}, "generation": {"batch_size": 2, "candidates": 3},
+            "frames": [{"prompt": f"scene {i}", "seed": 300 + i} for i in range(3)]}
+    (tmp_path / "story.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    run = tmp_path / "runs" / "ref"
+    story.generate_story(tmp_path / "story.yaml", run / "story", model="tiny")
+    before = manifest_of(run)["frames"]
+    assert before["2"]["ip_adapter"]["reference"]["frame"] == 1
+    result = search_story(run, SearchSettings(**UNREACHABLE), scorer=scorer)
+    after = manifest_of(run)["frames"]
+    assert result.rendered == 4 and any("reference frame(s) 1 of the character reference kept" in n
+                                        for n in result.notes)
+    assert after["1"] == before["1"] and {frame for frame, *_ in candidates_of(run)} == {2, 3}
+    assert after["2"]["ip_adapter"] == before["2"]["ip_adapter"]
+    other = next(c["seed"] for c in after["3"]["search"]["candidates"] if c["seed"] != after["3"]["seed"])
+    pick_candidate(run / "story", 3, other)
+    manifest = manifest_of(run)["frames"]
+    assert any(manifest[k]["seed"] != before[k]["seed"] for k in ("2", "3"))
+    regen = story.generate_story(run / "story" / "story.yaml", tmp_path / "regen", model="tiny")
+    assert regen.frame_hashes == {int(k): f["sha256"] for k, f in manifest.items()}
+    again = story.generate_story(run / "story" / "story.yaml", run / "story", model="tiny")
+    assert again.generated == []

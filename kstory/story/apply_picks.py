@@ -87,6 +87,7 @@ def _picked_record(plan: FramePlan, pick: Rendered, record: dict[str, Any]) -> d
     extra = {"key": pick.key,  # the candidate's key is the frame's key (kstory.story.candidates.candidate_key)
              "origin": "spec" if pick.seed == spec_seed and plan.frame_prompt == spec_prompt else "search",
              "spec_seed": spec_seed, "spec_frame_prompt": spec_prompt}
-    if record.get("consistent_attention"):
-        extra["consistent_attention"] = record["consistent_attention"]
+    for tie in ("consistent_attention", "ip_adapter"):  # unchanged by a new seed: the settings, the reference
+        if record.get(tie):
+            extra[tie] = record[tie]
     return frame_record(drawn, pick.sha256, members, record, guides, pick.seconds, extra)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from kstory.story.build import plan_key
 from kstory.story.consistent_attention import IDENTITY, READER, AttentionBank, SharingSettings, sharing_key
 from kstory.story.generate import FramePlan, Session
 from kstory.story.manifest import frame_name, png_bytes, save_png, sha256_bytes
+from kstory.story.reference_records import keyed
 from kstory.story.staging import link_or_copy
 
 FOLDER = "candidates"
@@ -130,10 +131,10 @@ class CandidateStore:
         return Rendered(plan.index, plan.seed, quality, key, self.folder / name, digest, seconds, image)
 
     def keep(self, plan: FramePlan, members: list[int], file: Path, seconds: float,
-             scores: Mapping[str, Any] | None = None, shared: SharedAttention | None = None) -> Rendered:
+             scores: Mapping[str, Any] | None = None, ties: FrameTies | None = None) -> Rendered:
         """List the story's current picture of ``plan`` (about to be replaced by a pick) as a full-quality
         candidate, so the dashboard can pick it back; a picture already listed is left as it is."""
-        key = candidate_key(plan, members, self.setup_id, FULL, shared)
+        key = candidate_key(plan, members, self.setup_id, FULL, ties)
         found = self.found(key)
         if found is not None:
             return found
@@ -155,29 +156,49 @@ class CandidateStore:
 
 
 @dataclass(frozen=True)
-class SharedAttention:
-    """A story's consistent attention as its candidates need it: the settings and the identity frames' own keys."""
+class _RecordedAdapter:
+    """The IP-Adapter as a key sees it: its content hash, as the manifest records it."""
 
-    settings: SharingSettings
-    identity_keys: dict[int, str]
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FrameTies:
+    """What ties a story's frames together, as its candidates need it: consistent attention (the settings and the
+    identity frames' own keys) and the character reference (the frames' keys and the adapter's hash)."""
+
+    attention: SharingSettings | None = None
+    identity_keys: dict[int, str] = field(default_factory=dict)
+    frame_keys: dict[int, str] = field(default_factory=dict)
+    adapter: _RecordedAdapter | None = None
 
     @classmethod
-    def of(cls, plans: Mapping[int, FramePlan], records: Mapping[str, Any], setup_id: str) -> SharedAttention | None:
-        """None for a story without consistent attention (what its manifest records)."""
+    def of(cls, plans: Mapping[int, FramePlan], manifest: Mapping[str, Any]) -> FrameTies:
+        """From the manifest (the story as it is) and its frames' plans."""
+        records = manifest["frames"]
         record = next((r["consistent_attention"] for r in records.values() if r.get("consistent_attention")), None)
-        if record is None:
-            return None
-        settings = SharingSettings.from_record(record)
-        keys = {i: plan_key(plans[i], [int(m) for m in records[str(i)].get("batch", [i])], setup_id, plans[i].sampler,
-                            [sha256_bytes(png_bytes(g.image)) for g in plans[i].guides])
-                for i in settings.identity_frames}
-        return cls(settings, keys)
+        attention = SharingSettings.from_record(record) if record is not None else None
+        identity = {i: plan_key(plans[i], [int(m) for m in records[str(i)].get("batch", [i])], manifest["setup_id"],
+                                plans[i].sampler, [sha256_bytes(png_bytes(g.image)) for g in plans[i].guides])
+                    for i in (attention.identity_frames if attention else ())}
+        adapter = manifest.get("ip_adapter")
+        return cls(attention, identity, {int(k): r.get("key", "") for k, r in records.items()},
+                   _RecordedAdapter(adapter["sha256"]) if adapter else None)
+
+    def key(self, key: str, plan: FramePlan) -> str:
+        """A frame's plain key with its sharing and its reference folded in, as a story run does (kstory.story.run)."""
+        if self.attention is not None:
+            key = sharing_key(key, plan.index, self.attention, self.identity_keys)
+        return keyed(key, plan, self.frame_keys, self.adapter)  # type: ignore[arg-type]
+
+    def identity_frames(self) -> list[int]:
+        return sorted(self.attention.identity_frames) if self.attention else []
 
     def reads(self, members: list[int]) -> bool:
-        return any(self.settings.role(i) == READER for i in members)
+        return self.attention is not None and any(self.attention.role(i) == READER for i in members)
 
     def fills(self, members: list[int]) -> bool:
-        return any(self.settings.role(i) == IDENTITY for i in members)
+        return self.attention is not None and any(self.attention.role(i) == IDENTITY for i in members)
 
 
 def story_batches(plans: Mapping[int, FramePlan], records: Mapping[str, Any]) -> list[list[int]]:
@@ -191,24 +212,23 @@ def story_batches(plans: Mapping[int, FramePlan], records: Mapping[str, Any]) ->
 
 
 def candidate_key(plan: FramePlan, members: list[int], setup_id: str, quality: str,
-                  shared: SharedAttention | None = None) -> str:
-    """Like a story frame's key (docs/story.md, with its consistent attention), plus the quality it was rendered at."""
+                  ties: FrameTies | None = None) -> str:
+    """Like a story frame's key (docs/story.md, with its sharing and reference), plus the quality it was rendered at."""
     guides = [sha256_bytes(png_bytes(g.image)) for g in plan.guides]
     key = plan_key(plan, members, setup_id, plan.sampler, guides)
-    if shared is not None:
-        key = sharing_key(key, plan.index, shared.settings, shared.identity_keys)
+    key = (ties or FrameTies()).key(key, plan)
     return key + ("" if quality == FULL else f"-{quality}")
 
 
 def render_round(
     store: CandidateStore, plans: Mapping[int, FramePlan], story: list[list[int]], seeds: Mapping[int, int],
-    quality: Quality, session: Callable[[], Session], release: str = "auto", shared: SharedAttention | None = None,
+    quality: Quality, session: Callable[[], Session], release: str = "auto", ties: FrameTies | None = None,
 ) -> Iterator[list[Rendered]]:
     """Render one candidate seed per frame (``seeds``: frame -> seed) in the story's batches, batch by batch.
 
     Frames not in ``seeds`` ride along with their current seed (their picture is not kept). Candidates
     already in the store are not rendered again; a batch with nothing new is skipped. Batches that read
-    the attention bank (``shared``) run after the identity batches, which refill it. Yields the
+    the attention bank (``ties``) run after the identity batches, which refill it. Yields the
     candidates of each batch (found or new) once they are on disk; the caller saves the index.
     """
     readers: list[tuple[list[int], list[FramePlan], dict[int, str], dict[int, Rendered | None]]] = []
@@ -222,11 +242,11 @@ def render_round(
             if index in seeds:
                 plan.seed = seeds[index]
             batch.append(quality.plan(plan))
-        keys = {plan.index: candidate_key(plan, members, store.setup_id, quality.name, shared) for plan in batch}
+        keys = {plan.index: candidate_key(plan, members, store.setup_id, quality.name, ties) for plan in batch}
         found = {i: store.found(keys[i]) for i in wanted}
         if all(found.values()):
             yield [found[i] for i in wanted]  # type: ignore[misc]
-        elif shared is not None and shared.reads(members):
+        elif ties is not None and ties.reads(members):
             readers.append((members, batch, keys, found))
         else:
             live = session()
@@ -234,11 +254,11 @@ def render_round(
             [(_, images, seconds)] = list(live.generate([batch]))  # one story batch: one size and step count
             yield _kept(store, quality, batch, images, seconds, seeds, keys, found)
     if readers:
-        assert shared is not None
-        identity = [[quality.plan(copy.copy(plans[i])) for i in members] for members in story if shared.fills(members)]
+        assert ties is not None and ties.attention is not None
+        identity = [[quality.plan(copy.copy(plans[i])) for i in members] for members in story if ties.fills(members)]
         live = session()
         live.encode([plan for batch in identity for plan in batch] + [p for _, b, _, _ in readers for p in b], release)
-        outputs = live.generate(identity + [batch for _, batch, _, _ in readers], AttentionBank(shared.settings))
+        outputs = live.generate(identity + [batch for _, batch, _, _ in readers], AttentionBank(ties.attention))
         for _ in identity:  # the bank's batches: their pictures are the story's own identity frames
             next(outputs)
         for (_, batch, keys, found), (_, images, seconds) in zip(readers, outputs):

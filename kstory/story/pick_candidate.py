@@ -19,7 +19,7 @@ from typing import Any
 from kstory.core.errors import KstoryError
 from kstory.story import review
 from kstory.story.apply_picks import apply_picks
-from kstory.story.candidates import FULL, CandidateStore, SharedAttention, candidate_key, candidates_dir
+from kstory.story.candidates import FULL, CandidateStore, FrameTies, candidate_key, candidates_dir
 from kstory.story.manifest import read_manifest
 from kstory.story.reroll_frame import plan_from_record
 
@@ -60,8 +60,8 @@ def pick_candidate(story_dir: Path, frame: int, seed: int) -> bool:
     store = CandidateStore(candidates_dir(story_dir), manifest["setup_id"])
     wanted = copy.copy(plans[frame])
     wanted.seed = seed
-    shared = SharedAttention.of(plans, records, manifest["setup_id"])
-    found = store.found(candidate_key(wanted, members, manifest["setup_id"], FULL, shared))
+    ties = FrameTies.of(plans, manifest)
+    found = store.found(candidate_key(wanted, members, manifest["setup_id"], FULL, ties))
     if found is None:
         raise KstoryError(f"candidate seed {seed} of frame {frame} is not on disk for this story as it is now",
                           path=candidates_dir(story_dir),
@@ -69,7 +69,7 @@ def pick_candidate(story_dir: Path, frame: int, seed: int) -> bool:
                               f"with seed {seed} (`kstory reroll`)")
     if found.sha256 != record["sha256"]:
         store.keep(plans[frame], members, story_dir / record["file"], float(record.get("seconds", 0.0)),
-                   _scores(search, int(record["seed"])), shared)
+                   _scores(search, int(record["seed"])), ties)
     changed = apply_picks(story_dir, plans, {frame: found}, {frame: {**search, "pick": seed, "picked_by": REVIEW}})
     store.save()
     return changed
