@@ -76,7 +76,8 @@ def options_for(story: Path, key: str, record: dict[str, Any], files: dict[tuple
             path = run_access.inside(candidates_dir(story), name) if name else None
         mean = None
         if known is not None:
-            mean = (sum(v for k, v in known.items() if k != key) + float(c["aesthetic"])) / len(known)  # type: ignore[misc]
+            others = sum(v for k, v in known.items() if k != key and v is not None)
+            mean = (others + float(c["aesthetic"])) / len(known)
         out.append(Option(seed, float(c["aesthetic"]), c.get("clip_t"), c.get("identity"),
                           path if path is not None and path.is_file() else None, current, mean))
     return sorted(out, key=lambda o: (-o.aesthetic, o.seed))
@@ -139,11 +140,12 @@ def _search_form(run: RunDir, outcome: dict[str, Any], busy: bool) -> None:
     scorer = (outcome.get("scorer") or {}).get("aesthetic") if isinstance(outcome.get("scorer"), dict) else None
     last_n, last_margin = outcome.get("candidates"), outcome.get("margin")
     left, mid, right = st.columns(3)
-    candidates = left.number_input("Candidates per frame", min_value=1, max_value=MAX_CANDIDATES, key="search_candidates",
-                                   value=min(max(int(last_n), 1), MAX_CANDIDATES) if isinstance(last_n, int) else 4)
-    margin = mid.number_input("Margin over the gate", min_value=0.0, max_value=MAX_MARGIN, step=0.05, key="search_margin",
-                              value=min(max(float(last_margin), 0.0), MAX_MARGIN)
-                              if isinstance(last_margin, (int, float)) else 0.1)
+    candidates = left.number_input(
+        "Candidates per frame", min_value=1, max_value=MAX_CANDIDATES, key="search_candidates",
+        value=min(max(int(last_n), 1), MAX_CANDIDATES) if isinstance(last_n, int) else 4)
+    margin = mid.number_input(
+        "Margin over the gate", min_value=0.0, max_value=MAX_MARGIN, step=0.05, key="search_margin",
+        value=min(max(float(last_margin), 0.0), MAX_MARGIN) if isinstance(last_margin, (int, float)) else 0.1)
     model = right.text_input("Aesthetic model", value="kolors-challenge", key="search_model",
                              help="kolors-challenge (the organisers' predictor), a predictor folder, or tiny "
                                   "(random weights: a dry run whose scores mean nothing)")

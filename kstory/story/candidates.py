@@ -130,17 +130,22 @@ class CandidateStore:
                              "sha256": digest, "seconds": round(seconds, 3)}
         return Rendered(plan.index, plan.seed, quality, key, self.folder / name, digest, seconds, image)
 
-    def keep(self, plan: FramePlan, members: list[int], file: Path, seconds: float,
-             scores: Mapping[str, Any] | None = None, ties: FrameTies | None = None) -> Rendered:
-        """List the story's current picture of ``plan`` (about to be replaced by a pick) as a full-quality
-        candidate, so the dashboard can pick it back; a picture already listed is left as it is."""
+    def keep(self, plan: FramePlan, record: Mapping[str, Any], story_dir: Path,
+             scores: Mapping[str, Any] | None = None, ties: FrameTies | None = None) -> Rendered | None:
+        """List the story's current picture of ``plan`` (``record``: its manifest entry; about to be replaced by a
+        pick) as a full-quality candidate, so it can be picked back; a picture already listed is left as it is.
+        A repaired frame is not a candidate (its picture is more than its seed makes): None."""
+        if record.get("repairs"):
+            return None
+        members = [int(i) for i in record.get("batch", [plan.index])]
         key = candidate_key(plan, members, self.setup_id, FULL, ties)
         found = self.found(key)
         if found is not None:
             return found
         name = f"{frame_name(plan.index)}/{FULL}-{plan.seed}.png"
-        link_or_copy(Path(file), self.folder / name)
+        link_or_copy(Path(story_dir) / str(record["file"]), self.folder / name)
         digest = sha256_file(self.folder / name)
+        seconds = float(record.get("seconds", 0.0))
         self.entries[key] = {"key": key, "frame": plan.index, "seed": plan.seed, "quality": FULL,
                              "width": plan.width, "height": plan.height, "steps": plan.steps, "file": name,
                              "sha256": digest, "seconds": round(seconds, 3), **(scores or {})}

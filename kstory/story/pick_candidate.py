@@ -68,8 +68,7 @@ def pick_candidate(story_dir: Path, frame: int, seed: int) -> bool:
                           fix=f"run `kstory search` again (it renders missing candidates) or re-roll frame {frame} "
                               f"with seed {seed} (`kstory reroll`)")
     if found.sha256 != record["sha256"]:
-        store.keep(plans[frame], members, story_dir / record["file"], float(record.get("seconds", 0.0)),
-                   _scores(search, int(record["seed"])), ties)
+        store.keep(plans[frame], record, story_dir, _scores(search, int(record["seed"])), ties)
     changed = apply_picks(story_dir, plans, {frame: found}, {frame: {**search, "pick": seed, "picked_by": REVIEW}})
     store.save()
     return changed

@@ -282,8 +282,7 @@ def _keep_replaced(store: CandidateStore, story_dir: Path, plans: Mapping[int, A
             continue
         scored = next((c for c in pool.full.get(i, []) if c.seed == int(record["seed"])), None)
         scores = {} if scored is None else {"aesthetic": scored.aesthetic, "clip_t": scored.clip_t}
-        store.keep(plans[i], list(record.get("batch", [i])), story_dir / record["file"],
-                   float(record.get("seconds", 0.0)), scores, ties)
+        store.keep(plans[i], record, story_dir, scores, ties)
 
 
 def _by_preview(seeds: Sequence[int], frame: int, pool: _Pool, goal: Goal) -> list[int]:
