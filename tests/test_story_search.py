@@ -203,13 +203,101 @@ def test_search_then_score_package_verify_ships_the_candidates_and_regenerates_t
     run = make_quick_run(tmp_path / "run")
     assert main(["search", str(run), "--aesthetic-model", "tiny", "--candidates", "2", "--margin", "50"]) == 3
     picked = manifest_of(run)["frames"]
-    assert all(len(f["search"]["candidates"]) == 2 for f in picked.values())
+    searched = [k for k, f in picked.items() if "search" in f]  # the demo's identity frames are kept as they are
+    assert searched and all(len(picked[k]["search"]["candidates"]) == 2 for k in searched)
+    assert all((picked[k].get("consistent_attention") or {}).get("role") == "identity"
+               for k in picked if k not in searched)
     assert main(["score", str(run), "--aesthetic-model", "tiny"]) in (0, 3)
     assert main(["package", str(run), "--team", TEAM, "--suffix", SUFFIX, "--allow-failed-gate",
                  "--allow-test-model"]) == 0
     shipped = json.loads((run / "submission" / "candidates.json").read_text(encoding="utf-8"))
-    assert shipped["frames"]["1"] == picked["1"]["search"] and shipped["search"]["candidates"] == 2
+    first = searched[0]
+    assert shipped["frames"][first] == picked[first]["search"] and shipped["search"]["candidates"] == 2
     assert (run / "submission" / "candidates.png").is_file()
     report = verify_package(run / "submission", model="tiny")
     assert report.verdict == "identical", report.render()
     assert len(report.frames) == 8  # the picks only, not the candidates
+
+
+@pytest.fixture(scope="module")
+def sharing(tmp_path_factory) -> Path:
+    """A 4-frame story with consistent attention: frames 1 and 2 fill the bank, 3 and 4 read it (batches of 2)."""
+    root = tmp_path_factory.mktemp("sharing")
+    spec = {"title": "sharing search", "frame_count": 4, "character": {"trigger_word": "ks", "description": "a fox"},
+            "defaults": {"width": 64, "height": 64, "steps": 2},
+            "generation": {"batch_size": 2, "candidates": 3,
+                           "consistent_attention": {"share": 0.5, "identity_frames": [1, 2], "frames": [3, 4],
+                                                    "start_step": 0}},
+            "frames": [{"prompt": f"scene {i}", "seed": 200 + i} for i in range(4)]}
+    (root / "story.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    story.generate_story(root / "story.yaml", root / "runs" / "sharing" / "story", model="tiny")
+    return root / "runs" / "sharing"
+
+
+def test_consistent_attention_searches_the_readers_with_the_bank_and_keeps_identity_frames(sharing, scorer,
+                                                                                          tmp_path):
+    from kstory.story.candidates import FrameTies, candidate_key, candidates_dir
+    from kstory.story.pick_candidate import pick_candidate
+    from kstory.story.reroll_frame import plan_from_record
+
+    run = copy_run(sharing, tmp_path)
+    before = manifest_of(run)["frames"]
+    assert before["3"]["consistent_attention"]["role"] == "reader"
+    result = search_story(run, SearchSettings(**UNREACHABLE), scorer=scorer)
+    after = manifest_of(run)["frames"]
+    assert result.rendered == 4  # frames 3 and 4, two new seeds each
+    assert any("identity frame(s) 1, 2 of consistent attention kept" in note for note in result.notes)
+    for key in ("1", "2"):
+        assert after[key] == before[key] and "search" not in after[key]
+    assert {frame for frame, *_ in candidates_of(run)} == {3, 4}
+    picked = [k for k in ("3", "4") if after[k]["seed"] != before[k]["seed"]]
+    assert picked, "nothing was picked"
+    for key in ("3", "4"):
+        assert after[key]["consistent_attention"] == before[key]["consistent_attention"]
+    # a candidate's key is the key a story run computes for the frame (sharing included)
+    story_dir = run / "story"
+    plans = {int(k): plan_from_record(story_dir, int(k), r) for k, r in after.items()}
+    ties = FrameTies.of(plans, manifest_of(run))
+    assert candidate_key(plans[3], after["3"]["batch"], manifest_of(run)["setup_id"], "full", ties) == after["3"]["key"]
+    # a reviewer's pick of another reader candidate, then the story made from its spec copy: bit for bit the same
+    other = next(c["seed"] for c in after["4"]["search"]["candidates"] if c["seed"] != after["4"]["seed"])
+    assert pick_candidate(story_dir, 4, other)
+    manifest = manifest_of(run)["frames"]
+    regen = story.generate_story(story_dir / "story.yaml", tmp_path / "regen", model="tiny")
+    assert regen.frame_hashes == {int(k): f["sha256"] for k, f in manifest.items()}
+    assert (candidates_dir(story_dir) / "index.json").is_file()
+    # and a story run in place keeps every frame as it is (the keys match what it computes)
+    again = story.generate_story(story_dir / "story.yaml", story_dir, model="tiny")
+    assert again.generated == [] and again.frame_hashes == regen.frame_hashes
+    assert manifest_of(run)["frames"]["4"]["seed"] == other
+
+
+
+def test_character_reference_frames_are_searched_with_the_reference_and_the_reference_frame_kept(scorer,
+                                                                                                 tmp_path):
+    from kstory.story.pick_candidate import pick_candidate
+
+    spec = {"title": "reference search", "frame_count": 3, "character": {
+                "trigger_word": "ks", "description": "a fox",
+                "reference": {"frame": 1, "adapter": "tiny", "frames": [2, 3], "scale": 1.0}},
+            "defaults": {"width": 64, "height": 64, "steps": 2}, "generation": {"batch_size": 2, "candidates": 3},
+            "frames": [{"prompt": f"scene {i}", "seed": 300 + i} for i in range(3)]}
+    (tmp_path / "story.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    run = tmp_path / "runs" / "ref"
+    story.generate_story(tmp_path / "story.yaml", run / "story", model="tiny")
+    before = manifest_of(run)["frames"]
+    assert before["2"]["ip_adapter"]["reference"]["frame"] == 1
+    result = search_story(run, SearchSettings(**UNREACHABLE), scorer=scorer)
+    after = manifest_of(run)["frames"]
+    assert result.rendered == 4 and any("reference frame(s) 1 of the character reference kept" in n
+                                        for n in result.notes)
+    assert after["1"] == before["1"] and {frame for frame, *_ in candidates_of(run)} == {2, 3}
+    assert after["2"]["ip_adapter"] == before["2"]["ip_adapter"]
+    other = next(c["seed"] for c in after["3"]["search"]["candidates"] if c["seed"] != after["3"]["seed"])
+    pick_candidate(run / "story", 3, other)
+    manifest = manifest_of(run)["frames"]
+    assert any(manifest[k]["seed"] != before[k]["seed"] for k in ("2", "3"))
+    regen = story.generate_story(run / "story" / "story.yaml", tmp_path / "regen", model="tiny")
+    assert regen.frame_hashes == {int(k): f["sha256"] for k, f in manifest.items()}
+    again = story.generate_story(run / "story" / "story.yaml", run / "story", model="tiny")
+    assert again.generated == []

@@ -10,20 +10,38 @@ from kstory.core.errors import KstoryError
 from kstory.core.rundir import RunDir
 
 
+def _config_models(run: RunDir) -> tuple[dict[str, Path] | None, Path | None]:
+    """Like `kstory run`: the config's ControlNets ('tiny' ones are rebuilt offline) and model cache, if any."""
+    if not run.config.is_file():
+        return None, None
+    from kstory.core.config import load_config
+    from kstory.cli.stages import controlnet_paths
+
+    config = load_config(run.config)
+    controlnets = controlnet_paths(config.story.controlnets, config.cache_dir) if config.story else None
+    return controlnets or None, config.cache_dir
+
+
 def reroll_frame(run_root: Path, frame: str, *, seed: int | None, prompt: str | None) -> None:
     """Regenerate one frame with ``kstory.story.reroll`` (as ``kstory reroll`` does); the manifest keeps the seed history."""
     from kstory.story import reroll
 
     run = RunDir(Path(run_root))
-    controlnets, cache_dir = None, None
-    if run.config.is_file():  # like `kstory run`: the config's ControlNets ('tiny' ones are rebuilt offline)
-        from kstory.core.config import load_config
-        from kstory.cli.stages import controlnet_paths
+    controlnets, cache_dir = _config_models(run)
+    reroll(run.story, int(frame), seed=seed, prompt=prompt, controlnets=controlnets, cache_dir=cache_dir)
 
-        config = load_config(run.config)
-        cache_dir = config.cache_dir
-        controlnets = controlnet_paths(config.story.controlnets, cache_dir) if config.story else None
-    reroll(run.story, int(frame), seed=seed, prompt=prompt, controlnets=controlnets or None, cache_dir=cache_dir)
+
+def search(run_root: Path, *, candidates: int, margin: float, aesthetic_model: str) -> str:
+    """``kstory search`` of the run (a goal missed is a result, not a failure: the best set found is kept)."""
+    from kstory.scoring.in_memory import load_in_memory_scorer
+    from kstory.submissions.search import SearchSettings, search_story
+
+    run = RunDir(Path(run_root))
+    controlnets, cache_dir = _config_models(run)
+    scorer = load_in_memory_scorer(aesthetic_model, cache_dir=cache_dir)
+    result = search_story(run.story, SearchSettings(candidates=candidates, margin=margin), scorer=scorer,
+                          controlnets=controlnets, cache_dir=cache_dir)
+    return f"{result.rendered} rendered, {result.reused} reused; {result.selection.describe()}"
 
 
 def rescore(run_root: Path) -> None:
@@ -75,6 +93,11 @@ def reroll_steps(run_root: Path, frame: str, *, seed: int | None, prompt: str | 
     """Re-roll one frame, then score the story again."""
     return [_call("reroll_frame", run_root=str(run_root), frame=str(frame), seed=seed, prompt=prompt),
             _call("rescore", run_root=str(run_root))]
+
+
+def search_steps(run_root: Path, *, candidates: int, margin: float, aesthetic_model: str) -> list[dict[str, Any]]:
+    return [_call("search", run_root=str(run_root), candidates=int(candidates), margin=float(margin),
+                  aesthetic_model=str(aesthetic_model))]
 
 
 def rescore_steps(run_root: Path) -> list[dict[str, Any]]:

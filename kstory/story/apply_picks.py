@@ -17,9 +17,9 @@ from kstory.core.atomic import write_text
 from kstory.core.errors import KstoryError
 from kstory.core.hashing import sha256_file
 from kstory.core.logs import get_logger
-from kstory.story.build import StoryBuild, plan_key
+from kstory.story.build import StoryBuild
 from kstory.story.candidates import Rendered
-from kstory.story.generate import SAMPLER, FramePlan
+from kstory.story.generate import FramePlan
 from kstory.story.manifest import read_manifest
 from kstory.story.run import frame_record, spec_values
 from kstory.story.spec_copy import SPEC_COPY, derive_spec_text
@@ -48,7 +48,7 @@ def apply_picks(out_dir: Path, plans: Mapping[int, FramePlan], picks: Mapping[in
         fresh = dict(record)
         pick = picks.get(index)
         if pick is not None and pick.sha256 != record["sha256"]:
-            fresh = _picked_record(plans[index], pick, record, manifest["setup_id"])
+            fresh = _picked_record(plans[index], pick, record)
         if index in search:
             fresh["search"] = search[index]
         changed |= fresh != record
@@ -76,7 +76,7 @@ def apply_picks(out_dir: Path, plans: Mapping[int, FramePlan], picks: Mapping[in
     return True
 
 
-def _picked_record(plan: FramePlan, pick: Rendered, record: dict[str, Any], setup_id: str) -> dict[str, Any]:
+def _picked_record(plan: FramePlan, pick: Rendered, record: dict[str, Any]) -> dict[str, Any]:
     """The manifest entry of ``plan`` drawn with the picked seed (its key is what a story run would compute)."""
     if sha256_file(pick.file) != pick.sha256:
         raise KstoryError("a picked candidate changed on disk", path=pick.file, fix="run `kstory search` again")
@@ -84,7 +84,10 @@ def _picked_record(plan: FramePlan, pick: Rendered, record: dict[str, Any], setu
     members = list(record.get("batch", [plan.index]))
     spec_seed, spec_prompt = spec_values(record)
     guides = [g["sha256"] for g in record["guides"]]
-    extra = {"key": plan_key(drawn, members, setup_id, SAMPLER, guides),
+    extra = {"key": pick.key,  # the candidate's key is the frame's key (kstory.story.candidates.candidate_key)
              "origin": "spec" if pick.seed == spec_seed and plan.frame_prompt == spec_prompt else "search",
              "spec_seed": spec_seed, "spec_frame_prompt": spec_prompt}
+    for tie in ("consistent_attention", "ip_adapter"):  # unchanged by a new seed: the settings, the reference
+        if record.get(tie):
+            extra[tie] = record[tie]
     return frame_record(drawn, pick.sha256, members, record, guides, pick.seconds, extra)

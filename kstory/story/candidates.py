@@ -6,6 +6,10 @@ did, each frame with one of its candidate seeds. A candidate is then bit for
 bit the frame a full story run with that seed makes, and picking it needs no
 second render: ``kstory verify`` regenerates the picks from the manifest alone.
 
+With consistent attention a round first runs the identity frames' batches
+(never searched: every reading frame depends on them) to fill the attention
+bank, then the reading frames' candidate batches, as a story run does.
+
 A preview round runs the same batches with fewer steps and/or smaller frames
 (guides resized to match); its pictures only rank the candidates.
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +33,11 @@ from PIL import Image
 from kstory.core.atomic import write_json
 from kstory.core.hashing import sha256_file
 from kstory.story.build import plan_key
+from kstory.story.consistent_attention import IDENTITY, READER, AttentionBank, SharingSettings, sharing_key
 from kstory.story.generate import FramePlan, Session
 from kstory.story.manifest import frame_name, png_bytes, save_png, sha256_bytes
+from kstory.story.reference_records import keyed
+from kstory.story.staging import link_or_copy
 
 FOLDER = "candidates"
 INDEX = "index.json"
@@ -123,6 +130,27 @@ class CandidateStore:
                              "sha256": digest, "seconds": round(seconds, 3)}
         return Rendered(plan.index, plan.seed, quality, key, self.folder / name, digest, seconds, image)
 
+    def keep(self, plan: FramePlan, record: Mapping[str, Any], story_dir: Path,
+             scores: Mapping[str, Any] | None = None, ties: FrameTies | None = None) -> Rendered | None:
+        """List the story's current picture of ``plan`` (``record``: its manifest entry; about to be replaced by a
+        pick) as a full-quality candidate, so it can be picked back; a picture already listed is left as it is.
+        A repaired frame is not a candidate (its picture is more than its seed makes): None."""
+        if record.get("repairs"):
+            return None
+        members = [int(i) for i in record.get("batch", [plan.index])]
+        key = candidate_key(plan, members, self.setup_id, FULL, ties)
+        found = self.found(key)
+        if found is not None:
+            return found
+        name = f"{frame_name(plan.index)}/{FULL}-{plan.seed}.png"
+        link_or_copy(Path(story_dir) / str(record["file"]), self.folder / name)
+        digest = sha256_file(self.folder / name)
+        seconds = float(record.get("seconds", 0.0))
+        self.entries[key] = {"key": key, "frame": plan.index, "seed": plan.seed, "quality": FULL,
+                             "width": plan.width, "height": plan.height, "steps": plan.steps, "file": name,
+                             "sha256": digest, "seconds": round(seconds, 3), **(scores or {})}
+        return Rendered(plan.index, plan.seed, FULL, key, self.folder / name, digest, seconds)
+
     def record_scores(self, key: str, scores: Mapping[str, Any]) -> None:
         self.entries[key].update(scores)
 
@@ -130,6 +158,52 @@ class CandidateStore:
         ordered = sorted(self.entries.values(), key=lambda e: (e["frame"], e["quality"], e["seed"]))
         write_json(self.folder / INDEX, {"format": FORMAT, "setup_id": self.setup_id, **self.extra,
                                          "candidates": ordered})
+
+
+@dataclass(frozen=True)
+class _RecordedAdapter:
+    """The IP-Adapter as a key sees it: its content hash, as the manifest records it."""
+
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FrameTies:
+    """What ties a story's frames together, as its candidates need it: consistent attention (the settings and the
+    identity frames' own keys) and the character reference (the frames' keys and the adapter's hash)."""
+
+    attention: SharingSettings | None = None
+    identity_keys: dict[int, str] = field(default_factory=dict)
+    frame_keys: dict[int, str] = field(default_factory=dict)
+    adapter: _RecordedAdapter | None = None
+
+    @classmethod
+    def of(cls, plans: Mapping[int, FramePlan], manifest: Mapping[str, Any]) -> FrameTies:
+        """From the manifest (the story as it is) and its frames' plans."""
+        records = manifest["frames"]
+        record = next((r["consistent_attention"] for r in records.values() if r.get("consistent_attention")), None)
+        attention = SharingSettings.from_record(record) if record is not None else None
+        identity = {i: plan_key(plans[i], [int(m) for m in records[str(i)].get("batch", [i])], manifest["setup_id"],
+                                plans[i].sampler, [sha256_bytes(png_bytes(g.image)) for g in plans[i].guides])
+                    for i in (attention.identity_frames if attention else ())}
+        adapter = manifest.get("ip_adapter")
+        return cls(attention, identity, {int(k): r.get("key", "") for k, r in records.items()},
+                   _RecordedAdapter(adapter["sha256"]) if adapter else None)
+
+    def key(self, key: str, plan: FramePlan) -> str:
+        """A frame's plain key with its sharing and its reference folded in, as a story run does (kstory.story.run)."""
+        if self.attention is not None:
+            key = sharing_key(key, plan.index, self.attention, self.identity_keys)
+        return keyed(key, plan, self.frame_keys, self.adapter)  # type: ignore[arg-type]
+
+    def identity_frames(self) -> list[int]:
+        return sorted(self.attention.identity_frames) if self.attention else []
+
+    def reads(self, members: list[int]) -> bool:
+        return self.attention is not None and any(self.attention.role(i) == READER for i in members)
+
+    def fills(self, members: list[int]) -> bool:
+        return self.attention is not None and any(self.attention.role(i) == IDENTITY for i in members)
 
 
 def story_batches(plans: Mapping[int, FramePlan], records: Mapping[str, Any]) -> list[list[int]]:
@@ -142,22 +216,27 @@ def story_batches(plans: Mapping[int, FramePlan], records: Mapping[str, Any]) ->
     return seen
 
 
-def candidate_key(plan: FramePlan, members: list[int], setup_id: str, quality: str) -> str:
-    """Like a story frame's key (docs/story.md), plus the quality it was rendered at."""
+def candidate_key(plan: FramePlan, members: list[int], setup_id: str, quality: str,
+                  ties: FrameTies | None = None) -> str:
+    """Like a story frame's key (docs/story.md, with its sharing and reference), plus the quality it was rendered at."""
     guides = [sha256_bytes(png_bytes(g.image)) for g in plan.guides]
-    return plan_key(plan, members, setup_id, plan.sampler, guides) + ("" if quality == FULL else f"-{quality}")
+    key = plan_key(plan, members, setup_id, plan.sampler, guides)
+    key = (ties or FrameTies()).key(key, plan)
+    return key + ("" if quality == FULL else f"-{quality}")
 
 
 def render_round(
     store: CandidateStore, plans: Mapping[int, FramePlan], story: list[list[int]], seeds: Mapping[int, int],
-    quality: Quality, session: Callable[[], Session], release: str = "auto",
+    quality: Quality, session: Callable[[], Session], release: str = "auto", ties: FrameTies | None = None,
 ) -> Iterator[list[Rendered]]:
     """Render one candidate seed per frame (``seeds``: frame -> seed) in the story's batches, batch by batch.
 
     Frames not in ``seeds`` ride along with their current seed (their picture is not kept). Candidates
-    already in the store are not rendered again; a batch with nothing new is skipped. Yields the
+    already in the store are not rendered again; a batch with nothing new is skipped. Batches that read
+    the attention bank (``ties``) run after the identity batches, which refill it. Yields the
     candidates of each batch (found or new) once they are on disk; the caller saves the index.
     """
+    readers: list[tuple[list[int], list[FramePlan], dict[int, str], dict[int, Rendered | None]]] = []
     for members in story:
         wanted = [i for i in members if i in seeds]
         if not wanted:
@@ -168,21 +247,39 @@ def render_round(
             if index in seeds:
                 plan.seed = seeds[index]
             batch.append(quality.plan(plan))
-        keys = {plan.index: candidate_key(plan, members, store.setup_id, quality.name) for plan in batch}
+        keys = {plan.index: candidate_key(plan, members, store.setup_id, quality.name, ties) for plan in batch}
         found = {i: store.found(keys[i]) for i in wanted}
         if all(found.values()):
             yield [found[i] for i in wanted]  # type: ignore[misc]
-            continue
+        elif ties is not None and ties.reads(members):
+            readers.append((members, batch, keys, found))
+        else:
+            live = session()
+            live.encode(batch, release)
+            [(_, images, seconds)] = list(live.generate([batch]))  # one story batch: one size and step count
+            yield _kept(store, quality, batch, images, seconds, seeds, keys, found)
+    if readers:
+        assert ties is not None and ties.attention is not None
+        identity = [[quality.plan(copy.copy(plans[i])) for i in members] for members in story if ties.fills(members)]
         live = session()
-        live.encode(batch, release)
-        [(_, images, seconds)] = list(live.generate([batch]))  # one story batch: one size and step count
-        out = []
-        for plan, image in zip(batch, images):
-            if plan.index not in seeds:
-                continue
-            existing = found[plan.index]
-            out.append(existing or store.add(plan, quality.name, keys[plan.index], image, seconds / len(batch)))
-        yield out
+        live.encode([plan for batch in identity for plan in batch] + [p for _, b, _, _ in readers for p in b], release)
+        outputs = live.generate(identity + [batch for _, batch, _, _ in readers], AttentionBank(ties.attention))
+        for _ in identity:  # the bank's batches: their pictures are the story's own identity frames
+            next(outputs)
+        for (_, batch, keys, found), (_, images, seconds) in zip(readers, outputs):
+            yield _kept(store, quality, batch, images, seconds, seeds, keys, found)
+
+
+def _kept(store: CandidateStore, quality: Quality, batch: list[FramePlan], images: list[Image.Image], seconds: float,
+          seeds: Mapping[int, int], keys: Mapping[int, str], found: Mapping[int, Rendered | None]) -> list[Rendered]:
+    """The batch's candidates: those found in the store, the others written to it."""
+    out = []
+    for plan, image in zip(batch, images):
+        if plan.index not in seeds:
+            continue
+        existing = found[plan.index]
+        out.append(existing or store.add(plan, quality.name, keys[plan.index], image, seconds / len(batch)))
+    return out
 
 
 def timer() -> Callable[[], float]:

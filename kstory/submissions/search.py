@@ -5,7 +5,9 @@ batched ``Session`` (kstory.story.candidates) and are scored by a scorer
 loaded before anything renders (kstory.scoring.in_memory, or any object with
 the same ``score`` method). The choice is kstory.story.objective's, round by
 round, stopping as soon as the goal is met. Locked frames (story/review.json)
-are never searched. Every candidate is on disk and listed as soon as its batch
+are never searched, nor are the identity frames of consistent attention and a
+character reference's frame (the frames that depend on them would change).
+Every candidate is on disk and listed as soon as its batch
 finishes, so Ctrl-C loses nothing and the next run continues.
 """
 
@@ -24,12 +26,13 @@ from kstory.core.logs import get_logger
 from kstory.core.seeds import candidate_seeds
 from kstory.story import review
 from kstory.story.apply_picks import apply_picks
-from kstory.story.candidates import (FULL, PREVIEW, CandidateStore, Quality, Rendered, candidates_dir, render_round,
-                                     story_batches, timer)
+from kstory.story.candidates import (FULL, PREVIEW, CandidateStore, FrameTies, Quality, Rendered, candidates_dir,
+                                     render_round, story_batches, timer)
 from kstory.story.generate import Session
 from kstory.story.manifest import read_manifest
 from kstory.story.objective import Candidate, Goal, Selection, select, to_others
 from kstory.story.recorded_setup import recorded_session
+from kstory.story.reference_records import find_recorded_adapter
 from kstory.story.reroll_frame import plan_from_record
 from kstory.story.run import spec_values
 from kstory.story.spec import load_spec
@@ -168,18 +171,13 @@ def search_story(
     manifest = read_manifest(story_dir)
     assert manifest is not None
     records = manifest["frames"]
-    shared = sorted(int(k) for k, r in records.items() if r.get("consistent_attention") or r.get("ip_adapter"))
-    if shared:  # their pixels depend on other frames' pictures or attention banks, which candidates would not see
-        raise KstoryError(f"kstory search cannot search this story yet: frame(s) {', '.join(map(str, shared))} use "
-                          "consistent attention or the character reference", path=story_dir / "manifest.json",
-                          fix="search a story without generation.consistent_attention and character.reference, "
-                          "or re-roll those frames by hand (kstory reroll)")
     spec = load_spec(story_dir / SPEC_COPY)
     n = settings.candidates if settings.candidates is not None else spec.generation.candidates
     goal = Goal(settings.threshold, settings.margin, settings.clip_t_floor)
     locked = {int(k) for k in review.load(story_dir).locked if k in records}
     frames = sorted(int(k) for k in records)
     plans = {i: plan_from_record(story_dir, i, records[str(i)]) for i in frames}
+    ties = FrameTies.of(plans, manifest)
     store = CandidateStore(candidates_dir(story_dir), manifest["setup_id"])
     pool = _Pool(scorer, {i: plans[i].prompt for i in frames}, store)
     pool.add([Rendered(i, int(records[str(i)]["seed"]), FULL, records[str(i)]["key"], story_dir / records[str(i)]["file"],
@@ -189,7 +187,17 @@ def search_story(
     notes: list[str] = []
     if locked:
         notes.append(f"locked frame(s) {', '.join(map(str, sorted(locked)))} kept as they are (story/review.json)")
-    searched = [i for i in frames if i not in locked]
+    identity = [i for i in ties.identity_frames() if i not in locked]
+    if identity:
+        notes.append(f"identity frame(s) {', '.join(map(str, identity))} of consistent attention kept as they are: "
+                     "every frame reading their bank would change (change their seeds in the spec and run "
+                     "`kstory story`)")
+    sources = sorted({p.reference.frame for p in plans.values() if p.reference and p.reference.frame} - locked)
+    if sources:
+        notes.append(f"reference frame(s) {', '.join(map(str, sources))} of the character reference kept as they "
+                     "are: every frame using their picture would change (change their seeds in the spec and run "
+                     "`kstory story`)")
+    searched = [i for i in frames if i not in locked and i not in identity and i not in sources]
     met_at = clock() if best.met else None
     if n < 1:
         notes.append(f"candidates is {n}, below 1: nothing was searched; the current story is the best set")
@@ -203,7 +211,7 @@ def search_story(
 
         def run(round_seeds: dict[int, int], quality: Quality, phase: str, number: int) -> None:
             for items in render_round(store, plans, batches, round_seeds, quality, loader,
-                                      spec.generation.release_text_encoder):
+                                      spec.generation.release_text_encoder, ties):
                 pool.add(items)
                 store.save()
                 log.info("%s round %d: frames %s done", phase, number, ", ".join(str(i.frame) for i in items))
@@ -235,6 +243,7 @@ def search_story(
     searched_now = bool(pool.rendered or pool.reused)
     record = {i: _search_record(i, pool, best) for i in searched} if searched_now else {}  # else: keep the last
     picks = {i: pool.files[(i, c.seed)] for i, c in best.picks.items()}
+    _keep_replaced(store, story_dir, plans, records, picks, pool, ties)
     changed = apply_picks(story_dir, plans, picks, record)
     store.extra["search"] = _outcome(best, settings, n, scorer, correlation)
     if store.entries or changed:
@@ -247,16 +256,33 @@ def _session_loader(story_dir: Path, manifest: dict[str, Any], plans: Mapping[in
                     release: str) -> Callable[[], Session]:
     """One session for the whole search, loaded on first use, with every prompt encoded once up front."""
     needed = {g.controlnet for plan in plans.values() for g in plan.guides}
-    load = recorded_session(story_dir, manifest, needed, controlnets=controlnets, cache_dir=cache_dir)
+    adapter = find_recorded_adapter(manifest.get("ip_adapter"), None, cache_dir)
+    load = recorded_session(story_dir, manifest, needed, controlnets=controlnets, cache_dir=cache_dir,
+                            ip_adapter=adapter)
     live: list[Session] = []
 
     def session() -> Session:
         if not live:
             live.append(load())
             live[0].encode(list(plans.values()), release)
+            live[0].references.encode(list(plans.values()))  # reference images: the image encoder's phase
+            # a frame reference reads the story's own picture of that frame (never searched, so never replaced)
+            live[0].references.frame_file = lambda index: story_dir / str(manifest["frames"][str(index)]["file"])
         return live[0]
 
     return session
+
+
+def _keep_replaced(store: CandidateStore, story_dir: Path, plans: Mapping[int, Any], records: Mapping[str, Any],
+                   picks: Mapping[int, Rendered], pool: _Pool, ties: FrameTies) -> None:
+    """Keep each story picture a pick replaces among the candidates, so it can be picked back later."""
+    for i, pick in picks.items():
+        record = records[str(i)]
+        if pick.sha256 == record["sha256"]:
+            continue
+        scored = next((c for c in pool.full.get(i, []) if c.seed == int(record["seed"])), None)
+        scores = {} if scored is None else {"aesthetic": scored.aesthetic, "clip_t": scored.clip_t}
+        store.keep(plans[i], record, story_dir, scores, ties)
 
 
 def _by_preview(seeds: Sequence[int], frame: int, pool: _Pool, goal: Goal) -> list[int]:
@@ -287,5 +313,6 @@ def _outcome(best: Selection, settings: SearchSettings, n: int, scorer: Scorer,
         "preview_scale": settings.preview_scale, "keep": settings.keep, "scorer": dict(scorer.identity),
         "met": best.met, "mean": best.mean, "identity": best.identity, "above_gate": best.above_gate,
         "holding_back": best.holding_back, "picks": {str(f): c.seed for f, c in best.picks.items()},
+        "pick_scores": {str(f): {"aesthetic": c.aesthetic, "clip_t": c.clip_t} for f, c in best.picks.items()},
         "rank_correlation": correlation,
     }
