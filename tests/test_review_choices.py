@@ -148,9 +148,9 @@ def test_reroll_of_a_moved_run_finds_the_picked_checkpoint(picked: tuple[Path, s
     manifest = _manifest(copy)
     manifest["lora"]["path"] = str(tmp_path / "gone" / "lora.safetensors")  # where the run used to live
     (copy / "story" / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-    seed = manifest["frames"]["2"]["seed"] + 1  # a seed frame 2 does not have yet (the demo run is shared)
-    result = reroll(copy / "story", 2, seed=seed)
-    assert result.generated == [2]
+    seed = manifest["frames"]["5"]["seed"] + 1  # a seed frame 5 does not have yet (the demo run is shared)
+    result = reroll(copy / "story", 5, seed=seed)  # 1 and 2 are identity frames
+    assert result.generated == [5]
     after = _manifest(copy)
     assert after["lora"]["checkpoint"] == step and after["lora"]["sha256"] == manifest["lora"]["sha256"]
-    assert after["frames"]["2"]["seed"] == seed and review.load(copy / "story").order == ORDER
+    assert after["frames"]["5"]["seed"] == seed and review.load(copy / "story").order == ORDER
