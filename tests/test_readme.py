@@ -117,7 +117,7 @@ def test_readme_use_block_runs_on_the_tiny_preset(tmp_path: Path, monkeypatch: p
         if command == "score":  # `kstory score RUN`: the manifest's 8 frames with their prompts, into RUN/scores.json
             scores = json.loads((tmp_path / "runs" / "mine" / "scores.json").read_text(encoding="utf-8"))
             assert len(scores["images"]) == 8 and all(image["prompt"] for image in scores["images"])
-    assert ran == ["demo", "prep", "train", "story", "story", "reroll", "inpaint", "search", "score", "package", "verify",
+    assert ran == ["demo", "prep", "train", "story", "reroll", "inpaint", "search", "score", "package", "verify",
                    "upload", "run", "status", "doctor"]
     run = tmp_path / "runs" / "mine"
     log = (run / "kstory.log").read_text(encoding="utf-8")
