@@ -23,16 +23,14 @@ safetensors form with ``image_proj.*`` and ``adapter_modules.*`` (or
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from kstory.core.errors import KstoryError
-from kstory.core.hashing import folder_digest, sha256_file
-from kstory.story.ip_adapter import HEAD_DIM, ImageKeysValues, _PerceiverAttention, cross_attention_sites, load_pickle
+from kstory.story.adapter_files import AdapterFiles, AdapterWeights, find_adapter, read_weights
+from kstory.story.ip_adapter import HEAD_DIM, ImageKeysValues, _PerceiverAttention, cross_attention_sites
 
 FACE_ADAPTER_NAMES = ("ipa-faceid-plus.safetensors", "ipa-faceid-plus.bin")
 FACE_ENCODER_DIR = "clip-vit-large-patch14-336"
@@ -42,57 +40,19 @@ _FIX = ("use Kwai-Kolors/Kolors-IP-Adapter-FaceID-Plus: a folder with ipa-faceid
         "clip-vit-large-patch14-336/ (CLIP ViT-L/14, 336 px)")
 
 
-@dataclass(frozen=True)
-class FaceAdapterWeights:
-    """A FaceID-Plus adapter on disk: its weight file, its CLIP folder and a content hash of both."""
-
-    path: Path
-    adapter: Path
-    encoder: Path
-    sha256: str
-
-    def record(self) -> dict[str, Any]:
-        return {"kind": "kolors-ip-adapter-faceid-plus", "path": str(self.path), "file": self.adapter.name,
-                "sha256": self.sha256}
+FACE_ADAPTER_FILES = AdapterFiles(kind="kolors-ip-adapter-faceid-plus", what="IP-Adapter-FaceID-Plus",
+                                  names=FACE_ADAPTER_NAMES, encoder_dir=FACE_ENCODER_DIR, fix=_FIX)
+FaceAdapterWeights = AdapterWeights  # the FaceID-Plus adapter on disk (kind kolors-ip-adapter-faceid-plus)
 
 
 def identify_face_adapter(path: Path) -> FaceAdapterWeights:
     """Find ``ipa-faceid-plus.bin`` and ``clip-vit-large-patch14-336/`` in ``path`` (or beside the weight file)."""
-    path = Path(path).expanduser().resolve()
-    if path.is_dir():
-        adapter = next((path / name for name in FACE_ADAPTER_NAMES if (path / name).is_file()), None)
-        if adapter is None:
-            raise KstoryError(f"no FaceID-Plus weight file ({' or '.join(FACE_ADAPTER_NAMES)}) in the folder",
-                              path=path, fix=_FIX)
-    elif path.is_file():
-        adapter = path
-    else:
-        raise KstoryError("IP-Adapter-FaceID-Plus not found", path=path, fix=_FIX)
-    encoder = adapter.parent / FACE_ENCODER_DIR
-    if not encoder.is_dir():
-        raise KstoryError(f"the FaceID-Plus adapter has no {FACE_ENCODER_DIR}/ folder beside {adapter.name}",
-                          path=adapter.parent, fix=_FIX)
-    digest = hashlib.sha256(f"{sha256_file(adapter)}\0{folder_digest(encoder)}".encode()).hexdigest()
-    return FaceAdapterWeights(path, adapter, encoder, digest)
+    return find_adapter(path, FACE_ADAPTER_FILES)
 
 
 def read_face_adapter(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """``{"image_proj": ..., "ip_adapter": ...}`` from the published pickle (``adapter_modules``) or safetensors."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            flat = load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise KstoryError(f"unreadable FaceID-Plus file ({error})", path=path, fix=_FIX) from error
-        state: dict[str, Any] = {}
-        for key, value in flat.items():
-            part, _, name = key.partition(".")
-            state.setdefault(part, {})[name] = value
-    else:
-        state = load_pickle(path)
+    state = read_weights(Path(path), FACE_ADAPTER_FILES)
     if not isinstance(state, dict):
         raise KstoryError("not an IP-Adapter file: it holds no weight dictionary", path=path, fix=_FIX)
     layers = state.get("adapter_modules") or state.get("ip_adapter")

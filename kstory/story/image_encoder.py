@@ -69,7 +69,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    from kstory.story.ip_adapter import load_pickle
+    from kstory.story.adapter_files import load_pickle
 
     return load_pickle(path)
 

@@ -21,7 +21,6 @@ diffusers' ``UNet2DConditionModel`` with the adapter loaded by diffusers.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from kstory.core.errors import KstoryError
-from kstory.core.hashing import folder_digest, sha256_file
+from kstory.story.adapter_files import AdapterFiles, AdapterWeights, find_adapter, read_weights
 
 ADAPTER_NAMES = ("ip_adapter_plus_general.safetensors", "ip_adapter_plus_general.bin")
 ENCODER_DIR = "image_encoder"
@@ -38,74 +37,21 @@ DEFAULT_SCALE = 0.5  # the official Kolors IP-Adapter samples' value
 HEAD_DIM = 64  # the Resampler's attention head width (fixed by the published adapters and diffusers' loader)
 _FIX = ("use Kwai-Kolors/Kolors-IP-Adapter-Plus: a folder with ip_adapter_plus_general.bin (or its .safetensors "
         "form) and image_encoder/ (CLIP ViT-L/14, 336 px)")
-_PICKLE_FIX = "convert it to .safetensors (image_proj.* / ip_adapter.* keys), or use the published file"
 
 
-@dataclass(frozen=True)
-class IpAdapterWeights:
-    """An adapter on disk: its weight file, its image encoder folder and a content hash of both."""
-
-    path: Path  # as given: the folder (or the weight file)
-    adapter: Path
-    encoder: Path
-    sha256: str
-
-    def record(self) -> dict[str, Any]:
-        return {"kind": "kolors-ip-adapter-plus", "path": str(self.path), "file": self.adapter.name,
-                "sha256": self.sha256}
+IP_ADAPTER_FILES = AdapterFiles(kind="kolors-ip-adapter-plus", what="IP-Adapter", names=ADAPTER_NAMES,
+                                encoder_dir=ENCODER_DIR, fix=_FIX, lone_file=True)
+IpAdapterWeights = AdapterWeights  # the IP-Adapter-Plus on disk (kind kolors-ip-adapter-plus)
 
 
 def identify_ip_adapter(path: Path) -> IpAdapterWeights:
     """Find the adapter file and ``image_encoder/`` in ``path`` (a folder, or the weight file beside the folder)."""
-    path = Path(path).expanduser().resolve()
-    if path.is_dir():
-        adapter = next((path / name for name in ADAPTER_NAMES if (path / name).is_file()), None)
-        if adapter is None:
-            found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".safetensors"))
-            adapter = path / found[0] if len(found) == 1 else None
-        if adapter is None:
-            raise KstoryError(f"no IP-Adapter weight file ({' or '.join(ADAPTER_NAMES)}) in the folder", path=path,
-                              fix=_FIX)
-    elif path.is_file():
-        adapter = path
-    else:
-        raise KstoryError("IP-Adapter not found", path=path, fix=_FIX)
-    encoder = adapter.parent / ENCODER_DIR
-    if not encoder.is_dir():
-        raise KstoryError(f"the IP-Adapter has no {ENCODER_DIR}/ folder beside {adapter.name}", path=adapter.parent,
-                          fix=_FIX)
-    digest = hashlib.sha256(f"{sha256_file(adapter)}\0{folder_digest(encoder)}".encode()).hexdigest()
-    return IpAdapterWeights(path, adapter, encoder, digest)
-
-
-def load_pickle(path: Path) -> dict[str, Any]:
-    """A pickle read only with ``weights_only=True`` (tensors and plain containers); anything else is refused."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError for forbidden globals, RuntimeError for broken archives
-        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise KstoryError(f"refusing a pickle that does not load with weights_only=True ({reason})", path=path,
-                          fix=_PICKLE_FIX) from error
+    return find_adapter(path, IP_ADAPTER_FILES)
 
 
 def read_adapter(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """``{"image_proj": ..., "ip_adapter": ...}`` from the published pickle or the flat safetensors form."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            flat = load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise KstoryError(f"unreadable IP-Adapter file ({error})", path=path, fix=_FIX) from error
-        state: dict[str, Any] = {"image_proj": {}, "ip_adapter": {}}
-        for key, value in flat.items():
-            part, _, name = key.partition(".")
-            if part in state:
-                state[part][name] = value
-    else:
-        state = load_pickle(path)
+    state = read_weights(Path(path), IP_ADAPTER_FILES)
     if not isinstance(state, dict) or not state.get("image_proj") or not state.get("ip_adapter"):
         raise KstoryError("not an IP-Adapter file: it needs image_proj and ip_adapter weights", path=path, fix=_FIX)
     return {part: {k: v for k, v in state[part].items() if isinstance(v, torch.Tensor)}
