@@ -20,7 +20,7 @@ from kstory.core.logs import get_logger
 from kstory.story.build import StoryBuild
 from kstory.story.candidates import Rendered
 from kstory.story.generate import FramePlan
-from kstory.story.manifest import read_manifest
+from kstory.story.manifest import existing_manifest
 from kstory.story.run import frame_record, spec_values
 from kstory.story.spec_copy import SPEC_COPY, derive_spec_text
 from kstory.story.staging import link_or_copy
@@ -36,10 +36,7 @@ def apply_picks(out_dir: Path, plans: Mapping[int, FramePlan], picks: Mapping[in
     (same pictures, same records): the story folder is then left exactly as it was.
     """
     out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
-    if manifest is None:
-        raise KstoryError("no manifest.json: this folder has no generated story", path=out_dir,
-                          fix="run `kstory story` first")
+    manifest = existing_manifest(out_dir)
     records = manifest["frames"]
     new_records: dict[str, Any] = {}
     changed = False

@@ -73,5 +73,23 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def existing_manifest(out_dir: Path) -> dict[str, Any]:
+    """The manifest of a story that must exist already (a re-roll, a repair, a pick)."""
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise KstoryError("no manifest.json: this folder has no generated story", path=out_dir,
+                          fix="run `kstory story` first")
+    return manifest
+
+
+def manifest_frame(manifest: dict[str, Any], frame: int, out_dir: Path) -> dict[str, Any]:
+    """Frame ``frame``'s manifest entry, or an error listing the frames there are."""
+    records = manifest["frames"]
+    if str(frame) not in records:
+        raise KstoryError(f"frame {frame} is not in this story (frames: {', '.join(records)})", path=out_dir,
+                          fix="pick one of the listed frames")
+    return records[str(frame)]
+
+
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
     return write_json(Path(out_dir) / MANIFEST, manifest)

@@ -20,7 +20,7 @@ from kstory.core.errors import KstoryError
 from kstory.story import review
 from kstory.story.apply_picks import apply_picks
 from kstory.story.candidates import FULL, CandidateStore, FrameTies, candidate_key, candidates_dir
-from kstory.story.manifest import read_manifest
+from kstory.story.manifest import existing_manifest
 from kstory.story.reroll_frame import plan_from_record
 
 REVIEW = "review"
@@ -34,10 +34,7 @@ def pick_candidate(story_dir: Path, frame: int, seed: int) -> bool:
     or was made for another setup, batch, prompt or guide than the frame's now.
     """
     story_dir = Path(story_dir)
-    manifest = read_manifest(story_dir)
-    if manifest is None:
-        raise KstoryError("no manifest.json: this folder has no generated story", path=story_dir,
-                          fix="run `kstory story` first")
+    manifest = existing_manifest(story_dir)
     records = manifest["frames"]
     record = records.get(str(frame))
     where = story_dir / "manifest.json"

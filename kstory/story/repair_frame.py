@@ -20,7 +20,7 @@ from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
 from kstory.core.seeds import SEED_LIMIT
 from kstory.story.build import StoryBuild
-from kstory.story.manifest import frame_name, png_bytes, read_manifest, save_png, sha256_bytes
+from kstory.story.manifest import frame_name, png_bytes, existing_manifest, manifest_frame, save_png, sha256_bytes
 from kstory.story.masks import DEFAULT_THRESHOLD, read_mask
 from kstory.story.reference_records import find_recorded_adapter
 from kstory.story.repair import (KINDS, REPAIRS_DIR, Repair, SourceEncoder, apply_repair, check_strength,
@@ -57,15 +57,9 @@ def repair_frame(
     if feather < 0 or (crop_padding is not None and crop_padding < 0):
         raise KstoryError("feather and crop padding are pixels and cannot be negative", fix="give 0 or more")
     out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
-    if manifest is None:
-        raise KstoryError("no manifest.json: this folder has no generated story", path=out_dir,
-                          fix="run `kstory story` first")
+    manifest = existing_manifest(out_dir)
     records = manifest["frames"]
-    if str(frame) not in records:
-        raise KstoryError(f"frame {frame} is not in this story (frames: {', '.join(records)})", path=out_dir,
-                          fix="pick one of the listed frames")
-    record = records[str(frame)]
+    record = manifest_frame(manifest, frame, out_dir)
     plan = plan_from_record(out_dir, frame, record)
     picture = load_picture(out_dir / record["file"], f"frame {frame}", record["sha256"])
     earlier = [Repair.from_record(r, out_dir) for r in record.get("repairs", [])]

@@ -21,7 +21,7 @@ from kstory.core.logs import get_logger
 from kstory.core.seeds import SEED_LIMIT
 from kstory.story.consistent_attention import SharingSettings, bank_batches
 from kstory.story.generate import SAMPLER, FramePlan, GuidePlan
-from kstory.story.manifest import read_manifest
+from kstory.story.manifest import existing_manifest, manifest_frame
 from kstory.story.build import StoryBuild
 from kstory.story.recorded_setup import recorded_session, verified
 from kstory.story.run import StoryResult, build_story, frame_work, spec_values
@@ -74,15 +74,9 @@ def reroll(
     if seed is not None and not 0 <= seed < SEED_LIMIT:
         raise KstoryError(f"seed {seed} is out of range", fix=f"use a seed from 0 to {SEED_LIMIT - 1} (see docs/story.md)")
     out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
-    if manifest is None:
-        raise KstoryError("no manifest.json: this folder has no generated story", path=out_dir,
-                          fix="run `kstory story` first")
+    manifest = existing_manifest(out_dir)
     records = manifest["frames"]
-    if str(frame) not in records:
-        raise KstoryError(f"frame {frame} is not in this story (frames: {', '.join(records)})", path=out_dir,
-                          fix="pick one of the listed frames")
-    record = records[str(frame)]
+    record = manifest_frame(manifest, frame, out_dir)
     tried = {entry["seed"] for entry in record.get("seed_history", [])}
     if seed is None and prompt is None:
         seed = next(s for s in iter(lambda: secrets.randbelow(2**31), None) if s not in tried)
