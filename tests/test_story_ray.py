@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,14 @@ class KillAfterFirstBatch(logging.Handler):
         found = re.search(r"on worker (\S+)", record.getMessage())
         if found and self.killed is None:
             self.killed = found.group(1)
-            ray.kill(ray.get_actor(self.killed))
+            worker = ray.get_actor(self.killed)
+            ray.kill(worker)
+            for _ in range(300):  # ray.kill returns at once; make sure the worker is gone before it can take more work
+                try:
+                    ray.get(worker.__ray_ready__.remote(), timeout=2)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    return
+                time.sleep(0.1)
 
 
 @pytest.mark.slow
