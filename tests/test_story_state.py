@@ -127,12 +127,13 @@ def _story_cli(spec: Path, out: Path) -> list[str]:
 def test_ctrl_c_keeps_the_previous_story_and_the_next_run_resumes(tmp_path: Path) -> None:
     run = tmp_path / "mine"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    previous = write_spec(run / "story.yaml", steps=8, batch_size=1, seeds=1000)
+    previous = write_spec(run / "story.yaml", steps=32, batch_size=1, seeds=1000)
     subprocess.run(_story_cli(previous, run / "story"), check=True, env=env, capture_output=True)
     old = frame_hashes(run / "story")
     old_manifest = (run / "story" / "manifest.json").read_bytes()
 
-    spec = write_spec(run / "story.yaml", steps=8, batch_size=1, seeds=5000)  # every frame must be made again
+    # Every frame must be made again, and slowly enough (32 steps) that Ctrl-C lands before the last one.
+    spec = write_spec(run / "story.yaml", steps=32, batch_size=1, seeds=5000)
     process = subprocess.Popen(_story_cli(spec, run / "story"), env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     staged = run / ".story.staging" / "manifest.json"
