@@ -48,6 +48,16 @@ finish with `kstory package`, `kstory verify` and `kstory upload`.
 """
 
 
+def _shown(path: Path | str | None) -> str:
+    """A path as the user typed its folder: relative to the working directory when it is below it."""
+    if path is None:
+        return ""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kstory.cli.demo import publish_demo, run_demo
 
@@ -58,10 +68,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print("\nkstory demo: the whole path on the tiny random-weight preset (the pictures and scores mean nothing)")
     for outcome in outcomes:
         took = f"{outcome.seconds:5.1f} s" if outcome.status == "ran" else "      "
-        print(f"  {outcome.stage:<8} {outcome.status:<10} {took}  {outcome.output}")
+        print(f"  {outcome.stage:<8} {outcome.status:<10} {took}  {_shown(outcome.output)}")
     for step in steps:
         took = f"{step.seconds:5.1f} s" if step.status not in ("skipped",) else "      "
-        print(f"  {step.name:<8} {step.status:<10} {took}  {step.output}  ({step.detail})")
+        print(f"  {step.name:<8} {step.status:<10} {took}  {_shown(step.output)}  ({step.detail})")
     print(f"look at: {out / 'story' / 'contact_sheet.png'} (the story), {out / 'data' / 'report.md'} (the data), "
           f"{out / 'submission' / 'README.md'} (the model card)")
     print(f"review:  kstory app {out}")
