@@ -30,7 +30,7 @@ import torch
 
 from kstory.core.errors import KstoryError
 from kstory.story.adapter_files import AdapterFiles, AdapterWeights, find_adapter, read_weights
-from kstory.story.ip_adapter import HEAD_DIM, ImageKeysValues, _PerceiverAttention, cross_attention_sites
+from kstory.story.ip_adapter import HEAD_DIM, ImageKeysValues, cross_attention_sites, perceiver_layers
 
 FACE_ADAPTER_NAMES = ("ipa-faceid-plus.safetensors", "ipa-faceid-plus.bin")
 FACE_ENCODER_DIR = "clip-vit-large-patch14-336"
@@ -111,14 +111,7 @@ class _FacePerceiver(torch.nn.Module):
         self.proj_in = torch.nn.Linear(features, width)
         self.proj_out = torch.nn.Linear(width, width)
         self.norm_out = torch.nn.LayerNorm(width)
-        self.layers = torch.nn.ModuleList(
-            torch.nn.ModuleList([
-                _PerceiverAttention(width, heads),
-                torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, 4 * width, bias=False),
-                                    torch.nn.GELU(), torch.nn.Linear(4 * width, width, bias=False)),
-            ])
-            for _ in range(depth)
-        )
+        self.layers = perceiver_layers(width, heads, depth)
 
     def forward(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         features = self.proj_in(features)

@@ -84,6 +84,18 @@ class _PerceiverAttention(torch.nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(batch, -1, self.heads * HEAD_DIM))
 
 
+def perceiver_layers(width: int, heads: int, depth: int) -> torch.nn.ModuleList:
+    """``depth`` perceiver layers, each attention then a x4 GELU feed-forward (the published ``layers.N.0/1`` keys)."""
+    return torch.nn.ModuleList(
+        torch.nn.ModuleList([
+            _PerceiverAttention(width, heads),
+            torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, 4 * width, bias=False),
+                                torch.nn.GELU(), torch.nn.Linear(4 * width, width, bias=False)),
+        ])
+        for _ in range(depth)
+    )
+
+
 class Resampler(torch.nn.Module):
     """IP-Adapter-Plus' image projection: ``queries`` learned latents read the CLIP features through ``depth``
     perceiver layers (each followed by a x4 GELU feed-forward), then project to the UNet's cross-attention width."""
@@ -94,14 +106,7 @@ class Resampler(torch.nn.Module):
         self.proj_in = torch.nn.Linear(features, width)
         self.proj_out = torch.nn.Linear(width, output)
         self.norm_out = torch.nn.LayerNorm(output)
-        self.layers = torch.nn.ModuleList(
-            torch.nn.ModuleList([
-                _PerceiverAttention(width, heads),
-                torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, 4 * width, bias=False),
-                                    torch.nn.GELU(), torch.nn.Linear(4 * width, width, bias=False)),
-            ])
-            for _ in range(depth)
-        )
+        self.layers = perceiver_layers(width, heads, depth)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         latents = self.latents.repeat(features.shape[0], 1, 1)
