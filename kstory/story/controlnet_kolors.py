@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from diffsynth.models.sd_controlnet import ControlNetConditioningLayer
 from diffsynth.models.sd_unet import AttentionBlock, DownSampler, PushBlock, ResnetBlock, Timesteps
-from safetensors.torch import load_file
 
 from kstory.core.errors import KstoryError
+from kstory.core.models.tensor_files import read_tensors
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # diffusers' Transformer2DModel normalises with 1e-6; DiffSynth's AttentionBlock defaults to 1e-5.
@@ -334,7 +334,8 @@ def diffsynth_to_diffusers(model: KolorsControlNet) -> dict[str, torch.Tensor]:
 def load_state_dict_strict(
     model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path, fix: str = _LAYOUT_FIX
 ) -> None:
-    """``load_state_dict`` that reports a mismatch as an unknown layout, naming a few keys."""
+    """``load_state_dict(assign=True)`` (``model`` may be on the meta device) that reports a mismatch as an
+    unknown layout, naming a few keys."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -345,7 +346,7 @@ def load_state_dict_strict(
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys
         )
         raise KstoryError(f"unknown ControlNet layout ({details})", path=path, fix=fix)
-    model.load_state_dict(state_dict)
+    model.load_state_dict(state_dict, assign=True)  # the file's tensors become the weights: no second copy
 
 
 def load_kolors_controlnet(
@@ -364,9 +365,8 @@ def load_kolors_controlnet(
     config = KolorsControlNetConfig.from_diffusers(raw, config_path)
     with torch.device("meta"):
         model = KolorsControlNet(config)
-    model.to_empty(device="cpu")
     try:
-        state = load_file(str(weights_path))
+        state = read_tensors(weights_path, torch_dtype)  # converted as read: one copy of the weights, never two
     except Exception as error:  # safetensors raises its own error type for corrupt files
         raise KstoryError(f"unreadable ControlNet weights ({error})", path=weights_path, fix=_LAYOUT_FIX) from error
     load_state_dict_strict(model, diffusers_to_diffsynth(model, state), weights_path)

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from kstory.core.atomic import atomic_path
 from kstory.core.errors import KstoryError
+from kstory.core.models.tensor_files import read_tensors
 from kstory.story.controlnet_kolors import block_key_to_diffusers, load_state_dict_strict
 
 TINY_META = "kstory.tiny_union"  # safetensors metadata key holding the tiny widths
@@ -164,7 +165,7 @@ def load_union_controlnet(path: Path, device: str = "cpu", torch_dtype: torch.dt
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
+        state = read_tensors(path, torch_dtype)  # converted as read: one copy of the weights, never two
     except Exception as error:  # safetensors raises its own error type for corrupt files
         raise KstoryError(f"unreadable ControlNet weights ({error})", path=path, fix=_FIX) from error
     if TINY_META in metadata:
@@ -174,7 +175,6 @@ def load_union_controlnet(path: Path, device: str = "cpu", torch_dtype: torch.dt
     else:
         with torch.device("meta"):
             model = SDXLControlNetUnion()
-    model.to_empty(device="cpu")
     converted = SDXLControlNetUnion.state_dict_converter().from_diffusers(state)
     load_state_dict_strict(model, converted, path, fix=_FIX)
     return model.to(device=device, dtype=torch_dtype).eval()

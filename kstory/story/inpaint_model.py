@@ -127,8 +127,7 @@ def find_recorded_inpaint_model(record: dict[str, Any], given: str | Path | None
 def load_inpaint_unet(model: InpaintModel, device: str, torch_dtype: torch.dtype, lora: Path | None = None,
                       lora_scale: float | None = None) -> torch.nn.Module:
     """DiffSynth's ``SDXLUNet`` with a 9-channel ``conv_in`` holding ``model``'s weights (and the LoRA merged)."""
-    from diffsynth.models.utils import load_state_dict
-
+    from kstory.core.models.tensor_files import read_tensors
     from kstory.core.models.tiny import from_diffusers, tiny_unet
     from kstory.core.models.unet_config import unet_spec_from_config
 
@@ -136,7 +135,7 @@ def load_inpaint_unet(model: InpaintModel, device: str, torch_dtype: torch.dtype
     with torch.device("meta"):
         unet, _ = tiny_unet(spec)
         unet.conv_in = torch.nn.Conv2d(layout.INPAINT_UNET_CHANNELS, spec.unet_channels[0], kernel_size=3, padding=1)
-    converted, _ = from_diffusers(unet, load_state_dict(str(model.weights), torch_dtype=torch_dtype))
+    converted, _ = from_diffusers(unet, read_tensors(model.weights, torch_dtype))
     expected = dict(unet.state_dict())
     wrong = sorted(set(expected) ^ set(converted)) + sorted(
         k for k in set(expected) & set(converted) if expected[k].shape != converted[k].shape)

@@ -23,6 +23,7 @@ from transformers.utils import logging as transformers_logging
 from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
 from kstory.core.models.resolve import KolorsWeights
+from kstory.core.models.tensor_files import read_tensors
 from kstory.core.models.tiny import load_tiny_models
 
 log = get_logger("models")
@@ -75,13 +76,12 @@ def load_kolors_model_manager(
 def _load_converted(manager: ModelManager, path: str, torch_dtype: torch.dtype) -> None:
     """``ModelManager.load_model`` with each tensor converted to ``torch_dtype`` as it is read.
 
-    DiffSynth reads the whole file in its stored dtype and converts the built
-    model afterwards, holding both copies at once; converting tensor by tensor
-    holds one (an fp16 UNet loads as bf16 in 5 GB, not 5 + 5).
+    DiffSynth reads the whole file through one memory map in its stored dtype
+    and converts afterwards, holding the file's pages and the converted copy at
+    once; reading window by window, converting as it goes, holds about one copy
+    (an fp16 UNet loads as bf16 in 5 GB, not 5 + 5).
     """
-    from diffsynth.models.utils import load_state_dict
-
-    state_dict = load_state_dict(path, torch_dtype=torch_dtype)
+    state_dict = read_tensors(path, torch_dtype)
     for detector in manager.model_detector:
         if detector.match(path, state_dict):
             names, models = detector.load(path, state_dict, device=manager.device, torch_dtype=torch_dtype,
