@@ -130,7 +130,8 @@ class Need:
 
 
 def estimate(weights: Any, table: dict[str, Any], *, task: str, pixels: int = 1024 * 1024, frames: int = 1,
-             controlnets: list[Path] = (), gradient_checkpointing: bool = True, cached: bool = False) -> Need:
+             controlnets: list[Path] = (), gradient_checkpointing: bool = True, cached: bool = False,
+             unet_quant: str = "none") -> Need:
     """Peak memory of ``task`` ("story" or "train") on ``weights`` with one profile's settings."""
     item = _itemsize(table["half"])
     te_on_device = table["text_encoder_device"] == "device"
@@ -143,6 +144,10 @@ def estimate(weights: Any, table: dict[str, Any], *, task: str, pixels: int = 10
         text = int(text * _STREAMED_SHARE)
     vae = counts["vae"] * 4  # DiffSynth runs the SDXL VAE in float32 whatever the dtype
     unet = counts["unet"] * item
+    if unet_quant == "int8":  # the transformer blocks' Linear weights at one byte each
+        from kstory.core.models.quantize import UNET_QUANTISED_SHARE
+
+        unet -= int(counts["unet"] * UNET_QUANTISED_SHARE * (item - 1))
     scale = pixels / (1024 * 1024)
     if task == "train":
         encode = 0 if cached else (text if te_on_device else 0) + vae
@@ -186,7 +191,7 @@ def plan_memory(requested: str, weights: Any, *, task: str, device: str | None =
 
     ``text_encoder_device="cpu"`` encodes on the CPU whatever the profile says; ``text_encoder_quant``
     (int8, int4) stores ChatGLM's linear weights as integers, which the estimate counts.
-    ``need`` is passed to :func:`estimate` (pixels, frames, controlnets, gradient_checkpointing, cached).
+    ``need`` is passed to :func:`estimate` (pixels, frames, controlnets, gradient_checkpointing, cached, unet_quant).
     """
     if text_encoder_device not in (None, "auto", "device", "cpu"):
         raise KstoryError(f"unknown text_encoder_device {text_encoder_device!r}", fix="use auto or cpu")

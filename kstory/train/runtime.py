@@ -101,6 +101,9 @@ def resolve_runtime(settings: TrainSettings, memory: MemoryPlan | None = None) -
     if settings.use_8bit_adam:
         _require("bitsandbytes", "use_8bit_adam needs bitsandbytes, which is not installed",
                  "pip install bitsandbytes (CUDA only), or set use_8bit_adam: false")
+    if settings.unet_quant != "none":
+        _require("torchao", f"unet_quant {settings.unet_quant} needs torchao, which is not installed",
+                 'pip install "kstory[quant]" (torchao), or set unet_quant: none')
     from kstory.train.distributed import check_distributed
 
     check_distributed(settings, accelerator)

@@ -228,8 +228,15 @@ def train_lora(
     plan = BatchPlan(cache.samples, settings.batch_size, settings.seed)
     steps_total = total_steps(settings, plan.batches_per_epoch)
     identity["data_fingerprint"] = _data_fingerprint(cache)
-    identity["parameter_names"] = inject_lora(unet, settings.rank, settings.lora_alpha, settings.target_modules,
-                                              settings.seed)
+    if settings.unet_quant != "none":
+        from kstory.core.models.quantize import quantize_unet
+
+        log.info("UNet: %d attention and feed-forward weights stored as %s (QLoRA-style)",
+                 quantize_unet(unet, settings.unet_quant), settings.unet_quant)
+    with warnings.catch_warnings():  # peft: an int8 base cannot merge the LoRA; kstory saves the factors, never merges
+        warnings.filterwarnings("ignore", message=".*TorchaoLoraLinear.*")
+        identity["parameter_names"] = inject_lora(unet, settings.rank, settings.lora_alpha, settings.target_modules,
+                                                  settings.seed)
     if resumed is not None and resumed.step > steps_total:
         resumed = _checkpoint_within(out_dir, resumed, steps_total)
     start_step = 0
@@ -350,7 +357,7 @@ def _memory_plan(memory: str, weights: Any, settings: TrainSettings, runtime: An
     return plan_memory(memory, weights, task="train", device="cuda" if runtime.accelerator == "gpu" else "cpu",
                        pixels=settings.resolution ** 2, frames=settings.batch_size,
                        gradient_checkpointing=settings.gradient_checkpointing, text_encoder_device=text_encoder_device,
-                       text_encoder_quant=text_encoder_quant)
+                       text_encoder_quant=text_encoder_quant, unet_quant=settings.unet_quant)
 
 
 def _already_finished(out_dir: Path, settings: TrainSettings, latest: Any, started: float) -> TrainResult | None:
