@@ -31,6 +31,22 @@ def reroll_frame(run_root: Path, frame: str, *, seed: int | None, prompt: str | 
     reroll(run.story, int(frame), seed=seed, prompt=prompt, controlnets=controlnets, cache_dir=cache_dir)
 
 
+def repair(run_root: Path, frame: str, *, kind: str, strength: float, seed: int | None, prompt: str | None,
+           mask: str | None = None, feather: int = 8, crop_padding: int | None = None, threshold: int = 128,
+           inpaint_model: str | None = None) -> str:
+    """Repair one frame with ``kstory.story.repair_frame`` (as ``kstory inpaint`` / ``kstory reroll --strength``)."""
+    from kstory.story.manifest import read_manifest
+    from kstory.story.repair_frame import repair_frame
+
+    run = RunDir(Path(run_root))
+    controlnets, cache_dir = _config_models(run)
+    repair_frame(run.story, int(frame), kind=kind, strength=strength, seed=seed, prompt=prompt,
+                 mask=Path(mask) if mask else None, feather=feather, crop_padding=crop_padding, threshold=threshold,
+                 controlnets=controlnets, cache_dir=cache_dir, inpaint_model=inpaint_model or None)
+    made = (read_manifest(run.story) or {})["frames"][str(frame)]["repairs"][-1]
+    return f"frame {frame}: {kind} at strength {strength:g} with seed {made['seed']}"
+
+
 def search(run_root: Path, *, candidates: int, margin: float, aesthetic_model: str) -> str:
     """``kstory search`` of the run (a goal missed is a result, not a failure: the best set found is kept)."""
     from kstory.scoring.in_memory import load_in_memory_scorer
@@ -93,6 +109,21 @@ def reroll_steps(run_root: Path, frame: str, *, seed: int | None, prompt: str | 
     """Re-roll one frame, then score the story again."""
     return [_call("reroll_frame", run_root=str(run_root), frame=str(frame), seed=seed, prompt=prompt),
             _call("rescore", run_root=str(run_root))]
+
+
+def repair_steps(run_root: Path, frame: str, *, kind: str, strength: float, seed: int | None, prompt: str | None,
+                 mask: Path | None = None, feather: int = 8, crop_padding: int | None = None, threshold: int = 128,
+                 inpaint_model: str | None = None) -> list[dict[str, Any]]:
+    """Repair one frame (inpaint or variation), then score the story again if the run is scored (or has a config
+    that says how): a story that was never scored has no scorer to ask."""
+    run = RunDir(Path(run_root))
+    steps = [_call("repair", run_root=str(run_root), frame=str(frame), kind=kind, strength=float(strength), seed=seed,
+                   prompt=prompt, mask=str(mask) if mask else None, feather=int(feather),
+                   crop_padding=None if crop_padding is None else int(crop_padding), threshold=int(threshold),
+                   inpaint_model=inpaint_model or None)]
+    if run.scores.is_file() or run.config.is_file():
+        steps.append(_call("rescore", run_root=str(run_root)))
+    return steps
 
 
 def search_steps(run_root: Path, *, candidates: int, margin: float, aesthetic_model: str) -> list[dict[str, Any]]:

@@ -108,6 +108,7 @@ def _summary(scores: run_access.Loaded) -> dict[str, Any]:
 
 def _reroll_form(run: RunDir, records: dict[str, Any], state: review.Review, order: list[str], busy: bool) -> None:
     st.subheader("Re-roll a frame")
+    st.caption("to repaint one region of a frame, or make a variation that keeps its composition, use the Repair page")
     # An identity frame of consistent attention feeds the frames that read its bank: re-rolling it alone is refused.
     identity = [k for k in order if (records.get(k, {}).get("consistent_attention") or {}).get("role") == "identity"]
     free = [k for k in order if k not in state.locked and k not in identity]
