@@ -88,7 +88,8 @@ def train_kstory(args, work: Path) -> dict:
     from kstory.train import TrainSettings, train_lora
 
     settings = TrainSettings(rank=16, max_steps=args.steps, resolution=args.resolution, batch_size=1,
-                             mixed_precision="bf16", gradient_checkpointing=True, checkpoint_every=0, center_crop=True)
+                             mixed_precision="bf16", gradient_checkpointing=True, checkpoint_every=0, center_crop=True,
+                             unet_quant=args.unet_quant)
     result = train_lora(work / "data", work / "kstory-lora", settings, model=args.model,
                         cache_dir=Path(args.cache_dir) if args.cache_dir else work / "cache", memory=args.memory)
     return {"final_loss": result.final_loss, "memory": (result.memory or {}).get("profile")}
@@ -178,7 +179,8 @@ def _child(args) -> None:
 
 def _spawn(side: str, args, work: Path, **extra: str) -> dict:
     command = [sys.executable, __file__, "--side", side, "--work", str(work), "--model", args.model,
-               "--resolution", str(args.resolution), "--steps", str(args.steps), "--memory", args.memory]
+               "--resolution", str(args.resolution), "--steps", str(args.steps), "--memory", args.memory,
+               "--unet-quant", args.unet_quant]
     command += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     for key, value in extra.items():
         command += [f"--{key}", value]
@@ -212,6 +214,8 @@ def main() -> None:
     parser.add_argument("--memory", default="auto", help="kstory's memory profile (default auto)")
     parser.add_argument("--cache-dir", help="model cache (default: $KSTORY_CACHE or ~/.cache/kstory)")
     parser.add_argument("--only", choices=["train", "story"], help="run one comparison only")
+    parser.add_argument("--unet-quant", default="none", choices=["none", "int8"],
+                        help="kstory's train.unet_quant (int8: QLoRA-style base weights; DiffSynth's side has no such option)")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -235,7 +239,8 @@ def main() -> None:
             dtype = results["story-kstory"].get("dtype", "float32")
             results["story-diffsynth"] = _spawn("story-diffsynth", args, work, dtype=dtype)
             rows += _row(f"story, 2 frames ({dtype})", results["story-kstory"], results["story-diffsynth"])
-    print(f"model {args.model}, {args.resolution} px, {args.steps} steps, CPU; kstory --memory {args.memory}")
+    quant = f", unet_quant {args.unet_quant}" if args.unet_quant != "none" else ""
+    print(f"model {args.model}, {args.resolution} px, {args.steps} steps, CPU; kstory --memory {args.memory}{quant}")
     print("| what | measure | kstory | DiffSynth | kstory / DiffSynth |")
     print("| --- | --- | --- | --- | --- |")
     print("\n".join(rows))
