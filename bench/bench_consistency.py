@@ -1,18 +1,30 @@
-"""Time and peak memory of a story with consistent attention, as a ratio to the plain story.
+"""Time and peak memory of a story with the character reference and/or consistent attention, as a ratio to plain.
 
     python bench/bench_consistency.py                                  # tiny Kolors, 128 px, 4 steps, 8 frames
     python bench/bench_consistency.py --unet full --size 256 --steps 2  # full-width Kolors UNet, random, reduced size
     python bench/bench_consistency.py --unet full --size 1024 --steps 25   # on a GPU
 
 Every configuration denoises the same eight frames (prompts, seeds, batch size 4)
-through kstory's ``Session.denoise`` and decodes them with the VAE; only the
-attention differs. ``plain`` is today's story; ``consistent`` shares the up-block
-self-attention with the paper's defaults (share 0.5, from step 1), frames 1-4
-writing the bank and 5-8 reading it (the same batches as ``plain``). Text
-embeddings are random tensors of ChatGLM's shape, so no text encoder is loaded
-(it is not what is measured). Each configuration runs in its own process, so
-the CPU's peak RSS is its own; on a GPU peak VRAM is measured too. The weights
-are random: the numbers are about time and memory.
+through kstory's ``Session`` and decodes them with the VAE; only what ties the
+frames together differs:
+
+* ``plain``: neither, today's story.
+* ``adapter``: the character reference (Kolors IP-Adapter-Plus, scale 0.5) on
+  every frame: the image-encoder phase (inside the timing), the image
+  keys/values beside the UNet and 16 more tokens in every cross-attention.
+* ``consistent``: consistent attention with the paper's defaults (share 0.5,
+  up-block self-attention, from step 1), frames 1-4 writing the bank and 5-8
+  reading it (the same batches as ``plain``).
+* ``both``: the two together.
+
+Text embeddings are random tensors of ChatGLM's shape, so no text encoder is
+loaded (it is not what is measured). The adapter is random too: the tiny one
+on the tiny UNet; on the full-width UNet one of the real widths (image tokens
+2048 wide, Resampler 2048 wide) read from the tiny CLIP image encoder (32
+wide), so the real ViT-L/14's encoding time is not in the numbers. Each
+configuration runs in its own process, so the CPU's peak RSS is its own; on a
+GPU peak VRAM is measured too. The weights are random: the numbers are about
+time and memory.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,24 +45,48 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import kstory  # noqa: E402,F401  (before anything that imports torchvision/diffsynth)
 import torch  # noqa: E402
 
-CONFIGURATIONS = ("plain", "consistent")
+CONFIGURATIONS = ("plain", "adapter", "consistent", "both")
+FULL_RESAMPLER_WIDTH = 2048  # the published Kolors-IP-Adapter-Plus Resampler's width
 
 
-def _session(unet: str, device: str, dtype: torch.dtype, frames: int):
-    """A Session on random networks with random text embeddings of ChatGLM's shape, one per frame and prompt."""
+def _spec(unet: str):
+    from kstory.core.models.tiny import TinyKolorsSpec
+
+    if unet == "full":
+        return TinyKolorsSpec(unet_channels=(320, 640, 1280), unet_head_dim=64, unet_transformer_depth=(2, 10),
+                              cross_attention_dim=2048, addition_time_embed_dim=256, text_hidden_size=4096,
+                              vae_channels=(128, 256, 512, 512))
+    return TinyKolorsSpec()
+
+
+def _adapter(unet: str, spec, model: torch.nn.Module, folder: Path):
+    """A random IP-Adapter-Plus for ``model``: the tiny one (cached), or one written to ``folder`` for the full UNet."""
+    from safetensors.torch import save_file
+
+    from kstory.story.ip_adapter import ENCODER_DIR, identify_ip_adapter
+    from kstory.story.tiny_ip_adapter import (ADAPTER_FILE, build_tiny_ip_adapter, tiny_adapter_state,
+                                              write_tiny_image_encoder)
+
+    if unet == "tiny":
+        return identify_ip_adapter(build_tiny_ip_adapter())
+    state = tiny_adapter_state(spec, resampler_width=FULL_RESAMPLER_WIDTH, unet=model)
+    save_file(state, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+    write_tiny_image_encoder(folder / ENCODER_DIR)
+    return identify_ip_adapter(folder)
+
+
+def _session(unet: str, device: str, dtype: torch.dtype, frames: int, adapter_dir: Path | None):
+    """A Session on random networks with random text embeddings of ChatGLM's shape, one per frame and prompt;
+    with ``adapter_dir``, a random IP-Adapter-Plus too."""
     from diffsynth.models.model_manager import ModelManager
     from diffsynth.pipelines.sdxl_image import SDXLImagePipeline
     from diffsynth.schedulers import EnhancedDDIMScheduler
 
     from kstory.core.models import resolve_model
-    from kstory.core.models.tiny import TinyKolorsSpec, tiny_unet, tiny_vae_decoder
+    from kstory.core.models.tiny import tiny_unet, tiny_vae_decoder
     from kstory.story.generate import Session
 
-    spec = TinyKolorsSpec()
-    if unet == "full":
-        spec = TinyKolorsSpec(unet_channels=(320, 640, 1280), unet_head_dim=64, unet_transformer_depth=(2, 10),
-                              cross_attention_dim=2048, addition_time_embed_dim=256, text_hidden_size=4096,
-                              vae_channels=(128, 256, 512, 512))
+    spec = _spec(unet)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in the run's dtype: a float32 copy would set the peak, not the story
@@ -58,6 +95,7 @@ def _session(unet: str, device: str, dtype: torch.dtype, frames: int):
             models = {"sdxl_unet": tiny_unet(spec)[0].eval(), "sdxl_vae_decoder": tiny_vae_decoder(spec)[0].eval()}
     finally:
         torch.set_default_dtype(default)
+    adapter = _adapter(unet, spec, models["sdxl_unet"], adapter_dir) if adapter_dir is not None else None
     manager = ModelManager(torch_dtype=dtype, device=device)
     for name, model in models.items():
         manager.model.append(model)
@@ -65,7 +103,8 @@ def _session(unet: str, device: str, dtype: torch.dtype, frames: int):
         manager.model_name.append(name)
     pipe = SDXLImagePipeline.from_model_manager(manager)
     pipe.scheduler = EnhancedDDIMScheduler(beta_end=0.014, num_train_timesteps=1100)
-    session = Session(resolve_model("tiny"), lora=None, lora_scale=None, controlnets={}, device=device, torch_dtype=dtype)
+    session = Session(resolve_model("tiny"), lora=None, lora_scale=None, controlnets={}, device=device,
+                      torch_dtype=dtype, ip_adapter=adapter)
     session._pipe = pipe  # the random networks above instead of loading weights
     generator = torch.Generator().manual_seed(1)
     for index in range(1, frames + 1):
@@ -77,18 +116,25 @@ def _session(unet: str, device: str, dtype: torch.dtype, frames: int):
     return session
 
 
-def _plans(args):
-    from kstory.story.generate import FramePlan
+def _plans(args, reference: bool):
+    """The eight frames; with ``reference``, each uses one drawn reference picture at scale 0.5."""
+    from PIL import Image
 
+    from kstory.story.generate import FramePlan
+    from kstory.story.references import ReferencePlan
+
+    picture = Image.new("RGB", (args.size, args.size), (220, 110, 40))
     return [FramePlan(index=i, prompt=f"frame {i}", frame_prompt=f"frame {i}", negative_prompt="blurry", seed=1000 + i,
-                      width=args.size, height=args.size, steps=args.steps, cfg_scale=5.0)
+                      width=args.size, height=args.size, steps=args.steps, cfg_scale=5.0,
+                      reference=ReferencePlan(0.5, 0.0, 1.0, image=picture, sha256="bench") if reference else None)
             for i in range(1, args.frames + 1)]
 
 
 def run_plain(session, plans, batch_size: int):
-    """Today's story: batches of ``batch_size`` in frame order."""
+    """Batches of ``batch_size`` in frame order (with the adapter: its image-encoder phase first)."""
     from kstory.story.generate import batches
 
+    session.references.encode(plans)
     return [image for _, images, _ in session.generate(batches(plans, batch_size)) for image in images], None
 
 
@@ -101,6 +147,7 @@ def run_consistent(session, plans, batch_size: int):
     settings = SharingSettings(0.5, ("up",), 1, None, tuple(range(1, half + 1)), tuple(range(half + 1, len(plans) + 1)))
     bank = AttentionBank(settings)
     groups = [batch for part in split_by_role(plans, settings) for batch in batches(part, batch_size)]
+    session.references.encode(plans)
     images = [image for _, images, _ in session.generate(groups, bank) for image in images]
     return images, bank.nbytes()
 
@@ -109,17 +156,19 @@ def measure(args) -> dict:
     """One configuration in this process: seconds per frame, peak VRAM (GPU) and peak RSS."""
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32 if args.unet == "tiny" else torch.bfloat16)
-    session = _session(args.unet, device, dtype, args.frames)
-    plans = _plans(args)
-    run = {"plain": run_plain, "consistent": run_consistent}[args.config]
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    _, bank_bytes = run(session, plans, args.batch_size)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    reference = args.config in ("adapter", "both")
+    with tempfile.TemporaryDirectory(prefix="kstory-bench-adapter-") as folder:
+        session = _session(args.unet, device, dtype, args.frames, Path(folder) if reference else None)
+        plans = _plans(args, reference)
+        run = run_consistent if args.config in ("consistent", "both") else run_plain
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        _, bank_bytes = run(session, plans, args.batch_size)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
     return {"config": args.config, "device": device, "dtype": str(dtype).removeprefix("torch."),
             "s_per_frame": seconds / args.frames, "peak_vram": torch.cuda.max_memory_allocated() if cuda else None,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "bank_bytes": bank_bytes}
@@ -138,22 +187,29 @@ def main() -> None:
     if args.config:
         print(json.dumps(measure(args)))
         return
+    if args.unet == "tiny":  # built once here, so no configuration's timing includes writing it
+        from kstory.story.tiny_ip_adapter import build_tiny_ip_adapter
+
+        build_tiny_ip_adapter()
     rows = {}
     for config in CONFIGURATIONS:
         command = [sys.executable, __file__, "--config", config, *sys.argv[1:]]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows[config] = json.loads(out.strip().splitlines()[-1])
     plain = rows["plain"]
+    peak = "peak_vram" if plain["peak_vram"] is not None else "peak_rss"
     gib = lambda n: f"{n / 2**30:.2f} GiB" if n is not None else "n/a"  # noqa: E731
     print(f"{args.unet} Kolors UNet (random), {args.frames} frames at {args.size}x{args.size}, {args.steps} steps, "
           f"CFG 5, batch size {args.batch_size}, {plain['device']} {plain['dtype']}")
-    print(f"{'configuration':<14}{'s/frame':>9}{'x plain':>9}{'peak VRAM':>12}{'peak RSS':>12}{'bank':>12}")
+    print(f"{'configuration':<14}{'s/frame':>9}{'x plain':>9}{'peak VRAM':>12}{'peak RSS':>12}{'x plain':>9}"
+          f"{'bank':>12}")
     for config, row in rows.items():
-        peak = "peak_vram" if row["peak_vram"] is not None else "peak_rss"
-        ratio = row["s_per_frame"] / plain["s_per_frame"]
-        print(f"{config:<14}{row['s_per_frame']:>9.2f}{ratio:>9.2f}{gib(row['peak_vram']):>12}{gib(row['peak_rss']):>12}"
-              f"{gib(row['bank_bytes']) if row['bank_bytes'] is not None else '-':>12}  "
-              f"(memory x plain {row[peak] / plain[peak]:.2f})")
+        bank = f"{row['bank_bytes'] / 2**20:.1f} MiB" if row["bank_bytes"] is not None else "-"
+        print(f"{config:<14}{row['s_per_frame']:>9.2f}{row['s_per_frame'] / plain['s_per_frame']:>9.2f}"
+              f"{gib(row['peak_vram']):>12}{gib(row['peak_rss']):>12}{row[peak] / plain[peak]:>9.2f}{bank:>12}")
+    print(f"memory x plain compares the peak {'VRAM' if peak == 'peak_vram' else 'RSS'}; plain: neither; adapter: "
+          "the reference on every frame (scale 0.5); consistent: the first half writes the bank, the rest read it; "
+          "both: the two")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"}, "rows": rows},
                                         indent=2, default=str))

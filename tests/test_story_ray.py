@@ -120,3 +120,17 @@ def test_a_killed_worker_has_its_batches_done_by_the_other(spec, in_process, loc
     failed = [m for m in messages if m.startswith(f"story worker {killer.killed}") and "failed" in m]
     if failed:
         assert "host" in failed[0] and "node" in failed[0], messages
+
+
+@pytest.mark.slow
+def test_a_character_sheet_is_made_first_and_the_workers_use_it(local_ray, tmp_path) -> None:
+    path = write_spec(tmp_path / "story.yaml", frames=4, batch_size=2)
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    spec["character"]["reference"] = {"sheet": {"prompt": "character sheet", "seed": 5}, "adapter": "tiny",
+                                      "frames": [2, 4]}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    alone = story.generate_story(path, tmp_path / "one", model="tiny")
+    result = story.generate_story(path, tmp_path / "story", model="tiny", ray=RaySettings(workers=2))
+    assert result.frame_hashes == alone.frame_hashes and result.generated == [1, 2, 3, 4]
+    assert manifest_of(result)["character_sheet"]["sha256"] == manifest_of(alone)["character_sheet"]["sha256"]
+    assert (result.out_dir / "character-sheet.png").read_bytes() == (alone.out_dir / "character-sheet.png").read_bytes()

@@ -26,13 +26,25 @@ def make_quick_run(run: Path) -> Path:
     kstory's own ``save_lora``); the story and scores come from the real
     ``generate_story`` (the demo's spec, tiny ControlNets) and ``score_images``.
     """
+    from kstory.cli.demo import DEMO_TRIGGER
+    from kstory.story import build_tiny_controlnets, generate_story, make_demo_spec
+
+    lora = write_quick_lora(run)
+    spec = make_demo_spec(run / "inputs" / "story.yaml", DEMO_TRIGGER)
+    tiny = build_tiny_controlnets()
+    generate_story(spec, run / "story", model="tiny", lora=lora,
+                   controlnets={"pose": tiny["pose"], "union": tiny["union"]}, device="cpu")
+    score_story(run)
+    return run
+
+
+def write_quick_lora(run: Path) -> Path:
+    """``run/lora/lora.safetensors``: the tiny UNet's peft factors with random values, as training writes them."""
     import torch
 
     from kstory.cli.demo import DEMO_TRIGGER
     from kstory.core.models import resolve_model
     from kstory.core.models.tiny import load_tiny_models
-    from kstory.scoring import score_images
-    from kstory.story import build_tiny_controlnets, generate_story, make_demo_spec
     from kstory.train.lora_io import build_metadata, inject_lora, lora_state_dict, save_lora
 
     weights = resolve_model("tiny")
@@ -41,18 +53,20 @@ def make_quick_run(run: Path) -> Path:
     inject_lora(unet, 4, 4.0, targets, seed=0)
     g = torch.Generator().manual_seed(3)
     state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in lora_state_dict(unet).items()}
-    lora = save_lora(run / "lora" / "lora.safetensors", state, build_metadata(
+    return save_lora(run / "lora" / "lora.safetensors", state, build_metadata(
         rank=4, alpha=4.0, target_modules=targets, base_model=weights.identity,
         base_fingerprint=weights.fingerprint, trigger_word=DEMO_TRIGGER, training_config="{}", step=12))
-    spec = make_demo_spec(run / "inputs" / "story.yaml", DEMO_TRIGGER)
-    tiny = build_tiny_controlnets()
-    result = generate_story(spec, run / "story", model="tiny", lora=lora,
-                            controlnets={"pose": tiny["pose"], "union": tiny["union"]}, device="cpu")
-    manifest = json.loads(result.manifest_path.read_text())
+
+
+def score_story(run: Path) -> Path:
+    """``run/scores.json`` for the frames of ``run/story`` (the tiny scorers)."""
+    from kstory.scoring import score_images
+
+    manifest = json.loads((run / "story" / "manifest.json").read_text())
+    frames = [run / "story" / f["file"] for _, f in sorted(manifest["frames"].items(), key=lambda kv: int(kv[0]))]
     prompts = {Path(f["file"]).name: f["prompt"] for f in manifest["frames"].values()}
-    score_images([result.frames[i] for i in sorted(result.frames)], aesthetic_model="tiny", clip_model="tiny",
-                 prompts=prompts, out=run / "scores.json")
-    return run
+    score_images(frames, aesthetic_model="tiny", clip_model="tiny", prompts=prompts, out=run / "scores.json")
+    return run / "scores.json"
 
 
 @pytest.fixture(scope="module")

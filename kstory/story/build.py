@@ -123,6 +123,14 @@ class StoryBuild:
                 return folder, record
         return None
 
+    def reusable_record(self, name: str, key: str) -> tuple[Path, dict[str, Any]] | None:
+        """A top-level record of the manifest (the character sheet) with this key whose file is intact."""
+        for folder, manifest in ((self.out_dir, self.current), (self._old_staging, self.staged)):
+            record = (manifest or {}).get(name)
+            if folder is not None and record and record.get("key") == key and _files_intact(folder, record):
+                return folder, record
+        return None
+
     def take(self, folder: Path, index: int, record: dict[str, Any], manifest: dict[str, Any]) -> None:
         """Put a finished frame (and its guides) into staging and the new manifest, unchanged."""
         for name in _record_files(record):

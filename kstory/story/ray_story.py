@@ -5,7 +5,8 @@ every frame shares its batch with the same frames and gets the same pixels.
 Cross-batch dependencies decide the units: with consistent attention all
 batches are one unit on one worker (the attention bank lives in its memory);
 frames that use another frame as their reference run after the first wave is
-written, with that frame's PNG sent along. Results are written in story order.
+written, with that frame's PNG sent along; a character sheet is made in this
+process before any unit starts. Results are written in story order.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kstory.core.config import RaySettings
 from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
 from kstory.core.ray_cluster import ray_cluster, ray_installed
+from kstory.story.character_sheet import make_sheet, pending_sheet
 from kstory.story.consistent_attention import SharingSettings
 from kstory.story.generate import FramePlan, Session
 from kstory.story.manifest import frame_name
@@ -81,6 +83,10 @@ def run_plans_on_ray(
     if faces:  # the workers' sessions carry no face adapter yet
         raise KstoryError(f"frame(s) {', '.join(map(str, faces))} use character.face, which Ray workers do not run "
                           "yet", fix="generate this story without ray: / --ray")
+    sheet = pending_sheet(plans, keep)
+    if sheet is not None:  # made here first; the workers take it as a reference picture
+        make_sheet(load_session(), sheet, plans, manifest, release)
+        torch.cuda.empty_cache()  # that session is gone: its cached GPU memory goes back for the workers
     guide_hashes = write_inputs(out_dir, plans, keep, work)
     adapter = load_session().references.weights  # a Session loads nothing until it is used
     stages = job_units(groups, sharing)

@@ -2,9 +2,9 @@
 
 The spec's ``character.reference`` becomes a ``ReferencePlan`` on each frame
 that uses it; the manifest records, per frame, the reference (its copy in the
-story folder and sha256, or the frame it is), the adapter's identity and hash,
-and the scale and window, so a re-roll or ``kstory verify`` makes the same
-frames again.
+story folder and sha256, the frame it is, or the character sheet's key, file
+and sha256), the adapter's identity and hash, and the scale and window, so a
+re-roll or ``kstory verify`` makes the same frames again.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kstory.core.errors import KstoryError
+from kstory.story.character_sheet import SHEET_FILE, CharacterSheet, plan_sheet
 from kstory.story.ip_adapter import IpAdapterWeights, identify_ip_adapter
 from kstory.story.references import REFERENCE_DIR, ReferencePlan, load_reference_image
 from kstory.story.spec import StorySpec, reference_frames
@@ -22,8 +23,11 @@ from kstory.story.spec import StorySpec, reference_frames
 TINY = "tiny"
 
 
-def reference_plans(spec: StorySpec, spec_dir: Path) -> dict[int, ReferencePlan]:
-    """1-based frame -> its reference plan, for every frame that uses the character reference."""
+def reference_plans(spec: StorySpec, spec_dir: Path, trigger_word: str = "") -> dict[int, ReferencePlan]:
+    """1-based frame -> its reference plan, for every frame that uses the character reference.
+
+    Frames that use a character sheet share one ``CharacterSheet`` (its prompt gets ``trigger_word`` first).
+    """
     ref = spec.character.reference
     used = reference_frames(spec)
     if ref is None or not used:
@@ -35,8 +39,11 @@ def reference_plans(spec: StorySpec, spec_dir: Path) -> dict[int, ReferencePlan]
         digest = hashlib.sha256(data).hexdigest()
         file = f"{REFERENCE_DIR}/character{path.suffix.lower() or '.png'}"
         source = ref.image.as_posix()
+    sheet = plan_sheet(spec, trigger_word)
+    if sheet is not None:
+        file = SHEET_FILE
     return {index: ReferencePlan(scale, ref.start, ref.end, frame=ref.frame, image=image, file=file, sha256=digest,
-                                 source=source, data=data)
+                                 source=source, data=data, sheet=sheet)
             for index, scale in used.items()}
 
 
@@ -74,16 +81,23 @@ def keyed(key: str, plan: Any, frame_keys: dict[int, str], adapter: IpAdapterWei
 
 def frame_entry(ref: ReferencePlan, adapter: IpAdapterWeights | None) -> dict[str, Any]:
     """The manifest's ``ip_adapter`` of one frame."""
-    what: dict[str, Any] = {"frame": ref.frame} if ref.frame else {"file": ref.file, "source": ref.source}
+    if ref.frame:
+        what: dict[str, Any] = {"frame": ref.frame}
+    elif ref.sheet is not None:
+        what = {"sheet": ref.sheet.key, "file": ref.file}
+    else:
+        what = {"file": ref.file, "source": ref.source}
     what["sha256"] = ref.sha256
     return {"reference": what, "adapter": adapter.record() if adapter else None, "scale": ref.scale,
             "start": ref.start, "end": ref.end}
 
 
 def plan_from_entry(entry: dict[str, Any], story_dir: Path) -> ReferencePlan:
-    """A frame's reference plan again from its manifest entry (the reference image from the story folder)."""
+    """A frame's reference plan again from its manifest entry (the reference image or character sheet from the story
+    folder; a sheet keeps its key, so the frame's key is the one the story run gave it)."""
     what = entry["reference"]
-    plan = ReferencePlan(entry["scale"], entry["start"], entry["end"], frame=what.get("frame"))
+    plan = ReferencePlan(entry["scale"], entry["start"], entry["end"], frame=what.get("frame"),
+                         sheet=CharacterSheet(key=what["sheet"]) if what.get("sheet") else None)
     if not plan.frame:
         path = story_dir / what["file"]
         plan.data, plan.image = load_reference_image(path)

@@ -5,7 +5,9 @@ every reference image (and the all-zero input of the negative branch) into
 image tokens, and are freed before the UNet loads; only the image keys/values
 of the cross-attention layers stay with the UNet. A ``frame: N`` reference is
 the picture of frame N, so frames that use it wait for a later batch (a later
-*wave*) and their tokens are made once frame N is on disk.
+*wave*) and their tokens are made once frame N is on disk. A generated
+character sheet is made before the first batch and is from then on a
+reference image like any other (kstory.story.character_sheet).
 """
 
 from __future__ import annotations
@@ -43,10 +45,16 @@ class ReferencePlan:
     sha256: str = ""  # of those bytes; for a frame reference, of the frame's PNG once it exists
     source: str | None = None  # the path as the spec wrote it
     data: bytes = field(default=b"", repr=False)
+    sheet: Any = None  # kstory.story.character_sheet.CharacterSheet: the generated sheet this picture is
 
     def identity(self, frame_keys: dict[int, str], adapter: str) -> dict[str, Any]:
-        """What decides the frame's pixels through the reference (a frame reference by that frame's key)."""
-        what = {"frame": self.frame, "key": frame_keys.get(self.frame)} if self.frame else {"sha256": self.sha256}
+        """What decides the frame's pixels through the reference (a frame or a character sheet by its key)."""
+        if self.frame:
+            what: dict[str, Any] = {"frame": self.frame, "key": frame_keys.get(self.frame)}
+        elif self.sheet is not None:
+            what = {"sheet": self.sheet.key}
+        else:
+            what = {"sha256": self.sha256}
         return {"reference": what, "adapter": adapter, "scale": self.scale, "start": self.start, "end": self.end}
 
 

@@ -31,6 +31,7 @@ from kstory.story.generate import (SAMPLER, FramePlan, GuidePlan, Session, batch
                                    text_encoder_dtype)
 from kstory.story.guides.render import render_guide
 from kstory.story.build import StoryBuild, plan_key
+from kstory.story.character_sheet import make_sheet, pending_sheet, reuse_sheet, sheet_key, sheet_of
 from kstory.story.consistent_attention import AttentionBank, SharingSettings, sharing_key, split_by_role, with_bank
 from kstory.story.manifest import FORMAT, frame_name, package_versions, png_bytes, read_manifest, save_png, sha256_bytes
 from kstory.story.reference_records import adapter_record, frame_entry, keyed, reference_plans, resolve_ip_adapter
@@ -136,7 +137,7 @@ def plan_frames(spec: StorySpec, indices: list[int], spec_dir: Path, trigger_wor
             negative_prompt=spec.negative_prompt(index), seed=frame.seed,
             width=width, height=height, steps=steps, cfg_scale=cfg, guides=guides, sampler=spec.sampler(index),
         ))
-    references, faces = reference_plans(spec, spec_dir), face_plans(spec, spec_dir)
+    references, faces = reference_plans(spec, spec_dir, trigger_word), face_plans(spec, spec_dir)
     for plan in plans:
         plan.reference, plan.face = references.get(plan.index), faces.get(plan.index)
     return plans
@@ -397,9 +398,12 @@ def run_plans(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     plans = [plan for batch in groups for plan in batch]
+    sheet = pending_sheet(plans, keep)
+    session.encode(encoded_plans(plans, keep) + ([sheet.plan] if sheet and sheet.plan else []), release)
+    if sheet is not None:  # alone and first: the frames then take it as their reference picture
+        make_sheet(session, sheet, plans, manifest, release)
     guide_hashes = write_inputs(out_dir, plans, keep, work)
-    session.encode(encoded_plans(plans, keep), release)
-    session.references.encode(plans)  # the image encoder's phase, before the UNet loads
+    session.references.encode(plans)  # the image encoder's phase, before the UNet loads (unless a sheet loaded it)
     write_face_files(out_dir, plans, keep)
     session.faces.encode(plans)  # the face encoder's phase, before the UNet loads too
     session.references.frame_file = lambda index: out_dir / "frames" / f"{frame_name(index)}.png"
@@ -512,7 +516,8 @@ def generate_story(
     """Generate the story of ``spec_path`` (or only ``frames``, 1-based) into ``out_dir``.
 
     Writes ``frames/NN.png``, ``guides/NN-<kind>.png``, ``story.yaml`` (the
-    spec as last generated) and ``manifest.json``, all through a staging folder
+    spec as last generated), ``manifest.json`` and, with a generated character
+    sheet, ``character-sheet.png`` (made first), all through a staging folder
     swapped in at the end (the previous story goes to the run's ``.history/``).
     Frames whose inputs are unchanged are kept, not regenerated; a full run
     keeps re-rolled frames whose spec entry is unchanged. Same spec, weights,
@@ -592,12 +597,17 @@ def generate_story(
                 "this story folder was generated with other weights, LoRA, ControlNets, device or dtype",
                 path=out_dir, fix="regenerate all frames (leave out the frame selection) or use another folder",
             )
+    sheet = sheet_of(plans)
+    if sheet is not None and sheet.plan is not None:  # the frames that use it key on its key
+        sheet.key = sheet_key(sheet.plan, manifest["setup_id"])
     known = {int(k): r.get("key", "") for k, r in (current or {}).get("frames", {}).items()}
     work = frame_work(groups, manifest["setup_id"], origin, from_spec, adapter, known, sharing, faces)
     if attach_repairs(plans, repairs or {}, current if frames is None else None, work, out_dir):
         work = frame_work(groups, manifest["setup_id"], origin, from_spec, adapter, known, sharing, faces)
     build = StoryBuild(out_dir, current)
     build.open()
+    if sheet is not None:
+        reuse_sheet(build, sheet, plans, manifest)
     if current is not None and frames:
         for key, record in current["frames"].items():
             if int(key) not in indices:

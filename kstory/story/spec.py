@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kstory.core.errors import KstoryError
 from kstory.core.seeds import Seed
@@ -26,11 +26,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Sheet(_Strict):
+    """A generated character sheet: made first from its own prompt and seed, then the reference picture."""
+
+    prompt: str = Field(min_length=1, description="What the sheet shows; the trigger word, description and style "
+                                                  "come first, as in every frame's prompt.")
+    seed: Seed = Field(description="Required, as a frame's: the sheet is reproducible only with a fixed seed.")
+    negative_prompt: str | None = Field(default=None, description="Default: character.negative_prompt.")
+    steps: int | None = Field(default=None, ge=1, le=200, description="Default: defaults.steps.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the character sheet's prompt is blank: say what the sheet shows")
+        return value
+
+
 class Reference(_Strict):
-    """The character reference (Kolors IP-Adapter-Plus): an image file, or the picture of one frame."""
+    """The character reference (Kolors IP-Adapter-Plus): an image file, the picture of one frame, or a generated
+    character sheet."""
 
     image: Path | None = Field(default=None, description="Reference picture (relative to the spec file).")
     frame: int | None = Field(default=None, ge=1, description="This frame is made first and serves the others.")
+    sheet: Sheet | None = Field(default=None, description="A character sheet made first (story size, sampler, "
+                                                          "model and LoRA; no adapter, no guides).")
     adapter: str = Field(default="", description="Kolors-IP-Adapter-Plus folder (relative to the spec), or 'tiny'; "
                                                  "--ip-adapter overrides it.")
     frames: list[int] | None = Field(default=None, description="Frames that use it; default: all but the "
@@ -41,8 +61,9 @@ class Reference(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> Reference:
-        if (self.image is None) == (self.frame is None):
-            raise ValueError("give exactly one of image, frame")
+        given = [name for name in ("image", "frame", "sheet") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of image, frame, sheet (got {', '.join(given) or 'none'})")
         if self.start >= self.end:
             raise ValueError(f"start ({self.start}) must be below end ({self.end})")
         return self
@@ -219,9 +240,13 @@ class StorySpec(_Strict):
 
     def prompt(self, index: int, trigger_word: str | None = None) -> str:
         """The full prompt of frame ``index``: trigger word, character, style, then the frame's own text."""
+        return self.full_prompt(self.frames[index - 1].prompt, trigger_word)
+
+    def full_prompt(self, text: str, trigger_word: str | None = None) -> str:
+        """``text`` after the trigger word, the character's description and the style (a frame's or the sheet's)."""
         character = self.character
         parts = [trigger_word if trigger_word is not None else character.trigger_word, character.description,
-                 character.style, self.frames[index - 1].prompt]
+                 character.style, text]
         return ", ".join(part.strip() for part in parts if part and part.strip())
 
     def negative_prompt(self, index: int) -> str:

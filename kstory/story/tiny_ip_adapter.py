@@ -63,10 +63,11 @@ def write_tiny_image_encoder(folder: Path, seed: int = 0) -> Path:
 
 
 def tiny_adapter_state(spec: TinyKolorsSpec = TinyKolorsSpec(), seed: int = 1,
-                       resampler_width: int = RESAMPLER_WIDTH) -> dict[str, torch.Tensor]:
-    """The flat ``image_proj.*`` / ``ip_adapter.*`` tensors of a random adapter for the tiny UNet."""
-    unet, _ = tiny_unet(spec)
-    sites = cross_attention_sites(unet)
+                       resampler_width: int = RESAMPLER_WIDTH, unet: torch.nn.Module | None = None,
+                       ) -> dict[str, torch.Tensor]:
+    """The flat ``image_proj.*`` / ``ip_adapter.*`` tensors of a random adapter for the UNet ``spec`` describes
+    (``unet``: that UNet, already built, so a large one is not built twice)."""
+    sites = cross_attention_sites(unet if unet is not None else tiny_unet(spec)[0])
     resampler = random_init(Resampler(ENCODER_WIDTH, resampler_width, spec.cross_attention_dim, depth=4,
                                       heads=max(1, resampler_width // 64), queries=16), seed)
     layers = random_init(ImageKeysValues(sites, spec.cross_attention_dim), seed + 1)

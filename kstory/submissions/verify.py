@@ -7,7 +7,9 @@ re-run with every frame's guides replaced by the packaged guide images
 (``type: image``), so no reference photo or pose detector is needed. Each
 frame is reported identical (same PNG bytes) or with its PSNR/SSIM against
 the packaged frame; the frames are then re-scored and compared with
-``scores.json``. A package keeps the order chosen on the dashboard: its
+``scores.json``. A generated character sheet is made again from the
+prompt and seed the manifest records (then the frames from it) and compared
+too. A package keeps the order chosen on the dashboard: its
 frame N is the story's frame ``story_frame`` of the manifest, regenerated
 from that spec entry.
 """
@@ -63,6 +65,7 @@ class VerifyReport:
     passed: bool
     file_problems: list[str] = field(default_factory=list)
     frames: list[FrameCheck] = field(default_factory=list)
+    sheet: FrameCheck | None = None  # the character sheet made again (index 0), when the story has one
     scores: list[ScoreCheck] = field(default_factory=list)
     recorded_mean: float | None = None
     rescored_mean: float | None = None
@@ -77,6 +80,10 @@ class VerifyReport:
         for f in self.frames:
             state = "identical" if f.identical else f"differs: PSNR {f.psnr:.2f} dB, SSIM {f.ssim:.4f}"
             lines.append(f"  frame {f.index:2d} {f.file}: {state}" + ("" if f.prompt_matches else " (prompt differs)"))
+        if self.sheet is not None:
+            state = ("identical" if self.sheet.identical else "not made again" if self.sheet.psnr is None
+                     else f"differs: PSNR {self.sheet.psnr:.2f} dB, SSIM {self.sheet.ssim:.4f}")
+            lines.append(f"  character sheet {self.sheet.file}: {state}")
         if self.rescored_mean is not None:
             lines.append(f"  scores: recorded mean {self.recorded_mean}, re-scored {self.rescored_mean:.4f} "
                          f"({'match' if self.scores_match else 'DIFFER'})")
@@ -209,11 +216,21 @@ def _repairs(submission: Path, manifest: dict[str, Any], inpaint_model: str | Pa
 
 
 def _package_reference(submission: Path, manifest: dict[str, Any], spec: dict[str, Any]) -> None:
-    """The spec's character reference image becomes the packaged copy; the adapter is passed found by hash."""
+    """The spec's character reference image becomes the packaged copy, a character sheet the recorded prompt and
+    seed (it is made again, then the frames from it); the adapter is passed found by hash."""
     reference = (spec.get("character") or {}).get("reference")
     if not reference:
         return
     reference.pop("adapter", None)
+    if reference.get("sheet") is not None:
+        from kstory.story.character_sheet import RECORD, sheet_spec
+
+        record = manifest.get(RECORD)
+        if not record:
+            raise KstoryError("story.yaml has a character sheet but manifest.json records none",
+                              path=submission / "manifest.json", fix="repackage the run")
+        reference["sheet"] = sheet_spec(record)
+        return
     files = {((f.get("ip_adapter") or {}).get("reference") or {}).get("file") for f in manifest["frames"].values()}
     files.discard(None)
     if reference.get("image") is not None:
@@ -246,6 +263,7 @@ def verify_package(
 
     from kstory.core.models import resolve_model
     from kstory.story import generate_story
+    from kstory.story.character_sheet import RECORD as SHEET_RECORD
 
     submission = Path(submission_dir).resolve()
     read_package(submission)  # a KstoryError if this is not a package
@@ -299,14 +317,33 @@ def verify_package(
                 b = _pixels(packaged) if packaged.is_file() else np.zeros_like(a)
                 check.psnr, check.ssim = (psnr(a, b), ssim(a, b)) if a.shape == b.shape else (0.0, 0.0)
             report.frames.append(check)
+        if manifest.get(SHEET_RECORD):
+            report.sheet = _sheet_check(submission, manifest[SHEET_RECORD], regen_manifest.get(SHEET_RECORD),
+                                        result.out_dir)
         if rescore and (submission / "scores.json").is_file():
             _rescore(report, submission, manifest, result.frames)
     if problems:
         report.verdict, report.passed = "modified", False
-    elif not all(f.identical and f.prompt_matches for f in report.frames) or report.scores_match is False:
+    elif (not all(f.identical and f.prompt_matches for f in report.frames) or report.scores_match is False
+          or (report.sheet is not None and not report.sheet.identical)):
         report.verdict, report.passed = "different", False
     log.info("verify %s: %s", submission, report.verdict)
     return report
+
+
+def _sheet_check(submission: Path, record: dict[str, Any], regenerated: dict[str, Any] | None,
+                 regen_dir: Path) -> FrameCheck:
+    """The character sheet made again against the packaged one (same PNG bytes, else PSNR/SSIM)."""
+    packaged = submission / record["file"]
+    got = (regenerated or {}).get("sha256", "")
+    on_disk = sha256_file(packaged) if packaged.is_file() else ""
+    check = FrameCheck(0, record["file"], got == record["sha256"] == on_disk, record["sha256"], got,
+                       prompt_matches=(regenerated or {}).get("prompt") == record["prompt"])
+    if not check.identical and regenerated:
+        a = _pixels(regen_dir / regenerated["file"])
+        b = _pixels(packaged) if packaged.is_file() else np.zeros_like(a)
+        check.psnr, check.ssim = (psnr(a, b), ssim(a, b)) if a.shape == b.shape else (0.0, 0.0)
+    return check
 
 
 def _rescore(report: VerifyReport, submission: Path, manifest: dict[str, Any], frames: dict[int, Path]) -> None:
