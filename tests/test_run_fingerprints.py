@@ -126,3 +126,22 @@ def test_train_twice_on_a_finished_output_is_a_no_op(demo_runs: Path, tmp_path: 
         out = capsys.readouterr().out
         assert "already trained to step 12: nothing left to train" in out and "final loss" in out
     assert lora.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_copied_story_made_again_keeps_its_folder(demo_runs: Path, tmp_path: Path) -> None:
+    """The story stage run on a copy (its LoRA and inputs now at other paths) generates nothing and swaps
+    nothing: the manifest's recorded places are not content."""
+    from kstory.cli.stages import STAGES
+    from kstory.core.config import load_config
+    from kstory.core.rundir import RunDir
+
+    copy = _copy_run(demo_runs / "demo", tmp_path / "moved" / "demo")
+    manifest = json.loads((copy / "story" / "manifest.json").read_text(encoding="utf-8"))
+    assert not Path(manifest["lora"]["path"]).is_relative_to(copy)  # it names the original run's LoRA
+    story = next(stage for stage in STAGES if stage.name == "story")
+    history_before = sorted(p.name for p in (copy / ".history").iterdir()) if (copy / ".history").exists() else []
+    story.run(load_config(copy / "kstory.yaml"), RunDir(copy))
+    history_after = sorted(p.name for p in (copy / ".history").iterdir()) if (copy / ".history").exists() else []
+    assert history_after == history_before, "an unchanged story is not swapped into .history/"
+    assert json.loads((copy / "story" / "manifest.json").read_text(encoding="utf-8")) == manifest

@@ -35,6 +35,22 @@ log = get_logger("story")
 CARRIED = (STAMP_NAME, "review.json")
 
 
+# Where a file was found, recorded beside the hash that says what it is (a LoRA's or ControlNet's ``path``,
+# the model's ``spec`` and ``identity`` beside its fingerprint): a moved or copied run finds its files
+# elsewhere, and that alone changes no frame.
+PLACE_KEYS = frozenset({"path", "spec", "identity"})
+
+
+def without_places(value: Any) -> Any:
+    """``value`` (a manifest or part of one) without the place keys of records that carry a content hash."""
+    if isinstance(value, dict):
+        hashed = "sha256" in value or "fingerprint" in value
+        return {k: without_places(v) for k, v in value.items() if not (hashed and k in PLACE_KEYS)}
+    if isinstance(value, list):
+        return [without_places(item) for item in value]
+    return value
+
+
 def plan_key(plan: FramePlan, batch: list[int], setup: str, sampler: str, guide_hashes: list[str]) -> str:
     """Hash of everything that decides the frame's pixels (see the module docstring)."""
     data = {
@@ -142,15 +158,16 @@ class StoryBuild:
         write_manifest(self.staging, manifest)
 
     def unchanged(self, manifest: dict[str, Any], spec_text: str, spec_copy: str) -> bool:
-        """True when the new state equals the story folder's: same setup, frames and spec copy."""
+        """True when the new state equals the story folder's by content: same setup, frames and spec copy
+        (files found at other places, as in a moved run, are the same files)."""
         if self.current is None:
             return False
         ignore = {"versions", "frames", "memory"}  # memory: how the frames were made (what changes pixels is in setup_id)
-        same_top = {k: v for k, v in manifest.items() if k not in ignore} == \
-            {k: v for k, v in self.current.items() if k not in ignore}
+        same_top = without_places({k: v for k, v in manifest.items() if k not in ignore}) == \
+            without_places({k: v for k, v in self.current.items() if k not in ignore})
         copy = self.out_dir / spec_copy
         same_copy = copy.is_file() and copy.read_text(encoding="utf-8") == spec_text
-        return same_top and same_copy and manifest["frames"] == self.current.get("frames")
+        return same_top and same_copy and without_places(manifest["frames"]) == without_places(self.current.get("frames"))
 
     def finish(self, manifest: dict[str, Any], write_extra: Callable[[Path], None]) -> Path | None:
         """Write the last files into staging and swap it in; returns where the previous story went."""

@@ -465,7 +465,7 @@ def build_story(
     build.save(manifest)
     spec_copy_text = derive_spec_text(spec_text, manifest) if not to_make else None
     if not to_make and build.unchanged(manifest, spec_copy_text, SPEC_COPY):
-        build.abandon(manifest)
+        build.abandon(manifest)  # its manifest may name older places: files are found by hash
         log.info("story up to date: every frame matches its inputs, nothing generated (%s)", build.out_dir)
         return result_of(build.out_dir, manifest, [], 0.0, None, device)
     generated, seconds, peak = [], 0.0, None
