@@ -83,3 +83,12 @@ def test_scale_lr_multiplies_by_the_effective_batch() -> None:
                                          "learning_rate": 1e-4}
     scaled = batch_record(settings.model_copy(update={"scale_lr": True}), 2)
     assert scaled["lr_scale"] == 12 and scaled["learning_rate"] == pytest.approx(1.2e-3)
+
+
+def test_torchrun_with_other_process_counts_than_the_settings_is_refused(monkeypatch) -> None:
+    # torchrun --nproc_per_node 2 with devices: auto would run two unrelated trainings into one output
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(KstoryError, match=r"torchrun started 2 processes, but train\.devices x train\.num_nodes make 1"):
+        resolve_runtime(TrainSettings(accelerator="cpu"))
+    assert resolve_runtime(TrainSettings(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp")).accelerator == "cpu"

@@ -71,3 +71,20 @@ def check_distributed(settings: TrainSettings, accelerator: str) -> None:
         raise KstoryError(f"train.devices asks for {wanted} device(s), but this machine has {have} {kind}",
                           fix=f"set train.devices to {have} or fewer (or auto); several machines: "
                           "train.num_nodes with torchrun or SLURM (docs/scale-out.md)")
+    per_machine = 1 if lightning_devices(settings) == 1 else (wanted if wanted is not None else have)
+    _check_launched_world(settings, per_machine)
+
+
+def _check_launched_world(settings: TrainSettings, devices: int) -> None:
+    """Under torchrun every process is already running: the settings must make as many, or each would train alone.
+
+    With ``devices: auto`` (one device) under ``torchrun --nproc_per_node 2``,
+    Lightning would run two unrelated one-process trainings into the same output.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launched, world = int(os.environ.get("WORLD_SIZE", "1") or 1), devices * settings.num_nodes
+    if launched != world:
+        raise KstoryError(f"torchrun started {launched} processes, but train.devices x train.num_nodes make {world}",
+                          fix="set train.devices to --nproc_per_node and train.num_nodes to --nnodes "
+                          "(docs/scale-out.md)")
