@@ -39,11 +39,11 @@ from kstory.train.validation import kolors_scheduler
 FAST = dict(resolution=64, gradient_checkpointing=False, checkpoint_every=0, batch_size=2)
 
 
-def make_dataset(root: Path, count: int = 4, sizes: tuple[tuple[int, int], ...] = ((64, 64),)) -> Path:
+def make_dataset(root: Path, count: int = 4, sizes: tuple[tuple[int, int], ...] = ((64, 64),), seed: int = 0) -> Path:
     """A few random images with captions in DiffSynth's layout (DATA/train/metadata.csv)."""
     folder = root / "train"
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     rows = ["file_name,text"]
     for i in range(count):
         width, height = sizes[i % len(sizes)]

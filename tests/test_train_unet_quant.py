@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from kstory.core.memory import KOLORS_COUNTS, _TABLE, estimate
 from kstory.core.models.quantize import quantize_unet
 from kstory.core.models.tiny import TinyKolorsSpec, tiny_unet
-from kstory.core.train_settings import RESUME_FREE_FIELDS
+from kstory.core.train_settings import LATER_DEFAULTS, RESUME_FREE_FIELDS
 from kstory.train import TrainSettings, train_lora
 from tests.test_train import FAST, make_dataset
 
@@ -30,7 +30,8 @@ def test_the_default_leaves_earlier_fingerprints_as_they_were() -> None:
     """Runs made before unet_quant existed keep their digest (nothing re-trains); int8 is another LoRA."""
     settings = TrainSettings(rank=8)
     earlier = {k: v for k, v in settings.model_dump(mode="json").items()
-               if k not in RESUME_FREE_FIELDS and k != "unet_quant"}
+               if k not in RESUME_FREE_FIELDS and k not in LATER_DEFAULTS}
+    assert "unet_quant" in LATER_DEFAULTS
     assert settings.fingerprint() == hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()
     assert TrainSettings(rank=8, unet_quant="int8").fingerprint() != settings.fingerprint()
 

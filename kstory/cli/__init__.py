@@ -115,6 +115,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from kstory.train import TrainSettings, train_lora
 
+    from kstory.core.ranks import secondary_rank
     from kstory.core.rundir import set_aside
     from kstory.core.yamlio import load_model, validation_error
 
@@ -130,12 +131,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise validation_error(TrainSettings, exc, {}, None,
                                names={k: name for k, name in _TRAIN_OPTIONS.items() if k in given}) from None
     out = Path(args.out)
+
+    def train() -> Any:
+        return train_lora(Path(args.data), out, settings, model=args.model,
+                          cache_dir=Path(args.cache_dir) if args.cache_dir else None, memory=args.memory,
+                          text_encoder_device=args.text_encoder_device, text_encoder_quant=args.text_encoder_quant)
+
+    if secondary_rank():  # another process of a multi-process training (docs/scale-out.md): it writes no files
+        train()
+        return 0
     if args.fresh and out.exists():
         print(f"previous output moved to {set_aside(out)}")
     with logging_to_run(out, "train"):
-        result = train_lora(Path(args.data), out, settings, model=args.model,
-                            cache_dir=Path(args.cache_dir) if args.cache_dir else None, memory=args.memory,
-                            text_encoder_device=args.text_encoder_device, text_encoder_quant=args.text_encoder_quant)
+        result = train()
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     if result.steps == result.resumed_from:
         print(f"already trained to step {result.steps}: nothing left to train (raise --steps to continue)")
@@ -758,6 +766,7 @@ def _written_run(args: argparse.Namespace) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     import shlex
 
+    from kstory.core.ranks import secondary_rank
     from kstory.core.runlock import run_lock
 
     parser = build_parser()
@@ -765,7 +774,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_console(verbose=args.verbose, debug=args.debug)
     logging.raiseExceptions = bool(args.debug)  # a log file on a full disk: no traceback per record on the terminal
     try:
-        with run_lock(_written_run(args), "kstory " + shlex.join(sys.argv[1:] if argv is None else argv)):
+        written = None if secondary_rank() else _written_run(args)  # a training's other processes write nothing
+        with run_lock(written, "kstory " + shlex.join(sys.argv[1:] if argv is None else argv)):
             return args.func(args)
     except KstoryError as exc:
         if args.debug:

@@ -10,6 +10,7 @@ from kstory.core import atomic
 from kstory.core.config import RunConfig, load_config
 from kstory.core.errors import KstoryError
 from kstory.core.logs import FILE_ONLY, get_logger, log_to_file
+from kstory.core.ranks import secondary_rank
 from kstory.core.rundir import RunDir, fingerprint, move_to_history, read_stamp, write_stamp
 from kstory.cli.stages import STAGES, Stage, stage_fingerprints
 
@@ -58,6 +59,8 @@ def run_config(config_path: str | Path, *, model: str | None = None, until: str 
             raise KstoryError("--upload: the config has no upload: section", path=config_path,
                               fix="add `upload: {model_id: OWNER/NAME}` next to `package:` (docs/config.md)")
         config = config.model_copy(update={"upload": config.upload.model_copy(update={"enabled": True})})
+    if secondary_rank():
+        return _train_on_secondary_rank(config, stages)
     run = RunDir(config.run_dir).ensure()
     outcomes: list[StageOutcome] = []
     with log_to_file(run.log):
@@ -76,6 +79,19 @@ def run_config(config_path: str | Path, *, model: str | None = None, until: str 
             log.error("run stopped: %s", exc, exc_info=not isinstance(exc, KstoryError), extra=FILE_ONLY)
             raise
     return outcomes
+
+
+def _train_on_secondary_rank(config: RunConfig, stages: tuple[Stage, ...]) -> list[StageOutcome]:
+    """Another process of a multi-process training (Lightning's launcher re-ran ``kstory run``): train only.
+
+    Rank 0 runs the stages, stamps and logs; it reaches the training with prep
+    done, and only then are the other processes started. They join the
+    training and write nothing.
+    """
+    train = next((stage for stage in stages if stage.name == "train"), None)
+    if train is not None:
+        train.run(config, RunDir(config.run_dir))
+    return []
 
 
 def _stages_until(until: str | None) -> tuple[Stage, ...]:

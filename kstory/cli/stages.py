@@ -105,10 +105,7 @@ def _train_digest(config: RunConfig, run: RunDir) -> str:
 
 
 def _train_schedule(config: RunConfig) -> str:
-    from kstory.core.train_settings import RESUME_FREE_FIELDS
-
-    settings = config.train_settings().model_dump(mode="json")
-    return fingerprint({name: settings[name] for name in RESUME_FREE_FIELDS})
+    return fingerprint(config.train_settings().schedule())
 
 
 def _train_run(config: RunConfig, run: RunDir) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from kstory.core.errors import KstoryError
 from kstory.core.oserrors import os_fault, os_faults_as_user_errors
+from kstory.core.ranks import rank_label
 
 LOGGER_NAME = "kstory"
 OUR_PACKAGES = frozenset({"kstory"})
@@ -100,7 +101,9 @@ def setup_console(verbose: bool = False, debug: bool = False) -> None:
             root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
-    handler.setFormatter(logging.Formatter("%(message)s") if debug else _MessageOnly("%(message)s"))
+    label = rank_label()  # the other processes of a multi-process training say which they are
+    line = f"[{label}] %(message)s" if label else "%(message)s"
+    handler.setFormatter(logging.Formatter(line) if debug else _MessageOnly(line))
     handler.addFilter(_OursOrWarnings())
     handler._kstory_console = True  # type: ignore[attr-defined]
     root.addHandler(handler)

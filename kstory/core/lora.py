@@ -39,15 +39,28 @@ META_TRIGGER = "kstory.trigger_word"
 META_CONFIG = "kstory.training_config"
 META_VERSION = "kstory.version"
 META_STEP = "kstory.step"
+META_WORLD_SIZE = "kstory.world_size"  # training processes (devices x machines)
+META_EFFECTIVE_BATCH = "kstory.effective_batch_size"  # batch_size x grad_accumulation x world_size
+META_LEARNING_RATE = "kstory.learning_rate"  # the base learning rate the optimizer used
+META_LR_SCALE = "kstory.lr_scale"  # learning_rate / training_config's learning_rate (scale_lr: the effective batch)
 
 
 def build_metadata(
     *, rank: int, alpha: float, target_modules: list[str], base_model: str, base_fingerprint: str,
-    trigger_word: str | None, training_config: str, step: int,
+    trigger_word: str | None, training_config: str, step: int, batch: Mapping[str, int | float] | None = None,
 ) -> dict[str, str]:
-    """The documented metadata block (docs/train.md); safetensors stores strings only."""
+    """The documented metadata block (docs/train.md); safetensors stores strings only.
+
+    ``batch``: ``world_size``, ``effective_batch_size``, ``learning_rate`` and ``lr_scale`` of the training run.
+    """
     from kstory import __version__
 
+    recorded = {} if batch is None else {
+        META_WORLD_SIZE: str(int(batch["world_size"])),
+        META_EFFECTIVE_BATCH: str(int(batch["effective_batch_size"])),
+        META_LEARNING_RATE: repr(float(batch["learning_rate"])),
+        META_LR_SCALE: repr(float(batch["lr_scale"])),
+    }
     return {
         META_FORMAT: "pt",
         META_KSTORY_FORMAT: FORMAT,
@@ -61,6 +74,7 @@ def build_metadata(
         META_CONFIG: training_config,
         META_VERSION: __version__,
         META_STEP: str(step),
+        **recorded,
     }
 
 

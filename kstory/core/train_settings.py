@@ -21,11 +21,11 @@ IDENTITY_FIELDS = ("rank", "alpha", "target_modules")
 RESUME_FREE_FIELDS = (
     "max_steps", "epochs", "checkpoint_every", "validation_every", "validation_prompts",
     "validation_steps", "validation_cfg_scale", "num_workers", "progress_bar",
-    "accelerator", "devices", "strategy",
+    "accelerator", "devices", "strategy", "num_nodes",
 )
-# Settings added after runs were made: hashed only when set away from their default, so the fingerprints of
-# earlier runs (which never had them) stay what they were.
-HASHED_WHEN_SET = {"unet_quant": "none"}
+# Settings added after runs were made, with the value every earlier run trained with: left out of the
+# fingerprint and the schedule while they hold it, so earlier runs and checkpoints stay up to date.
+LATER_DEFAULTS = {"num_nodes": 1, "scale_lr": False, "unet_quant": "none"}
 
 
 class _Strict(BaseModel):
@@ -52,6 +52,8 @@ class TrainSettings(_Strict):
         description="Names of the UNet Linear layers that get a LoRA (DiffSynth's naming).",
     )
     learning_rate: float = Field(default=1e-4, gt=0)
+    scale_lr: bool = Field(default=False, description="Multiply learning_rate by the effective batch size "
+                           "(batch_size x grad_accumulation x processes), like diffusers' --scale_lr.")
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up from 0 over this many optimizer steps.")
     weight_decay: float = Field(default=1e-2, ge=0)
@@ -80,8 +82,9 @@ class TrainSettings(_Strict):
     validation_cfg_scale: float = Field(default=5.0, ge=1.0)
     trigger_word: str | None = Field(default=None, description="Put at the front of captions that lack it; recorded in the LoRA.")
     accelerator: str = Field(default="auto", description="Lightning accelerator: auto, cpu, gpu/cuda, mps.")
-    devices: int | str = Field(default="auto", description="Lightning devices: auto, a count, or a list like '0,1'.")
-    strategy: str = Field(default="auto", description="Lightning strategy: auto, ddp, deepspeed_stage_1/2 (if installed).")
+    devices: int | str = Field(default="auto", description="auto (one device), a count, -1 (all), or a list like '0,1'.")
+    num_nodes: int = Field(default=1, ge=1, description="Machines taking part (each starts the same command).")
+    strategy: str = Field(default="auto", description="Lightning strategy: auto, ddp, fsdp, deepspeed_stage_1/2 (if installed).")
     num_workers: int = Field(default=0, ge=0, description="DataLoader workers (the cache makes loading cheap).")
     progress_bar: bool = Field(default=False, description="Show Lightning's progress bar.")
 
@@ -119,8 +122,16 @@ class TrainSettings(_Strict):
         """The settings as compact, key-sorted JSON (stored in the LoRA and checkpoints)."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
+    def _recorded(self) -> dict:
+        """The settings as JSON values, less the later-added ones that hold the value earlier runs had."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
+
     def fingerprint(self, exclude: tuple[str, ...] = RESUME_FREE_FIELDS) -> str:
         """Hash of the settings that must match for an exact resume."""
-        data = {k: v for k, v in self.model_dump(mode="json").items()
-                if k not in exclude and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
+        data = {k: v for k, v in self._recorded().items() if k not in exclude}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def schedule(self) -> dict:
+        """The RESUME_FREE_FIELDS that are set: they continue or stop a run, never restart it."""
+        recorded = self._recorded()
+        return {name: recorded[name] for name in RESUME_FREE_FIELDS if name in recorded}

@@ -22,6 +22,7 @@ import lightning as pl
 import torch
 
 from kstory.core.atomic import write_text
+from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
 
 LOSS_HEADER = ("step", "loss", "lr")
@@ -131,9 +132,37 @@ class RunRecorder(pl.Callback):
         if stop:
             self.interrupted = True
             trainer.should_stop = True
+            if trainer.world_size > 1:  # no process leaves (and has a launcher kill the others) before the save
+                trainer.strategy.barrier("kstory-stop")
 
     def on_exception(self, trainer: pl.Trainer, module: Any, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
             self.interrupted = True
             if module.step > module.start_step and self.last_loss is not None and math.isfinite(self.last_loss):
                 self.last_checkpoint = self.save(module) or self.last_checkpoint
+
+
+class SameStartOnEveryRank(pl.Callback):
+    """Every process must start from the same step, data position and schedule, or DDP would mix two runs.
+
+    They differ when the output changed while the processes started (``--fresh``
+    or a deleted checkpoint under torchrun, where all ranks start at once).
+    """
+
+    def __init__(self, *, start_step: int, micro_start: int, total_steps: int):
+        self.position = (start_step, micro_start, total_steps)
+
+    def on_train_start(self, trainer: pl.Trainer, module: Any) -> None:
+        if trainer.world_size < 2 or not torch.distributed.is_initialized():
+            return
+        mine = torch.tensor(self.position, device=module.device)
+        gathered = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, mine)
+        every = [row.tolist() for row in gathered]
+        if any(row != every[0] for row in every):
+            raise KstoryError(
+                "the training processes start from different places (step, micro-step, total steps by rank: "
+                f"{every}): the output folder changed while they started",
+                fix="start every process on the same output; to start over, delete or move the output folder "
+                "before launching (not --fresh under torchrun or SLURM)",
+            )

@@ -260,8 +260,11 @@ def check_compatible(checkpoint: Checkpoint, identity: dict[str, Any]) -> list[s
                 path=checkpoint.path, fix=_FRESH_FIX,
             )
     warnings = []
-    for key, what in (("settings_fingerprint", "training settings"), ("data_fingerprint", "the dataset"),
-                      ("world_size", "the number of devices")):
+    for key, what in (("settings_fingerprint", "training settings"), ("data_fingerprint", "the dataset")):
         if key in identity and saved.get(key) != identity[key]:
             warnings.append(f"{what} changed since the checkpoint; the resumed run will not match an uninterrupted one")
+    if "world_size" in identity and saved.get("world_size", 1) != identity["world_size"]:
+        warnings.append(f"the checkpoint was trained by {saved.get('world_size', 1)} process(es), this run has "
+                        f"{identity['world_size']}: it continues from the checkpoint's micro-batch with another "
+                        "effective batch, so it will not match an uninterrupted run")
     return warnings

@@ -43,13 +43,18 @@ class LRLambda:
         return 1.0 - progress
 
 
-def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW when asked (the caller checked it is installed)."""
+def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings,
+                   learning_rate: float | None = None) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked (the caller checked it is installed).
+
+    ``learning_rate``: the rate to use when it is not ``settings.learning_rate`` (``scale_lr``).
+    """
+    lr = settings.learning_rate if learning_rate is None else learning_rate
     if settings.use_8bit_adam:
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
 
 
 class KolorsLoraModule(pl.LightningModule):
@@ -58,6 +63,7 @@ class KolorsLoraModule(pl.LightningModule):
     def __init__(
         self, unet: torch.nn.Module, settings: TrainSettings, *, alphas_cumprod: torch.Tensor,
         timesteps: torch.Tensor, prediction_type: str, total_steps: int, start_step: int = 0,
+        learning_rate: float | None = None,
     ):
         super().__init__()
         self.unet = unet
@@ -68,7 +74,8 @@ class KolorsLoraModule(pl.LightningModule):
         self.total_steps, self.start_step = total_steps, start_step
         self.lr_scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.step_losses: list[float] = []  # micro-batch losses of the optimizer step in progress
-        self.step_lr = settings.learning_rate
+        self.learning_rate = settings.learning_rate if learning_rate is None else learning_rate
+        self.step_lr = self.learning_rate
         self.restore: Any = None  # a train.checkpoint.Checkpoint to load on train start
         self.gradient_checkpointing = settings.gradient_checkpointing  # a memory profile may turn it on
 
@@ -114,7 +121,7 @@ class KolorsLoraModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        optimizer = make_optimizer([p for _, p in self.trainable_parameters()], self.settings)
+        optimizer = make_optimizer([p for _, p in self.trainable_parameters()], self.settings, self.learning_rate)
         schedule = LRLambda(self.settings.lr_scheduler, self.settings.warmup_steps, self.total_steps)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return optimizer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 
 from kstory.core.logs import get_logger
 from kstory.core.memory import free_models  # noqa: F401 - re-exported
+from kstory.core.ranks import local_rank
 from kstory.core.models.resolve import KolorsWeights
 from kstory.train.cache import Encoders, MissingCache, TrainCache, build_cache, cache_root
 from kstory.train.dataset import Sample
@@ -58,7 +60,10 @@ def prepare(
         cache = build_cache(samples, None, root, **options)
         log.info("every caption and image is cached (%s): the text encoder and VAE encoder are not loaded", root)
     except MissingCache as missing:
-        cache = _encode(weights, samples, runtime, root, options, missing)
+        if local_rank() > 0:
+            cache = _wait_for_cache(samples, root, options, missing)
+        else:
+            cache = _encode(weights, samples, runtime, root, options, missing)
     parts = ("unet", "vae") if settings.validation_prompts else ("unet",)
     log.info("loading the UNet of %s (%s)%s", weights.identity, str(runtime.weight_dtype).removeprefix("torch."),
              " and the VAE decoder for validation images" if settings.validation_prompts else "")
@@ -70,6 +75,26 @@ def prepare(
     del manager
     free_models(*removed)
     return Prepared(cache, unet, decoder)
+
+
+CACHE_POLL_SECONDS = 5.0
+
+
+def _wait_for_cache(samples: list[Sample], root: Path, options: dict[str, Any], missing: MissingCache) -> TrainCache:
+    """A machine's ranks > 0 read the cache its local rank 0 fills: the encoders load once per machine.
+
+    Under Lightning's launcher the cache is complete before they start; under
+    torchrun or srun every process starts at once, and these wait here (the
+    launcher ends them if rank 0 fails).
+    """
+    log.info("waiting for local rank 0 to cache %d caption(s) and %d image(s) in %s", missing.texts, missing.images,
+             root)
+    while True:
+        time.sleep(CACHE_POLL_SECONDS)
+        try:
+            return build_cache(samples, None, root, **options)
+        except MissingCache:
+            continue
 
 
 def _encode(weights: KolorsWeights, samples: list[Sample], runtime: Runtime, root: Path, options: dict[str, Any],

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from kstory.core.errors import KstoryError
 from kstory.core.memory import MemoryPlan
+from kstory.core.ranks import local_rank
 from kstory.core.train_settings import TrainSettings
 
 _PRECISION = {"no": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
@@ -53,11 +53,6 @@ class Runtime:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return _HALF.get(self.precision)
-
-
-def secondary_rank() -> bool:
-    """True in the processes Lightning's DDP launcher starts for ranks > 0 (they re-run train_lora)."""
-    return any(int(os.environ.get(name, "0") or 0) > 0 for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
 
 
 def _require(module: str, problem: str, fix: str) -> None:
@@ -114,7 +109,7 @@ def resolve_runtime(settings: TrainSettings, memory: MemoryPlan | None = None) -
     # since fp16 weights fail under CPU bf16 autocast ("mixed dtype (CPU)").
     weight_dtype = _HALF[precision] if accelerator in ("gpu", "cpu") and precision in _HALF else torch.float32
     if accelerator == "gpu":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", local_rank())
     else:
         device = torch.device(accelerator)
     text_device = torch.device("cpu") if memory is not None and memory.text_encoder_device == "cpu" else None

@@ -50,15 +50,41 @@ class TrainResult:
     precision: str
     peak_vram_bytes: int | None
     memory: dict[str, Any] | None = None  # the memory profile in effect (kstory.core.memory.MemoryPlan.as_record)
+    world_size: int = 1  # training processes (devices x machines)
+    effective_batch_size: int | None = None  # batch_size x grad_accumulation x world_size
+    learning_rate: float | None = None  # the base learning rate the optimizer used (scale_lr included)
 
 
-def total_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
-    """Optimizer steps of the whole run: max_steps, or epochs over the bucketed batches."""
+def total_steps(settings: TrainSettings, batches_per_epoch: int, world_size: int = 1) -> int:
+    """Optimizer steps of the whole run: max_steps, or epochs over the bucketed batches.
+
+    One optimizer step takes grad_accumulation micro-batches on each of the ``world_size`` processes.
+    """
     if settings.max_steps is not None:
         return settings.max_steps
     if settings.epochs is not None:
-        return max(1, math.ceil(batches_per_epoch * settings.epochs / settings.grad_accumulation))
+        return max(1, math.ceil(batches_per_epoch * settings.epochs / (settings.grad_accumulation * world_size)))
     return DEFAULT_MAX_STEPS
+
+
+def batch_record(settings: TrainSettings, world_size: int) -> dict[str, float]:
+    """World size, effective batch, learning-rate factor and rate of a run on ``world_size`` processes.
+
+    ``scale_lr`` multiplies the learning rate by the effective batch, as diffusers' ``--scale_lr`` does.
+    """
+    effective = settings.batch_size * settings.grad_accumulation * world_size
+    scale = float(effective) if settings.scale_lr else 1.0
+    return {"world_size": world_size, "effective_batch_size": effective, "lr_scale": scale,
+            "learning_rate": settings.learning_rate * scale}
+
+
+def _checkpoint_batch(settings: TrainSettings, checkpoint: Any, current: dict[str, float]) -> dict[str, float]:
+    """The record of the run that made a checkpoint exported without training (its world size and rate)."""
+    record = batch_record(settings, int(checkpoint.identity.get("world_size", current["world_size"])))
+    base_lrs = (checkpoint.state.get("lr_scheduler") or {}).get("base_lrs")
+    if base_lrs:
+        record.update(learning_rate=float(base_lrs[0]), lr_scale=float(base_lrs[0]) / settings.learning_rate)
+    return record
 
 
 def _clear_outputs(out_dir: Path) -> None:
@@ -75,6 +101,41 @@ def _data_fingerprint(cache: Any) -> str:
     for sample in cache.samples:
         digest.update(f"{sample.latent.name}:{sample.text.name}\n".encode())
     return digest.hexdigest()
+
+
+def _rank_sampler(dataset: Any, trainer: Any) -> Any:
+    """This rank's items of the StepDataset: r, r + world, r + 2 world, ... (all of them on one process).
+
+    One optimizer step of the world then takes the grad_accumulation x world
+    micro-steps that follow the last one, in order, as one process with that
+    much accumulation would. Lightning's own DistributedSampler shuffles the
+    items of a training loader, so the trainer is told not to add one.
+    """
+    if trainer.world_size == 1:
+        return torch.utils.data.SequentialSampler(dataset)
+    return torch.utils.data.DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                               shuffle=False, drop_last=False)
+
+
+def _make_trainer(settings: TrainSettings, runtime: Any, out_dir: Path) -> Any:
+    """The Lightning Trainer: one epoch over the StepDataset, which holds exactly the steps still to train."""
+    import lightning as pl
+
+    from kstory.train.distributed import lightning_devices
+
+    try:
+        with _quiet_lightning(not settings.progress_bar):
+            return pl.Trainer(
+                accelerator=runtime.accelerator, devices=lightning_devices(settings), num_nodes=settings.num_nodes,
+                strategy=settings.strategy, precision=runtime.lightning_precision, max_epochs=1, max_steps=-1,
+                accumulate_grad_batches=settings.grad_accumulation, gradient_clip_val=settings.max_grad_norm,
+                logger=False, enable_checkpointing=False, enable_progress_bar=settings.progress_bar,
+                enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(out_dir),
+                use_distributed_sampler=False,  # _rank_sampler shards the micro-steps in order
+            )
+    except Exception as error:  # Lightning raises MisconfigurationException and others for bad device setups
+        raise KstoryError(f"cannot set up training on this machine: {error}",
+                          fix="check accelerator / devices / num_nodes / strategy in the train settings") from error
 
 
 @contextlib.contextmanager
@@ -100,6 +161,9 @@ class _Outputs:
         self.out_dir, self.settings, self.weights, self.identity = out_dir, settings, weights, identity
         self.prepared, self.runtime, self.resumed = prepared, runtime, resumed
         self.trainer: Any = None
+        self.module: Any = None
+        self.micro_start = 0  # the micro-step this invocation started at
+        self.batch: dict[str, float] = {}  # batch_record of the run
         self.texts = {**prepared.cache.validation_texts, "": prepared.cache.empty_text}
 
     def metadata(self, step: int) -> dict[str, str]:
@@ -109,8 +173,14 @@ class _Outputs:
         return build_metadata(
             rank=s.rank, alpha=s.lora_alpha, target_modules=list(s.target_modules), base_model=self.weights.identity,
             base_fingerprint=self.weights.fingerprint, trigger_word=s.trigger_word, training_config=s.config_json(),
-            step=step,
+            step=step, batch={**self.batch, "learning_rate": self.learning_rate(),
+                              "lr_scale": self.learning_rate() / s.learning_rate},
         )
+
+    def learning_rate(self) -> float:
+        """The base rate the optimizer used: a resumed schedule keeps its checkpoint's, whatever scale_lr says now."""
+        scheduler = getattr(self.module, "lr_scheduler", None)
+        return float(scheduler.base_lrs[0]) if scheduler is not None else float(self.batch["learning_rate"])
 
     def finite_lora(self, step: int) -> dict[str, torch.Tensor]:
         """The LoRA factors, refusing NaN/inf so no file is ever written from broken weights."""
@@ -132,9 +202,10 @@ class _Outputs:
             return self.resumed.path
         sharded = self.settings.strategy.startswith("deepspeed") or not self.trainer.optimizers
         world = self.trainer.world_size
+        micro_step = self.micro_start + (step - module.start_step) * self.settings.grad_accumulation * world
         try:
             return save_checkpoint(
-                self.out_dir, step=step, micro_step=step * self.settings.grad_accumulation * world,
+                self.out_dir, step=step, micro_step=micro_step,
                 lora_state=self.finite_lora(step), lora_metadata=self.metadata(step),
                 optimizer=None if sharded else self.trainer.optimizers[0],  # DeepSpeed shards optimizer state
                 lr_scheduler=module.lr_scheduler, trainer=self.trainer, identity={**self.identity, "world_size": world},
@@ -175,25 +246,25 @@ def train_lora(
     ``out_dir/checkpoints`` (refusing one from another base model or rank);
     ``resume=False`` deletes earlier outputs there and starts over. Extra
     Lightning ``callbacks`` are appended to the trainer's. Ctrl-C saves a
-    checkpoint at the end of the current step and re-raises KeyboardInterrupt.
+    checkpoint at the end of the current step and re-raises KeyboardInterrupt
+    (on global rank 0; the other processes of a multi-device run return).
     ``memory`` is a profile of :mod:`kstory.core.memory` (``auto`` picks one from the free memory);
     ``text_encoder_device="cpu"`` encodes the captions on the CPU whatever the profile says;
     ``text_encoder_quant`` (int8, int4) quantises ChatGLM's linear weights (its captions get their own cache).
     """
-    import lightning as pl
-
     from kstory.core.models import resolve_model
     from kstory.core.models.resolve import default_cache_dir
     from kstory.train.batches import BatchPlan, StepDataset
-    from kstory.train.callbacks import LossLog, RunRecorder
+    from kstory.train.callbacks import LossLog, RunRecorder, SameStartOnEveryRank
     from kstory.train.checkpoint import check_compatible, latest_checkpoint, load_checkpoint
     from kstory.train.dataset import read_samples
     from kstory.train.lora_io import inject_lora, save_lora
     from kstory.train.module import KolorsLoraModule, NonFiniteLoss
     from kstory.train.prepare import prepare
-    from kstory.train.runtime import resolve_runtime, secondary_rank
+    from kstory.train.runtime import resolve_runtime
     from kstory.train.validation import kolors_scheduler
     from kstory.core.memory import describe
+    from kstory.core.ranks import secondary_rank
 
     started = time.monotonic()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -224,10 +295,13 @@ def train_lora(
                        (Path(cache_dir) if cache_dir else default_cache_dir()) / "train-cache")
     cache, unet = prepared.cache, prepared.unet
 
-    # 2. LoRA, resume state, Lightning module and trainer.
+    # 2. trainer, LoRA, resume state and Lightning module.
+    trainer = _make_trainer(settings, runtime, out_dir)
+    world = trainer.world_size
     plan = BatchPlan(cache.samples, settings.batch_size, settings.seed)
-    steps_total = total_steps(settings, plan.batches_per_epoch)
+    steps_total = total_steps(settings, plan.batches_per_epoch, world)
     identity["data_fingerprint"] = _data_fingerprint(cache)
+    identity["world_size"] = world
     if settings.unet_quant != "none":
         from kstory.core.models.quantize import quantize_unet
 
@@ -239,57 +313,57 @@ def train_lora(
                                                   settings.seed)
     if resumed is not None and resumed.step > steps_total:
         resumed = _checkpoint_within(out_dir, resumed, steps_total)
-    start_step = 0
+    start_step, micro_start = 0, 0
     if resumed is not None:
         for warning in check_compatible(resumed, identity):
             log.warning(warning)
         resumed.apply_lora(unet)
-        start_step = resumed.step
+        start_step, micro_start = resumed.step, resumed.micro_step  # micro-steps: right with another world size too
         log.info("resuming from %s (step %d of %d)", resumed.path, start_step, steps_total)
+    batch = batch_record(settings, world)
+    log.info("effective batch %d (batch_size %d x grad_accumulation %d x %d process(es)); learning rate %.3g%s",
+             batch["effective_batch_size"], settings.batch_size, settings.grad_accumulation, world,
+             batch["learning_rate"], f" (scale_lr: {settings.learning_rate:.3g} x {batch['lr_scale']:g})"
+             if settings.scale_lr else "")
+    kept = _checkpoint_batch(settings, resumed, batch)["learning_rate"] if resumed is not None else None
+    if kept is not None and kept != batch["learning_rate"]:
+        log.warning("the checkpoint's learning rate %.3g goes on (its optimizer and schedule are restored), not %.3g",
+                    kept, batch["learning_rate"])
     scheduler = kolors_scheduler()
     scheduler.set_timesteps(scheduler.num_train_timesteps)  # the 1100 training timesteps, as DiffSynth's example
     module = KolorsLoraModule(
         unet, settings, alphas_cumprod=torch.tensor(scheduler.alphas_cumprod, dtype=torch.float64),
         timesteps=scheduler.timesteps, prediction_type=scheduler.prediction_type, total_steps=steps_total,
-        start_step=start_step,
+        start_step=start_step, learning_rate=batch["learning_rate"],
     )
     module.restore = resumed
     if memory_plan is not None and memory_plan.gradient_checkpointing:
         module.gradient_checkpointing = True
     module.train()  # DiffSynth hands models over in eval mode
     remaining = steps_total - start_step
-    try:
-        with _quiet_lightning(not settings.progress_bar):
-            trainer = pl.Trainer(
-                accelerator=runtime.accelerator, devices=settings.devices, strategy=settings.strategy,
-                precision=runtime.lightning_precision, max_epochs=1, max_steps=max(1, remaining),
-                accumulate_grad_batches=settings.grad_accumulation, gradient_clip_val=settings.max_grad_norm,
-                logger=False, enable_checkpointing=False, enable_progress_bar=settings.progress_bar,
-                enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(out_dir),
-            )
-    except Exception as error:  # Lightning raises MisconfigurationException and others for bad device setups
-        raise KstoryError(f"cannot set up training on this machine: {error}",
-                          fix="check accelerator / devices / strategy in the train settings") from error
     outputs = _Outputs(out_dir, settings, weights, identity, prepared, runtime, resumed)
-    outputs.trainer = trainer
+    outputs.trainer, outputs.module, outputs.micro_start = trainer, module, micro_start
+    outputs.batch = batch if remaining > 0 or resumed is None else _checkpoint_batch(settings, resumed, batch)
     loss_log = LossLog(out_dir / "loss.csv", keep_until=start_step) if trainer.is_global_zero else None
     recorder = RunRecorder(
         accumulation=settings.grad_accumulation, checkpoint_every=settings.checkpoint_every,
         validation_every=settings.validation_every, total_steps=steps_total, loss_log=loss_log,
         save=outputs.save_checkpoint, validate=outputs.validate if settings.validation_prompts else None,
     )
-    trainer.callbacks.extend([recorder, *(callbacks or [])])
+    same_start = SameStartOnEveryRank(start_step=start_step, micro_start=micro_start, total_steps=steps_total)
+    trainer.callbacks.extend([same_start, recorder, *(callbacks or [])])
 
     # 3. train.
     final_step = start_step
     if remaining > 0:
-        micro_per_step = settings.grad_accumulation * trainer.world_size
+        micro_per_step = settings.grad_accumulation * world
         dataset = StepDataset(
-            cache, plan, start=start_step * micro_per_step, length=remaining * micro_per_step,
+            cache, plan, start=micro_start, length=remaining * micro_per_step,
             num_train_timesteps=len(scheduler.timesteps), random_flip=settings.random_flip,
             caption_dropout=settings.caption_dropout, seed=settings.seed,
         )
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=settings.num_workers)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=_rank_sampler(dataset, trainer),
+                                             num_workers=settings.num_workers)
         log.info("training %d step(s) (%d..%d) on %d image(s) in %d bucket(s), %s, %s precision", remaining,
                  start_step + 1, steps_total, len(samples), len(plan.groups), runtime.accelerator, runtime.precision)
         if torch.cuda.is_available():
@@ -314,9 +388,10 @@ def train_lora(
             raise
         finally:
             recorder.restore_signal_handler()
-        if recorder.interrupted:
+        if recorder.interrupted and trainer.is_global_zero:
             log.warning("stopped at step %d; checkpoint: %s; run again to resume", module.step, recorder.last_checkpoint)
             raise KeyboardInterrupt
+        # The other ranks return: a launcher that sees one exit with an error kills the rest, rank 0 included.
         final_step = module.step
     else:
         log.info("nothing to train: the checkpoint is already at step %d of %d", start_step, steps_total)
@@ -341,6 +416,8 @@ def train_lora(
         validation_dir=validation_dir, device=str(runtime.device), precision=runtime.precision,
         peak_vram_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         memory=memory_plan.as_record() if memory_plan is not None else None,
+        world_size=int(outputs.batch["world_size"]), effective_batch_size=int(outputs.batch["effective_batch_size"]),
+        learning_rate=outputs.learning_rate(),
     )
     if trainer.is_global_zero:
         _write_summary(out_dir / "train.json", result, settings, weights, cache, steps_total)
@@ -388,7 +465,8 @@ def _already_finished(out_dir: Path, settings: TrainSettings, latest: Any, start
         out_dir=out_dir, lora_path=lora_path, steps=latest.step, resumed_from=latest.step,
         final_loss=summary.get("final_loss"), seconds=time.monotonic() - started, last_checkpoint=latest.path,
         validation_dir=Path(validation) if validation else None, device=summary.get("device", ""),
-        precision=summary.get("precision", ""), peak_vram_bytes=None,
+        precision=summary.get("precision", ""), peak_vram_bytes=None, world_size=summary.get("world_size", 1),
+        effective_batch_size=summary.get("effective_batch_size"), learning_rate=summary.get("learning_rate"),
     )
 
 
