@@ -204,3 +204,18 @@ def test_without_an_ip_adapter_the_page_says_how_to_configure_one(base, tmp_path
     assert any("adapter: models/Kolors-IP-Adapter-Plus" in c.value for c in at.code)
     assert any("--ip-adapter PATH" in m.value for m in at.markdown)
     assert not at.button and not at.checkbox  # no controls that could not run
+
+
+def test_regenerate_refuses_while_prep_or_train_is_out_of_date(base, tmp_path):
+    """The dashboard never runs upstream stages: a story stamped with a LoRA that is not the config's is refused."""
+    from kstory.app.actions import regenerate_story
+    from kstory.core.errors import KstoryError
+    from kstory.core.rundir import write_stamp
+
+    run = _copy(base, tmp_path)
+    before = _hashes(run)
+    (run / "lora").mkdir()
+    write_stamp(run / "lora", "train", "another fingerprint")
+    with pytest.raises(KstoryError, match="not regenerated here: train is out of date"):
+        regenerate_story(run)
+    assert _hashes(run) == before
