@@ -21,6 +21,11 @@ imports, model loading included (that is where the peak is):
   once per frame on the same prompts, seeds, size, steps and dtype as kstory's
   manifest records.
 
+Before each side the page cache is dropped when the bench may (root on Linux),
+so every side reads the weights from disk as a first run does; otherwise a
+later side could read from memory what an earlier one left there (the header
+line says which).
+
 DiffSynth's ``ModelManager`` builds full-size networks, so with the tiny model
 its sides load through kstory's loader (same ``ModelManager``, tiny widths).
 Weights are whatever the folder holds; the numbers are about memory and time.
@@ -177,6 +182,17 @@ def _child(args) -> None:
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
+def _drop_page_cache() -> bool:
+    """Start each side from a cold page cache, so neither reads the files the other just read from memory
+    (possible as root on Linux; otherwise the sides run as the cache happens to be, and the table says so)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n", encoding="ascii")
+    except OSError:
+        return False
+    return True
+
+
 def _spawn(side: str, args, work: Path, **extra: str) -> dict:
     command = [sys.executable, __file__, "--side", side, "--work", str(work), "--model", args.model,
                "--resolution", str(args.resolution), "--steps", str(args.steps), "--memory", args.memory,
@@ -184,10 +200,11 @@ def _spawn(side: str, args, work: Path, **extra: str) -> dict:
     command += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     for key, value in extra.items():
         command += [f"--{key}", value]
+    cold = _drop_page_cache()
     process = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     for line in process.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
-            return json.loads(line.removeprefix("BENCH_RESULT "))
+            return {**json.loads(line.removeprefix("BENCH_RESULT ")), "cold_page_cache": cold}
     tail = "\n".join((process.stdout + process.stderr).splitlines()[-15:])
     return {"failed": f"exit {process.returncode}", "tail": tail}
 
@@ -240,7 +257,10 @@ def main() -> None:
             results["story-diffsynth"] = _spawn("story-diffsynth", args, work, dtype=dtype)
             rows += _row(f"story, 2 frames ({dtype})", results["story-kstory"], results["story-diffsynth"])
     quant = f", unet_quant {args.unet_quant}" if args.unet_quant != "none" else ""
-    print(f"model {args.model}, {args.resolution} px, {args.steps} steps, CPU; kstory --memory {args.memory}{quant}")
+    cold = all(result.get("cold_page_cache") for result in results.values())
+    print(f"model {args.model}, {args.resolution} px, {args.steps} steps, CPU; kstory --memory {args.memory}{quant}; "
+          + ("each side from a cold page cache" if cold else "page cache NOT dropped (not root): later sides may "
+             "read files the earlier ones left in memory"))
     print("| what | measure | kstory | DiffSynth | kstory / DiffSynth |")
     print("| --- | --- | --- | --- | --- |")
     print("\n".join(rows))

@@ -159,6 +159,11 @@ def test_every_page_loads_on_the_demo_run(demo_runs: Path, monkeypatch: pytest.M
     assert text.count("aesthetic **") == 8 and "identity (CLIP-I to the others)" in text
     assert "consistent attention: reads the bank (tokens of frames 1, 2" in text  # the demo's frames 3 and 4
     assert "pulls the mean below the gate" in text  # the tiny demo's gate fails
+    _goto(at, "Character")  # the demo's drawn reference for frames 2 and 3, frame 5 at its own scale
+    assert "**Frames that use it:** 2 at 0.5, 3 at 0.5, 5 at 0.8" in _texts(at)
+    assert at.checkbox(key="char_use_5").value and at.number_input(key="char_scale_5").value == 0.8
+    assert not at.checkbox(key="char_use_4").value and at.selectbox(key="char_image").value == "story-character.png"
+    assert "Regenerate makes them again" not in _texts(at)  # the story was made with these settings
     _goto(at, "Package")
     assert "naming rule" in _texts(at)
 

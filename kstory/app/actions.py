@@ -60,6 +60,47 @@ def search(run_root: Path, *, candidates: int, margin: float, aesthetic_model: s
     return f"{result.rendered} rendered, {result.reused} reused; {result.selection.describe()}"
 
 
+UPSTREAM_NOT_READY = ("out of date", "unfinished", "new schedule")
+
+
+def _frame_hashes(run: RunDir) -> dict[str, str]:
+    path = run.story / "manifest.json"
+    if not path.is_file():
+        return {}
+    frames = json.loads(path.read_text(encoding="utf-8")).get("frames") or {}
+    return {str(key): str(record.get("sha256")) for key, record in frames.items() if isinstance(record, dict)}
+
+
+def regenerate_story(run_root: Path) -> str:
+    """The config's story stage alone, as ``kstory run`` runs it: the frames whose inputs changed are made again.
+
+    Nothing upstream is run from the dashboard: a prep or train output that is out of date (or unfinished) is
+    refused, since the story would be stamped up to date with a LoRA that is not the config's.
+    """
+    from kstory.cli.runner import run_config
+    from kstory.cli.status import stage_states
+
+    run = RunDir(Path(run_root))
+    if not run.config.is_file():
+        raise KstoryError("this run has no kstory.yaml, so the story stage's settings are unknown", path=run.root,
+                          fix="generate the story with `kstory story SPEC --out RUN/story`")
+    stale = [f"{stage} is {state}" for stage, state, _ in stage_states(run.root)
+             if stage in ("prep", "train") and state in UPSTREAM_NOT_READY]
+    if stale:
+        raise KstoryError(f"the story is not regenerated here: {', '.join(stale)}", path=run.config,
+                          fix="run `kstory run` on the run's kstory.yaml (it updates them, then the story)")
+    before = _frame_hashes(run)
+    outcomes = {outcome.stage: outcome.status for outcome in run_config(run.config, until="story", only={"story"})}
+    if outcomes.get("story") == "not configured":
+        raise KstoryError("the run's config has no story: section", path=run.config,
+                          fix="add `story: {spec: PATH}` (docs/config.md)")
+    if outcomes.get("story") == "skipped":
+        return "the story is up to date with its spec: no frame made"
+    after = _frame_hashes(run)
+    changed = sorted((key for key, digest in after.items() if before.get(key) != digest), key=int)
+    return f"frames {', '.join(changed)} made again" if changed else "no frame changed"
+
+
 def rescore(run_root: Path) -> None:
     """Score the story again, and nothing else.
 
@@ -129,6 +170,14 @@ def repair_steps(run_root: Path, frame: str, *, kind: str, strength: float, seed
 def search_steps(run_root: Path, *, candidates: int, margin: float, aesthetic_model: str) -> list[dict[str, Any]]:
     return [_call("search", run_root=str(run_root), candidates=int(candidates), margin=float(margin),
                   aesthetic_model=str(aesthetic_model))]
+
+
+def regenerate_steps(run_root: Path) -> list[dict[str, Any]]:
+    """The story stage (the frames whose inputs changed), then the story scored again if it was scored before."""
+    steps = [_call("regenerate_story", run_root=str(run_root))]
+    if RunDir(Path(run_root)).scores.is_file():
+        steps.append(_call("rescore", run_root=str(run_root)))
+    return steps
 
 
 def rescore_steps(run_root: Path) -> list[dict[str, Any]]:

@@ -16,8 +16,8 @@ if __package__ in (None, ""):  # run as a script by Streamlit from a source chec
 import kstory  # noqa: E402,F401  (installs the torchvision import fix first)
 import streamlit as st  # noqa: E402
 
-from kstory.app import (pages_candidates, pages_data, pages_package, pages_repair, pages_runs,  # noqa: E402
-                        pages_story, pages_training)
+from kstory.app import (pages_candidates, pages_character, pages_data, pages_package, pages_repair,  # noqa: E402
+                        pages_runs, pages_story, pages_training)
 from kstory.app.ui import Context, guarded  # noqa: E402
 from kstory.cli.launch import RUN_ENV, RUNS_ROOT_ENV  # noqa: E402
 from kstory.core import run_access  # noqa: E402
@@ -26,6 +26,7 @@ PAGES = {
     "Data": pages_data.render,
     "Training": pages_training.render,
     "Story": pages_story.render,
+    "Character": pages_character.render,
     "Repair": pages_repair.render,
     "Candidates": pages_candidates.render,
     "Package": pages_package.render,

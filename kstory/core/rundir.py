@@ -116,18 +116,31 @@ def set_aside(path: Path) -> Path:
     return target
 
 
+def _history_target(run: RunDir, name: str) -> Path:
+    """A free ``.history/<name>-<YYYYmmdd-HHMMSS>[-n]`` path (the folder is made)."""
+    run.history.mkdir(parents=True, exist_ok=True)
+    target = run.history / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = run.history / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+    return target
+
+
 def move_to_history(run: RunDir, output: Path) -> Path | None:
     """Move a stale output out of the way (never delete it) and return where it went."""
     if not output.exists():
         return None
-    run.history.mkdir(parents=True, exist_ok=True)
-    target = run.history / f"{output.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    suffix = 1
-    while target.exists():
-        suffix += 1
-        target = run.history / f"{output.name}-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+    target = _history_target(run, output.name)
     shutil.move(str(output), str(target))
     stamp = stamp_path(output)
     if stamp.exists() and stamp.parent != output:
         shutil.move(str(stamp), str(target.with_name(target.name + ".stamp.json")))
+    return target
+
+
+def copy_to_history(run: RunDir, path: Path) -> Path:
+    """Keep a copy of the file ``path`` in ``.history/`` before it is rewritten in place (it never goes missing)."""
+    target = _history_target(run, path.name)
+    atomic.copy_file(path, target)
     return target

@@ -43,10 +43,14 @@ def _walk(node: yaml.Node, prefix: tuple, marks: dict[tuple, int]) -> None:
             _walk(item, (*prefix, index), marks)
 
 
-def load_yaml(path: Path, doc: str = "docs/config.md") -> tuple[Any, dict[tuple, int]]:
-    """Parse ``path`` and return (data, {key path: line number}); ``doc`` is the page a missing file points to."""
+def load_yaml(path: Path, doc: str = "docs/config.md", text: str | None = None) -> tuple[Any, dict[tuple, int]]:
+    """Parse ``path`` and return (data, {key path: line number}); ``doc`` is the page a missing file points to.
+
+    ``text``: the file's contents to check instead of what is on disk (a change is checked before it is written).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        if text is None:
+            text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise KstoryError("file not found", path=path, fix=f"check the path, or create it (see {doc})") from None
     except IsADirectoryError:

@@ -254,10 +254,13 @@ class StorySpec(_Strict):
         return own if own is not None else self.character.negative_prompt
 
 
-def load_spec(path: Path) -> StorySpec:
-    """Load and validate a story spec; every problem is reported with its line."""
+def load_spec(path: Path, text: str | None = None) -> StorySpec:
+    """Load and validate a story spec; every problem is reported with its line.
+
+    ``text``: the spec as it would be written to ``path``, checked before it is (the dashboard's spec edits).
+    """
     path = Path(path)
-    data, marks = load_yaml(path, StorySpec.DOC_PAGE)
+    data, marks = load_yaml(path, StorySpec.DOC_PAGE, text)
     spec = validate(StorySpec, data, marks, path)
     _check_keypoints(spec, marks, path)
     _check_reference(spec, marks, path)
