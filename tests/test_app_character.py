@@ -216,7 +216,28 @@ def test_without_an_ip_adapter_the_page_says_how_to_configure_one(base, tmp_path
     assert any("character.reference.adapter is not set" in w.value for w in at.warning)
     assert any("adapter: models/Kolors-IP-Adapter-Plus" in c.value for c in at.code)
     assert any("--ip-adapter PATH" in m.value for m in at.markdown)
-    assert not at.button and not at.checkbox  # no controls that could not run
+    # no reference controls that could not run; consistent attention needs no adapter and stays
+    assert [b.key for b in at.button] == ["char_share_save", "char_regenerate"]
+    assert [c.key for c in at.checkbox] == ["char_share_on"]
+
+
+def test_consistent_attention_is_switched_per_frame_and_off(base, tmp_path, monkeypatch):
+    run = _copy(base, tmp_path)
+    at = _page(monkeypatch, run)
+    assert not at.checkbox(key="char_share_on").value  # the base story shares no attention
+    at.checkbox(key="char_share_on").check().run()
+    at.multiselect(key="char_share_identity").set_value([1]).run()
+    at.multiselect(key="char_share_readers").set_value([3]).run()
+    at.button(key="char_share_save").click().run()
+    section = yaml.safe_load(_spec_text(_ok(at) and run))["generation"]["consistent_attention"]
+    assert section == {"identity_frames": [1], "frames": [1, 3]}
+    assert load_spec(run / "inputs" / "story.yaml").generation.consistent_attention.frames == [1, 3]
+    at = _page(monkeypatch, run)
+    assert at.checkbox(key="char_share_on").value and at.multiselect(key="char_share_readers").value == [3]
+    at.checkbox(key="char_share_on").uncheck().run()
+    at.button(key="char_share_save").click().run()
+    assert "consistent_attention" not in (yaml.safe_load(_spec_text(_ok(at) and run)).get("generation") or {})
+    assert len(_kept_specs(run)) == 2
 
 
 def test_regenerate_refuses_while_prep_or_train_is_out_of_date(base, tmp_path):

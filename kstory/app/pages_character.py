@@ -29,7 +29,10 @@ from kstory.core.hashing import sha256_file
 from kstory.core.rundir import RunDir
 from kstory.core.runlock import run_lock
 from kstory.story.character_sheet import SHEET_FILE
-from kstory.story.reference_edit import ReferenceChoice, save_reference, spec_relative
+from kstory.story.consistent_spec import DEFAULT_IDENTITY_FRAMES, sharing_frames
+from kstory.story.reference_edit import (
+    ReferenceChoice, SavedSpec, SharingChoice, save_reference, save_sharing, spec_relative,
+)
 from kstory.story.spec import StorySpec, load_spec, reference_frames
 
 COLUMNS = 4
@@ -127,6 +130,9 @@ def _spec_source(page: Page) -> tuple[str, Any]:
     ref = page.spec.character.reference
     if ref.frame is not None:
         return "frame", ref.frame
+    if ref.sheet is not None:  # the sheet as last made (a changed sheet prompt shows after Regenerate)
+        path = page.run.story / SHEET_FILE
+        return "image", sha256_file(path) if path.is_file() else None
     path = page.in_run(ref.image) if not ref.image.is_absolute() else ref.image
     try:
         return "image", sha256_file(path) if path is not None else None
@@ -164,6 +170,13 @@ def _current(page: Page, used: dict[int, float]) -> None:
                "of the steps")
     if ref.frame is not None:
         _picture(page, ref.frame, f"the reference: frame {ref.frame}")
+    elif ref.sheet is not None:
+        sheet = page.run.story / SHEET_FILE
+        if sheet.is_file():
+            show_image(sheet, caption=f"the reference: the character sheet ({ref.sheet.prompt!r}, seed {ref.sheet.seed})")
+        else:
+            st.caption(f"the reference: a character sheet ({ref.sheet.prompt!r}, seed {ref.sheet.seed}), "
+                       "made first when the story is regenerated")
     else:
         path = page.in_run(ref.image) if not ref.image.is_absolute() else None
         if path is None:
@@ -278,10 +291,10 @@ def _frames(page: Page, used: dict[int, float]) -> tuple[dict[int, float | None]
     return chosen, float(scale)
 
 
-def _save(page: Page, choice: ReferenceChoice) -> None:
+def _save(page: Page, write: Callable[[], SavedSpec], what: str) -> None:
     try:
-        with run_lock(page.run.root, "dashboard: save the character reference to the story spec"):
-            saved = save_reference(page.spec_path, choice, page.run)
+        with run_lock(page.run.root, f"dashboard: save the {what} to the story spec"):
+            saved = write()
     except KstoryError as error:
         show_error(error)
         return
@@ -290,8 +303,32 @@ def _save(page: Page, choice: ReferenceChoice) -> None:
         return
     st.session_state["character_message"] = (
         f"saved {page.shown(saved.path)} (the previous spec is kept as {page.shown(saved.kept)}); "
-        "Regenerate makes the frames whose reference settings changed")
+        f"Regenerate makes the frames whose {what} changed")
     st.rerun()
+
+
+def _sharing(page: Page, busy: bool) -> None:
+    """Consistent attention per frame: which frames write the bank (made first) and which read it."""
+    st.subheader("Consistent attention")
+    identity, readers = sharing_frames(page.spec)
+    numbers = list(range(1, page.spec.frame_count + 1))
+    on = st.checkbox("Frames share self-attention (training-free; docs/story.md#consistent-attention)",
+                     value=bool(identity), key="char_share_on")
+    chosen_identity: list[int] = []
+    chosen_readers: list[int] = []
+    if on:
+        chosen_identity = st.multiselect(
+            "Identity frames: made first, they write the bank", numbers,
+            default=sorted(identity) or numbers[:DEFAULT_IDENTITY_FRAMES], key="char_share_identity")
+        options = [i for i in numbers if i not in chosen_identity]
+        wanted = sorted(readers) if identity else options
+        chosen_readers = st.multiselect("Frames that read the bank", options,
+                                        default=[i for i in wanted if i in options], key="char_share_readers")
+    if st.button("Save sharing to spec", key="char_share_save", disabled=busy,
+                 help="the spec model checks the change first; the previous spec is kept in .history/"):
+        choice = SharingChoice(on, chosen_identity, chosen_identity + chosen_readers)
+        with guarded():
+            _save(page, lambda: save_sharing(page.spec_path, choice, page.run), "consistent attention")
 
 
 def _fresh_widgets(spec_path: Path) -> None:
@@ -318,25 +355,34 @@ def render(ctx: Context) -> None:
     manifest = run_access.read_json(run.story / "manifest.json", "the story manifest", "kstory run")
     records = {str(k): v for k, v in ((manifest.data or {}).get("frames") or {}).items() if isinstance(v, dict)}
     page = Page(run, spec_path, spec, records, editable)
+    if editable:
+        _fresh_widgets(spec_path)
     problem = _adapter_problem(page)
     if problem:
         _how_to_configure(page, problem)
+        if editable:
+            _sharing(page, busy)
+            _regenerate(run, busy)
         return
     used = reference_frames(spec)
     _current(page, used)
     if not editable:
         return
-    _fresh_widgets(spec_path)
     st.subheader("Choose the reference")
     source = _source(page)
     st.subheader("Frames that use it")
     frames, scale = _frames(page, used)
-    left, right = st.columns(2)
-    if left.button("Save to spec", key="char_save", type="primary", disabled=busy or source is None,
+    if st.button("Save to spec", key="char_save", type="primary", disabled=busy or source is None,
                    help="the spec model checks the change first; the previous spec is kept in .history/"):
         with guarded():
-            _save(page, ReferenceChoice(source, frames, scale))
-    if right.button("Regenerate", key="char_regenerate", disabled=busy,
-                    help="runs the config's story stage as a job: the frames whose inputs changed are made again"):
+            choice = ReferenceChoice(source, frames, scale)
+            _save(page, lambda: save_reference(page.spec_path, choice, page.run), "reference settings")
+    _sharing(page, busy)
+    _regenerate(run, busy)
+
+
+def _regenerate(run: RunDir, busy: bool) -> None:
+    if st.button("Regenerate", key="char_regenerate", disabled=busy,
+                 help="runs the config's story stage as a job: the frames whose inputs changed are made again"):
         if jobs_panel.start(run.root, actions.regenerate_steps(run.root), "Regenerate the story"):
             st.rerun()

@@ -1,4 +1,5 @@
-"""Change the character reference of a story spec and save it: checked by the spec model first, the old spec kept.
+"""Change a story spec's character reference or consistent attention and save it: checked by the spec model
+first, the old spec kept.
 
 The dashboard's Character page chooses the reference (an image file, a frame of
 the story), which frames use it and at what scale; this turns the choice into
@@ -114,19 +115,59 @@ def check_reference_image(spec: StorySpec, spec_path: Path) -> None:
         load_reference_image(ref.image if ref.image.is_absolute() else Path(spec_path).parent / ref.image)
 
 
+@dataclass(frozen=True)
+class SharingChoice:
+    """Consistent attention as the page set it: off, or on with the frames that write and read the bank."""
+
+    enabled: bool
+    identity_frames: list[int] = field(default_factory=list)
+    frames: list[int] = field(default_factory=list)  # the frames that share (identity frames included)
+
+
+def apply_sharing(data: dict[str, Any], choice: SharingChoice) -> dict[str, Any]:
+    """A copy of the spec's data with ``generation.consistent_attention`` set to ``choice``.
+
+    Off removes the section; on keeps its other settings (share, layers, steps) and writes the frame lists.
+    """
+    data = copy.deepcopy(data) if isinstance(data, dict) else {}
+    generation = data.get("generation") if isinstance(data.get("generation"), dict) else {}
+    if not choice.enabled:
+        generation.pop("consistent_attention", None)
+    else:
+        old = generation.get("consistent_attention")
+        section = dict(old) if isinstance(old, dict) else {}
+        section["identity_frames"] = sorted(choice.identity_frames)
+        section["frames"] = sorted(set(choice.frames) | set(choice.identity_frames))
+        generation["consistent_attention"] = section
+    if generation:
+        data["generation"] = generation
+    else:
+        data.pop("generation", None)
+    return data
+
+
+def save_sharing(spec_path: Path, choice: SharingChoice, run: RunDir) -> SavedSpec:
+    """Write ``choice`` into the spec, checked and kept as :func:`save_reference` does."""
+    return _save(spec_path, run, lambda data: apply_sharing(data, choice))
+
+
 def save_reference(spec_path: Path, choice: ReferenceChoice, run: RunDir) -> SavedSpec:
     """Write ``choice`` into the spec at ``spec_path``, keeping the previous spec in ``run``'s ``.history/``.
 
     The new text is validated by the real spec model (``load_spec``) and its reference image read before
     anything is written; a bad choice raises the spec's own KstoryError and leaves the file as it was.
     """
+    return _save(spec_path, run, lambda data: apply_choice(data, choice))
+
+
+def _save(spec_path: Path, run: RunDir, change: Any) -> SavedSpec:
     spec_path = Path(spec_path)
     try:
         original = spec_path.read_text(encoding="utf-8")
     except OSError as error:
         raise KstoryError(f"the story spec cannot be read ({error.strerror or error})", path=spec_path,
                           fix="check story.spec in the run's kstory.yaml") from error
-    text = render_spec(original, apply_choice(yaml.safe_load(original) or {}, choice))
+    text = render_spec(original, change(yaml.safe_load(original) or {}))
     try:
         spec = load_spec(spec_path, text)
     except KstoryError as error:
