@@ -15,6 +15,7 @@ from typing import Any
 import streamlit as st
 
 from kstory.app import actions, jobs_panel
+from kstory.app.page_start import open_page, read_story
 from kstory.app.ui import Context, guarded, show_image
 from kstory.core import run_access
 from kstory.core.rundir import RunDir
@@ -161,17 +162,11 @@ def _search_form(run: RunDir, outcome: dict[str, Any], busy: bool) -> None:
 
 
 def render(ctx: Context) -> None:
-    st.header("Candidates")
-    message = st.session_state.pop("candidates_message", None)
-    if message:
-        st.success(message)
-    run = RunDir(ctx.run)
-    busy = jobs_panel.panel(run.root)
-    manifest = run_access.read_json(run.story / "manifest.json", "the story manifest", "kstory story")
-    if not manifest.ok:
-        st.warning(manifest.problem)
+    run, busy = open_page(ctx, "Candidates", "candidates_message")
+    story = read_story(run)
+    if story is None:
         return
-    records = {str(k): v for k, v in (manifest.data.get("frames") or {}).items() if isinstance(v, dict)}
+    manifest, records = story
     searched = {k: r for k, r in records.items() if isinstance(r.get("search"), dict)}
     files, outcome = _index(run.story)
     if not searched:

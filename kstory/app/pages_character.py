@@ -22,6 +22,7 @@ from typing import Any
 import streamlit as st
 
 from kstory.app import actions, jobs_panel, reference_uploads
+from kstory.app.page_start import open_page
 from kstory.app.ui import Context, guarded, show_error, show_image
 from kstory.core import run_access
 from kstory.core.errors import KstoryError
@@ -341,12 +342,7 @@ def _fresh_widgets(spec_path: Path) -> None:
 
 
 def render(ctx: Context) -> None:
-    st.header("Character")
-    message = st.session_state.pop("character_message", None)
-    if message:
-        st.success(message)
-    run = RunDir(ctx.run)
-    busy = jobs_panel.panel(run.root)
+    run, busy = open_page(ctx, "Character", "character_message")
     found = _spec_path(run)
     if found is None:
         return

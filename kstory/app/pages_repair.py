@@ -19,6 +19,7 @@ import streamlit as st
 from PIL import Image
 
 from kstory.app import actions, jobs_panel, repair_masks
+from kstory.app.page_start import open_page, read_story
 from kstory.app.ui import Context, guarded, show_error, thumbnail
 from kstory.core import run_access
 from kstory.core.errors import KstoryError
@@ -225,17 +226,11 @@ def _variation(run: RunDir, key: str, record: dict[str, Any], busy: bool) -> Non
 
 
 def render(ctx: Context) -> None:
-    st.header("Repair")
-    message = st.session_state.pop("repair_message", None)
-    if message:
-        st.success(message)
-    run = RunDir(ctx.run)
-    busy = jobs_panel.panel(run.root)
-    manifest = run_access.read_json(run.story / "manifest.json", "the story manifest", "kstory story")
-    if not manifest.ok:
-        st.warning(manifest.problem)
+    run, busy = open_page(ctx, "Repair", "repair_message")
+    story = read_story(run)
+    if story is None:
         return
-    records = {str(k): v for k, v in (manifest.data.get("frames") or {}).items() if isinstance(v, dict)}
+    manifest, records = story
     state = review.load(run.story)
     order = state.ordered(list(records))
     free = [k for k in order if k not in state.locked]

@@ -8,6 +8,7 @@ from typing import Any
 import streamlit as st
 
 from kstory.app import actions, jobs_panel
+from kstory.app.page_start import open_page, read_story
 from kstory.app.ui import Context, show_image
 from kstory.core import run_access
 from kstory.core.hashing import sha256_file
@@ -139,24 +140,18 @@ def _reroll_form(run: RunDir, records: dict[str, Any], state: review.Review, ord
 
 
 def render(ctx: Context) -> None:
-    st.header("Story")
-    message = st.session_state.pop("story_message", None)
-    if message:
-        st.success(message)
-    run = RunDir(ctx.run)
-    busy = jobs_panel.panel(run.root)
-    manifest = run_access.read_json(run.story / "manifest.json", "the story manifest", "kstory story")
-    if not manifest.ok:
-        st.warning(manifest.problem)
+    run, busy = open_page(ctx, "Story", "story_message")
+    story = read_story(run)
+    if story is None:
         return
-    records = {str(k): v for k, v in (manifest.data.get("frames") or {}).items() if isinstance(v, dict)}
+    manifest, records = story
     if not records:
         st.warning("the manifest lists no frames: run `kstory story` again")
         return
     summary = _summary(run_access.read_json(run.scores, "the scores", "kstory score"))
     scores = _scores_by_name(run_access.read_json(run.scores, "the scores", "kstory score").data or {})
     state = review.load(run.story)
-    made_with = (manifest.data.get("lora") or {}).get("checkpoint") if isinstance(manifest.data.get("lora"), dict) else None
+    made_with = (manifest.get("lora") or {}).get("checkpoint") if isinstance(manifest.get("lora"), dict) else None
     if state.checkpoint != made_with:
         st.info(f"checkpoint {state.checkpoint or 'none (the final LoRA)'} is picked, the frames were made with "
                 f"{made_with or 'the final LoRA'}: `kstory run` makes the story with the pick; re-rolls keep "
