@@ -37,16 +37,16 @@ def test_read_tensors_equals_the_whole_file_read_and_converts(tmp_path: Path) ->
 
 
 _PEAK = r"""
-import resource, sys
+import sys
 import torch
 from kstory.core.models.tensor_files import read_tensors
 from safetensors.torch import load_file
-def rss():
-    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
-base = rss()
+def status(field):  # this process's own numbers (ru_maxrss keeps the parent's peak across exec)
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
+base = status("VmRSS")
 tensors = read_tensors(sys.argv[1], torch.bfloat16, window_bytes=64 * 2**20) if sys.argv[2] == "windows" else {
     k: v.to(torch.bfloat16) for k, v in load_file(sys.argv[1]).items()}
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+print(status("VmHWM") - base)
 """
 
 

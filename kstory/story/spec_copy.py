@@ -28,20 +28,29 @@ def effective_frames(manifest: dict[str, Any]) -> dict[int, tuple[int, str]]:
 
 
 def derive_spec_text(spec_text: str, manifest: dict[str, Any]) -> str:
-    """The user's spec with each frame's seed and prompt replaced by the manifest's."""
+    """The spec with each frame's seed and prompt replaced by the manifest's.
+
+    ``spec_text`` is the user's spec (a story run) or the story's own copy (a re-roll); both give the same
+    text, since the header names every frame whose record differs from what the user's spec gave it
+    (``spec_seed``, ``spec_frame_prompt``), not only the frames this call changed.
+    """
     data = yaml.safe_load(spec_text) or {}
     frames = data.get("frames") or []
-    changed = []
+    changed, rerolled = [], []
     for index, (seed, prompt) in sorted(effective_frames(manifest).items()):
         if not 1 <= index <= len(frames):
             continue
-        frame = frames[index - 1]
-        if (frame.get("seed"), frame.get("prompt")) != (seed, prompt):
+        frame, record = frames[index - 1], manifest["frames"][str(index)]
+        differs = (frame.get("seed"), frame.get("prompt")) != (seed, prompt)
+        if differs:
             frame["seed"], frame["prompt"] = seed, prompt
             changed.append(index)
-    if not changed:
+        given = (record.get("spec_seed"), record.get("spec_frame_prompt"))
+        if (given != (seed, prompt)) if "spec_seed" in record else differs:
+            rerolled.append(index)
+    if not changed and not rerolled:
         return spec_text
-    header = _HEADER.format(frames=", ".join(str(i) for i in changed))
+    header = _HEADER.format(frames=", ".join(str(i) for i in rerolled or changed))
     return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
