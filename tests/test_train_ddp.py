@@ -70,8 +70,15 @@ def test_two_process_ddp_interrupted_and_resumed_matches_one_process(tmp_path: P
     _, err = first.communicate(timeout=120)
     assert first.returncode == 130, err
     assert "Traceback" not in err
-    stopped = list_checkpoints(lora_dir)[-1][0]
-    assert 1 <= stopped < STEPS and not (lora_dir / "lora.safetensors").exists()
+    # Stopped at a step boundary: a checkpoint for every step trained (checkpoint_every 1), the last one the
+    # last step loss.csv recorded, holding that step's LoRA; no final LoRA yet.
+    checkpoints = list_checkpoints(lora_dir)
+    stopped = checkpoints[-1][0]
+    assert stopped < STEPS and not (lora_dir / "lora.safetensors").exists()
+    assert [step for step, _ in checkpoints] == list(range(1, stopped + 1))
+    assert [step for step, _ in _losses(lora_dir / "loss.csv")] == list(range(1, stopped + 1))
+    with safe_open(str(checkpoints[-1][1] / "lora.safetensors"), framework="pt") as handle:
+        assert (handle.metadata()[META_STEP], handle.metadata()[META_WORLD_SIZE]) == (str(stopped), "2")
     # The cache was encoded once, by rank 0 before rank 1 started; rank 1 found it complete.
     encoded = [line for line in err.splitlines() if "to encode" in line]
     assert len(encoded) == 1 and not encoded[0].startswith("[rank 1]")
