@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 from test_story_search import UNREACHABLE, base, manifest_of, scorer  # noqa: F401 (fixtures)
 
 import kstory.story as story
-from kstory.cli.launch import RUN_ENV, RUNS_ROOT_ENV
+from tests.app_pages import open_page
 from kstory.core.errors import KstoryError
 from kstory.story import review
 from kstory.story.candidates import FULL, candidates_dir
@@ -24,8 +24,6 @@ from kstory.story.pick_candidate import pick_candidate
 from kstory.submissions.search import SearchSettings, search_story
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-MAIN = str(Path(__file__).resolve().parent.parent / "kstory" / "app" / "main.py")
-TIMEOUT = 240
 JOB_TIMEOUT = 300
 
 
@@ -111,12 +109,7 @@ def test_bad_picks_are_refused_with_the_fix(searched, base, tmp_path):  # noqa: 
 # --- the dashboard's Candidates page ------------------------------------------------------------------------
 
 def _page(monkeypatch: pytest.MonkeyPatch, run: Path) -> AppTest:
-    monkeypatch.setenv(RUNS_ROOT_ENV, str(run.parent))
-    monkeypatch.setenv(RUN_ENV, run.name)
-    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT).run()
-    at.sidebar.radio(key="page").set_value("Candidates").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return open_page(monkeypatch, run, "Candidates")
 
 
 def _texts(at: AppTest) -> str:

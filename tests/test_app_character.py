@@ -20,13 +20,11 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from kstory.cli import jobs
-from kstory.cli.launch import RUN_ENV, RUNS_ROOT_ENV
+from tests.app_pages import app_ok, open_page
 from kstory.story.reference_edit import SETTING_KEYS, SOURCE_KEYS, ReferenceChoice, apply_choice
 from kstory.story.spec import Reference, load_spec, reference_frames
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-MAIN = str(Path(__file__).resolve().parent.parent / "kstory" / "app" / "main.py")
-TIMEOUT = 240
 JOB_TIMEOUT = 300
 HEADER = "# the fox story: kept when the dashboard saves\n"
 
@@ -61,18 +59,11 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return target
 
 
-def _ok(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-    return at
+_ok = app_ok
 
 
 def _page(monkeypatch: pytest.MonkeyPatch, run: Path) -> AppTest:
-    monkeypatch.setenv(RUNS_ROOT_ENV, str(run.parent))
-    monkeypatch.setenv(RUN_ENV, run.name)
-    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT).run()
-    at.sidebar.radio(key="page").set_value("Character").run()
-    return _ok(at)
+    return app_ok(open_page(monkeypatch, run, "Character"))
 
 
 def _png(seed: int) -> bytes:

@@ -20,11 +20,9 @@ from test_story_search import base, manifest_of  # noqa: F401 (fixtures)
 
 from kstory.app import repair_masks
 from kstory.cli import jobs
-from kstory.cli.launch import RUN_ENV, RUNS_ROOT_ENV
+from tests.app_pages import app_ok, open_page
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-MAIN = str(Path(__file__).resolve().parent.parent / "kstory" / "app" / "main.py")
-TIMEOUT = 240
 JOB_TIMEOUT = 300
 FRAME = "2"  # a frame without a guide
 
@@ -36,19 +34,12 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 
 def _page(monkeypatch: pytest.MonkeyPatch, run: Path) -> AppTest:
-    monkeypatch.setenv(RUNS_ROOT_ENV, str(run.parent))
-    monkeypatch.setenv(RUN_ENV, run.name)
-    at = AppTest.from_file(MAIN, default_timeout=TIMEOUT).run()
-    at.sidebar.radio(key="page").set_value("Repair").run()
-    _ok(at)
+    at = app_ok(open_page(monkeypatch, run, "Repair"))
     at.selectbox(key="repair_frame").set_value(FRAME).run()
     return _ok(at)
 
 
-def _ok(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-    return at
+_ok = app_ok
 
 
 def _pixels(path: Path) -> np.ndarray:
