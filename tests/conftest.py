@@ -8,6 +8,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Tests run in parallel processes, one per core: a thread each (and for the commands they start), since
+    # OpenMP threads spinning against another process's on the same cores run many times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 import kstory  # noqa: E402,F401  (installs the torchvision import fix before any test imports it)
 import pytest  # noqa: E402
