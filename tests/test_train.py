@@ -219,6 +219,40 @@ class _Interrupt(pl.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+class _Exhausted(pl.Callback):
+    """Asks the CPU allocator for an impossible tensor during a given optimizer step: its own out-of-memory error."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if module.step + 1 == self.step:
+            torch.empty(1 << 60, dtype=torch.uint8)
+
+
+def test_out_of_memory_names_the_knobs_keeps_the_checkpoints_and_a_rerun_resumes(tmp_path: Path, cache: Path,
+                                                                                   monkeypatch):
+    data = make_dataset(tmp_path / "data")
+    settings = TrainSettings(**{**FAST, "checkpoint_every": 1}, max_steps=3)
+    with pytest.raises(KstoryError, match=r"ran out of memory training at step 2 \(64 px, batch_size 2\): .*"
+                                          r"can't allocate memory") as info:
+        train_lora(data, tmp_path / "out", settings, model="tiny", cache_dir=cache, callbacks=[_Exhausted(2)])
+    assert "the last checkpoint is" in str(info.value) and "step-000001" in str(info.value)
+    assert "--memory 12gb" in info.value.fix and "gradient_checkpointing: true" in info.value.fix
+    assert [step for step, _ in list_checkpoints(tmp_path / "out")] == [1]
+    resumed = train_lora(data, tmp_path / "out", settings, model="tiny", cache_dir=cache)
+    assert (resumed.resumed_from, resumed.steps) == (1, 3)
+
+    # Caching: pictures no other test has cached meet the same allocator while being encoded.
+    from kstory.train.cache import Encoders
+
+    monkeypatch.setattr(Encoders, "encode_image", lambda self, pixels: torch.empty(1 << 60, dtype=torch.uint8))
+    with pytest.raises(KstoryError, match="ran out of memory caching the captions and images at 64 px") as info:
+        train_lora(make_dataset(tmp_path / "other", seed=31), tmp_path / "other-out", settings, model="tiny",
+                   cache_dir=cache)
+    assert "--text-encoder-quant int8" in info.value.fix and "--memory 12gb" in info.value.fix
+
+
 def test_interrupted_then_resumed_run_is_bit_identical(tmp_path: Path, cache: Path):
     data = make_dataset(tmp_path / "data", count=5, sizes=((64, 64), (128, 64)))
     settings = TrainSettings(

@@ -25,6 +25,7 @@ from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
 from kstory.core.memory import MemoryPlan, free_models
 from kstory.core.models import KolorsWeights
+from kstory.core.out_of_memory import first_line, is_out_of_memory
 from kstory.story.consistent_attention import AttentionBank, shared_attention
 from kstory.story.controlnets import ControlNetWeights, ControlUnit, GuidedControl, load, union_task
 from kstory.story.ip_adapter import IpAdapterWeights
@@ -391,10 +392,8 @@ class Session:
             started = time.perf_counter()
             try:
                 images = self.denoise(batch, bank=bank)
-            except torch.cuda.OutOfMemoryError as error:
-                raise KstoryError(_oom_message(batch, error), fix=_OOM_FIX) from error
             except RuntimeError as error:
-                if "out of memory" not in str(error).lower() and "can't allocate memory" not in str(error).lower():
+                if not is_out_of_memory(error):
                     raise
                 raise KstoryError(_oom_message(batch, error), fix=_OOM_FIX) from error
             yield batch, images, time.perf_counter() - started
@@ -404,7 +403,7 @@ def _oom_message(batch: list[FramePlan], error: Exception) -> str:
     frames = ", ".join(str(plan.index) for plan in batch)
     first = batch[0]
     return (f"ran out of memory generating frames {frames} ({first.width}x{first.height}, {first.steps} steps, "
-            f"{len(batch)} frames per batch): {str(error).splitlines()[0]}")
+            f"{len(batch)} frames per batch): {first_line(error)}")
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
