@@ -37,12 +37,12 @@ class LoadWatch:
         self.alive_at_unet: list[int] = []
         real = pipeline_module.load_kolors_model_manager
 
-        def watched(weights, device="cpu", torch_dtype=torch.float32, parts=pipeline_module.PARTS):
+        def watched(weights, device="cpu", torch_dtype=torch.float32, parts=pipeline_module.PARTS, unet_quant="none"):
             self.parts.append(tuple(parts))
             if "unet" in parts:
                 gc.collect()
                 self.alive_at_unet.append(sum(ref() is not None for ref in self.encoders))
-            manager = real(weights, device, torch_dtype, parts)
+            manager = real(weights, device, torch_dtype, parts, unet_quant)
             if "kolors_text_encoder" in manager.model_name:
                 self.encoders.append(weakref.ref(manager.fetch_model("kolors_text_encoder")))
             return manager

@@ -68,7 +68,9 @@ def prepare(
     log.info("loading the UNet of %s (%s)%s", weights.identity, str(runtime.weight_dtype).removeprefix("torch."),
              " and the VAE decoder for validation images" if settings.validation_prompts else "")
     with contextlib.redirect_stdout(io.StringIO()):  # DiffSynth prints every model it loads and fetches
-        manager = load_kolors_model_manager(weights, device="cpu", torch_dtype=runtime.weight_dtype, parts=parts)
+        # unet_quant int8: the UNet arrives with its base weights already integer (the trainer never quantises).
+        manager = load_kolors_model_manager(weights, device="cpu", torch_dtype=runtime.weight_dtype, parts=parts,
+                                            unet_quant=settings.unet_quant)
         unet = manager.fetch_model("sdxl_unet")
         decoder = manager.fetch_model("sdxl_vae_decoder") if settings.validation_prompts else None
     removed = _drop_from_manager(manager, keep={"sdxl_unet", "sdxl_vae_decoder"})  # the VAE encoder goes

@@ -320,11 +320,6 @@ def train_lora(
     steps_total = total_steps(settings, plan.batches_per_epoch, world)
     identity["data_fingerprint"] = _data_fingerprint(cache)
     identity["world_size"] = world
-    if settings.unet_quant != "none":
-        from kstory.core.models.quantize import quantize_unet
-
-        log.info("UNet: %d attention and feed-forward weights stored as %s (QLoRA-style)",
-                 quantize_unet(unet, settings.unet_quant), settings.unet_quant)
     with warnings.catch_warnings():  # peft: an int8 base cannot merge the LoRA; kstory saves the factors, never merges
         warnings.filterwarnings("ignore", message=".*TorchaoLoraLinear.*")
         identity["parameter_names"] = inject_lora(unet, settings.rank, settings.lora_alpha, settings.target_modules,

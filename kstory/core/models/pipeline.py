@@ -13,18 +13,21 @@ from dataclasses import dataclass
 
 import torch
 from diffsynth.models.kolors_text_encoder import ChatGLMModel
-from diffsynth.models.model_manager import ModelManager
+from diffsynth.models.model_manager import ModelDetectorFromSingleFile, ModelManager
 from diffsynth.models.sdxl_unet import SDXLUNet
 from diffsynth.models.sdxl_vae_decoder import SDXLVAEDecoder
 from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
+from diffsynth.models.utils import hash_state_dict_keys
 from diffsynth.pipelines.sdxl_image import SDXLImagePipeline
 from transformers.utils import logging as transformers_logging
 
 from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
 from kstory.core.models.resolve import KolorsWeights
-from kstory.core.models.tensor_files import read_tensors
+from kstory.core.models.quantize import quantize_unet, unet_quant_config
+from kstory.core.models.tensor_files import read_tensors, tensor_shapes
 from kstory.core.models.tiny import load_tiny_models
+from kstory.core.models.unet_int8_load import load_quantised_unet
 
 log = get_logger("models")
 
@@ -59,18 +62,22 @@ class _PrintsToLog(io.TextIOBase):
 
 def load_kolors_model_manager(
     weights: KolorsWeights, device: str = "cpu", torch_dtype: torch.dtype = torch.float32,
-    parts: tuple[str, ...] = PARTS,
+    parts: tuple[str, ...] = PARTS, unet_quant: str = "none",
 ) -> ModelManager:
     """A DiffSynth ``ModelManager`` holding the Kolors ``parts`` (text encoder, UNet, VAE; default all).
 
     Loading only the parts a phase needs keeps ChatGLM (6B parameters) and the
-    UNet out of memory at the same time.
+    UNet out of memory at the same time. ``unet_quant`` (``int8``) returns the
+    UNet's transformer-block Linears quantised (training's QLoRA-style base):
+    as each weight is read where the file is the Kolors UNet in diffusers
+    layout, after loading otherwise (tiny weights, other layouts).
     """
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown Kolors parts {sorted(unknown)}; known: {PARTS}")
+    unet_quant_config(unet_quant)  # an unknown mode fails before anything loads
     with contextlib.redirect_stdout(_PrintsToLog()):
-        return _load_manager(weights, device, torch_dtype, parts)
+        return _load_manager(weights, device, torch_dtype, parts, unet_quant)
 
 
 def _load_converted(manager: ModelManager, path: str, torch_dtype: torch.dtype) -> None:
@@ -93,7 +100,58 @@ def _load_converted(manager: ModelManager, path: str, torch_dtype: torch.dtype) 
             return
 
 
-def _load_manager(weights: KolorsWeights, device: str, torch_dtype: torch.dtype, parts: tuple[str, ...]) -> ModelManager:
+def _streamable_unet(manager: ModelManager, path: str, shapes: dict[str, tuple[int, ...]]) -> type | None:
+    """DiffSynth's UNet class when its detectors take the file ``path`` (tensor ``shapes``) for a diffusers-layout
+    UNet, else None.
+
+    The detectors match on tensor names and shapes only, so they are asked
+    with meta tensors of the file's header: nothing is read. The first
+    detector that matches decides, as in ``_load_converted``.
+    """
+    placeholders = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    for detector in manager.model_detector:
+        if not detector.match(path, placeholders):
+            continue
+        if type(detector) is not ModelDetectorFromSingleFile:
+            return None
+        entry = (detector.keys_hash_with_shape_dict.get(hash_state_dict_keys(placeholders, with_shape=True))
+                 or detector.keys_hash_dict.get(hash_state_dict_keys(placeholders, with_shape=False)))
+        if entry is None:
+            return None
+        names, classes, resource = entry
+        diffusers_unet = resource == "diffusers" and list(names) == ["sdxl_unet"] and list(classes) == [SDXLUNet]
+        return SDXLUNet if diffusers_unet else None
+    return None
+
+
+def _load_unet(manager: ModelManager, path: str, torch_dtype: torch.dtype, unet_quant: str) -> None:
+    """The UNet into ``manager``; with ``unet_quant``, its transformer-block Linears quantised while loading when
+    the file allows (see ``kstory.core.models.unet_int8_load``), after loading otherwise."""
+    streams = unet_quant != "none" and path.endswith(".safetensors")
+    model_class = _streamable_unet(manager, path, tensor_shapes(path)) if streams else None
+    if model_class is None:
+        _load_converted(manager, path, torch_dtype)
+        _quantize_loaded_unet(manager, unet_quant)
+        return
+    model, count = load_quantised_unet(path, model_class, torch_dtype, unet_quant, device=manager.device)
+    manager.model.append(model)
+    manager.model_path.append(path)
+    manager.model_name.append("sdxl_unet")
+    log.info("UNet: %d attention and feed-forward weights stored as %s (QLoRA-style), each as it was read",
+             count, unet_quant)
+
+
+def _quantize_loaded_unet(manager: ModelManager, unet_quant: str) -> None:
+    """Files the streamed load does not take (tiny weights, other layouts): the whole UNet loaded, then quantised."""
+    if unet_quant == "none" or "sdxl_unet" not in manager.model_name:
+        return
+    count = quantize_unet(manager.model[manager.model_name.index("sdxl_unet")], unet_quant)
+    log.info("UNet: %d attention and feed-forward weights stored as %s (QLoRA-style), after loading",
+             count, unet_quant)
+
+
+def _load_manager(weights: KolorsWeights, device: str, torch_dtype: torch.dtype, parts: tuple[str, ...],
+                  unet_quant: str) -> ModelManager:
     manager = ModelManager(torch_dtype=torch_dtype, device=device)
     # DiffSynth passes transformers' deprecated ``torch_dtype``; the warning is not the user's to fix.
     transformers_logging.set_verbosity_error()
@@ -109,9 +167,10 @@ def _load_manager(weights: KolorsWeights, device: str, torch_dtype: torch.dtype,
             manager.model.append(model)
             manager.model_path.append(str(paths[name]))
             manager.model_name.append(name)
+        _quantize_loaded_unet(manager, unet_quant)
     else:
         if "unet" in parts:
-            _load_converted(manager, str(weights.unet), torch_dtype)
+            _load_unet(manager, str(weights.unet), torch_dtype, unet_quant)
         if "vae" in parts:
             manager.load_model(str(weights.vae))  # kept as stored: DiffSynth upcasts the VAE to float32
     for name, slot in _REQUIRED.items():

@@ -62,10 +62,19 @@ UNET_QUANT_MODES = ("none", "int8")
 UNET_QUANTISED_SHARE = 0.85
 
 
-def _in_transformer_block(module: torch.nn.Module, name: str) -> bool:
+def in_transformer_block(module: torch.nn.Module, name: str) -> bool:
     """Only the attention and feed-forward Linears: their outputs feed full-precision projections, so under
     CPU autocast nothing downstream sees a float32 tensor beside half-precision norm weights."""
     return isinstance(module, torch.nn.Linear) and ".transformer_blocks." in f".{name}"
+
+
+def unet_quant_config(mode: str):
+    """torchao's config for the UNet's ``mode`` (``None`` for ``none``); a KstoryError for an unknown mode."""
+    if mode not in UNET_QUANT_MODES:
+        raise KstoryError(f"unknown unet_quant {mode!r}", fix=f"use one of: {', '.join(UNET_QUANT_MODES)}")
+    if mode == "none":
+        return None
+    return _torchao().Int8WeightOnlyConfig(version=2)
 
 
 def quantize_unet(unet: torch.nn.Module, mode: str) -> int:
@@ -75,11 +84,23 @@ def quantize_unet(unet: torch.nn.Module, mode: str) -> int:
     trains in float32 against the integer base. Convolutions, time and text
     embeddings and the block projections stay in the run's dtype.
     """
-    if mode not in UNET_QUANT_MODES:
-        raise KstoryError(f"unknown unet_quant {mode!r}", fix=f"use one of: {', '.join(UNET_QUANT_MODES)}")
-    if mode == "none":
+    config = unet_quant_config(mode)
+    if config is None:
         return 0
-    quantization = _torchao()
-    count = sum(1 for name, module in unet.named_modules() if _in_transformer_block(module, name))
-    quantization.quantize_(unet, quantization.Int8WeightOnlyConfig(version=2), filter_fn=_in_transformer_block)
+    count = sum(1 for name, module in unet.named_modules() if in_transformer_block(module, name))
+    _torchao().quantize_(unet, config, filter_fn=in_transformer_block)
     return count
+
+
+def quantize_linear(linear: torch.nn.Linear, config) -> None:
+    """One Linear's weight quantised in place with ``config`` (from :func:`unet_quant_config`), as
+    :func:`quantize_unet` does to each: for a loader that quantises each weight as it arrives."""
+    _torchao().quantize_(linear, config)
+
+
+def quantised_linears(unet: torch.nn.Module) -> int:
+    """How many of ``unet``'s transformer-block Linears hold a torchao (integer) weight."""
+    from torchao.utils import TorchAOBaseTensor
+
+    return sum(1 for name, module in unet.named_modules()
+               if in_transformer_block(module, name) and isinstance(module.weight, TorchAOBaseTensor))

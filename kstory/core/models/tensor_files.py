@@ -32,15 +32,32 @@ def read_tensors(path: Path | str, dtype: torch.dtype | None = None,
         from diffsynth.models.utils import load_state_dict
 
         return load_state_dict(path, torch_dtype=dtype)
-    with safe_open(path, framework="pt") as handle:
+    return dict(iter_tensors(path, dtype, window_bytes))
+
+
+def iter_tensors(path: Path | str, dtype: torch.dtype | None = None,
+                 window_bytes: int = WINDOW_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` of a ``.safetensors`` file, one by one, cast as read, one window mapped at a time.
+
+    For a caller that shrinks each tensor as it arrives (int8 quantisation), so
+    the whole converted file never exists at once either.
+    """
+    with safe_open(str(path), framework="pt") as handle:
         sizes = {key: _stored_bytes(handle.get_slice(key)) for key in handle.keys()}
-    tensors: dict[str, torch.Tensor] = {}
     for window in _windows(sizes, window_bytes):
-        with safe_open(path, framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle:
             for key in window:
                 tensor = handle.get_tensor(key)
-                tensors[key] = tensor if dtype is None else tensor.to(dtype)
-    return tensors
+                if dtype is not None:
+                    tensor = tensor.to(dtype)  # the stored copy is dropped before the caller gets this one
+                yield key, tensor
+                del tensor
+
+
+def tensor_shapes(path: Path | str) -> dict[str, tuple[int, ...]]:
+    """Each key's shape from a ``.safetensors`` header, without reading any tensor data."""
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
 
 def _stored_bytes(view: object) -> int:
