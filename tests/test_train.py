@@ -234,11 +234,15 @@ def test_out_of_memory_names_the_knobs_keeps_the_checkpoints_and_a_rerun_resumes
                                                                                    monkeypatch):
     data = make_dataset(tmp_path / "data")
     settings = TrainSettings(**{**FAST, "checkpoint_every": 1}, max_steps=3)
-    with pytest.raises(KstoryError, match=r"ran out of memory training at step 2 \(64 px, batch_size 2\): .*"
-                                          r"can't allocate memory") as info:
+    with pytest.raises(KstoryError, match=r"ran out of memory training, 1 step\(s\) done \(64 px, batch_size 2\): "
+                                          r".*can't allocate memory") as info:
         train_lora(data, tmp_path / "out", settings, model="tiny", cache_dir=cache, callbacks=[_Exhausted(2)])
     assert "the last checkpoint is" in str(info.value) and "step-000001" in str(info.value)
-    assert "--memory 12gb" in info.value.fix and "gradient_checkpointing: true" in info.value.fix
+    # Only knobs that would lower the need: these settings leave checkpointing off, a batch of 2 and a bf16 base.
+    fix = info.value.fix
+    assert "gradient_checkpointing: true" in fix and "batch_size: 1 with grad_accumulation: 2" in fix
+    assert "unet_quant: int8" in fix and "resumes from the last checkpoint" in fix
+    assert "resolution" not in fix and "use_8bit_adam" not in fix  # 64 px already; bitsandbytes is CUDA only
     assert [step for step, _ in list_checkpoints(tmp_path / "out")] == [1]
     resumed = train_lora(data, tmp_path / "out", settings, model="tiny", cache_dir=cache)
     assert (resumed.resumed_from, resumed.steps) == (1, 3)
@@ -247,10 +251,45 @@ def test_out_of_memory_names_the_knobs_keeps_the_checkpoints_and_a_rerun_resumes
     from kstory.train.cache import Encoders
 
     monkeypatch.setattr(Encoders, "encode_image", lambda self, pixels: torch.empty(1 << 60, dtype=torch.uint8))
-    with pytest.raises(KstoryError, match="ran out of memory caching the captions and images at 64 px") as info:
+    with pytest.raises(KstoryError, match="ran out of memory encoding captions and images for the cache at 64 px") \
+            as info:
         train_lora(make_dataset(tmp_path / "other", seed=31), tmp_path / "other-out", settings, model="tiny",
                    cache_dir=cache)
-    assert "--text-encoder-quant int8" in info.value.fix and "--memory 12gb" in info.value.fix
+    assert "--text-encoder-quant int8" in info.value.fix and "one block at a time" in info.value.fix
+
+    # Any other error is the library's own, unchanged.
+    def broken(self, pixels):
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    monkeypatch.setattr(Encoders, "encode_image", broken)
+    with pytest.raises(RuntimeError, match="same device") as raised:
+        train_lora(make_dataset(tmp_path / "third", seed=32), tmp_path / "third-out", settings, model="tiny",
+                   cache_dir=cache)
+    assert not isinstance(raised.value, KstoryError)
+
+
+def test_out_of_memory_loading_the_unet_and_knobs_already_set_are_not_offered(tmp_path: Path, cache: Path,
+                                                                             monkeypatch):
+    from kstory.core import memory
+    from kstory.core.models import pipeline
+    from kstory.train.memory_advice import caching_memory_fix, training_memory_fix
+    from kstory.train.runtime import Runtime
+
+    monkeypatch.setattr(pipeline, "load_kolors_model_manager",
+                        lambda *args, **kwargs: torch.empty(1 << 60, dtype=torch.uint8))
+    with pytest.raises(KstoryError, match="ran out of memory loading the UNet: .*can't allocate memory") as info:
+        train_lora(make_dataset(tmp_path / "data"), tmp_path / "out", TrainSettings(**FAST, max_steps=1),
+                   model="tiny", cache_dir=cache)
+    assert "unet_quant: int8" in info.value.fix
+
+    lean = TrainSettings(resolution=512, batch_size=1, gradient_checkpointing=True, unet_quant="int8")
+    cpu = memory.MemoryPlan(profile="cpu", requested="cpu", reason="asked for", device="cpu", **memory._TABLE["cpu"])
+    assert training_memory_fix(lean, cpu) == caching_memory_fix(
+        lean, Runtime("cpu", "bf16", torch.bfloat16, torch.device("cpu"), text_quant="int8", text_streamed=True))
+    assert "already at its lowest" in training_memory_fix(lean, cpu)
+    gpu = memory.MemoryPlan(profile="16gb", requested="auto", reason="", device="cuda", **memory._TABLE["16gb"])
+    assert training_memory_fix(lean, gpu).startswith("use a smaller memory profile (--memory 12gb or 8gb); "
+                                                     "use_8bit_adam: true (CUDA);")
 
 
 def test_interrupted_then_resumed_run_is_bit_identical(tmp_path: Path, cache: Path):

@@ -14,9 +14,11 @@ import torch
 from kstory.core.logs import get_logger
 from kstory.core.memory import free_models  # noqa: F401 - re-exported
 from kstory.core.ranks import local_rank
+from kstory.core.out_of_memory import out_of_memory_named
 from kstory.core.models.resolve import KolorsWeights
 from kstory.train.cache import Encoders, MissingCache, TrainCache, build_cache, cache_root
 from kstory.train.dataset import Sample
+from kstory.train.memory_advice import caching_memory_fix, unet_load_memory_fix
 from kstory.train.runtime import Runtime
 from kstory.core.train_settings import TrainSettings
 from kstory.train.validation import validation_texts
@@ -63,11 +65,14 @@ def prepare(
         if local_rank() > 0:
             cache = _wait_for_cache(samples, root, options, missing)
         else:
-            cache = _encode(weights, samples, runtime, root, options, missing)
+            with out_of_memory_named(f"encoding captions and images for the cache at {settings.resolution} px",
+                                     caching_memory_fix(settings, runtime)):
+                cache = _encode(weights, samples, runtime, root, options, missing)
     parts = ("unet", "vae") if settings.validation_prompts else ("unet",)
     log.info("loading the UNet of %s (%s)%s", weights.identity, str(runtime.weight_dtype).removeprefix("torch."),
              " and the VAE decoder for validation images" if settings.validation_prompts else "")
-    with contextlib.redirect_stdout(io.StringIO()):  # DiffSynth prints every model it loads and fetches
+    with contextlib.redirect_stdout(io.StringIO()), \
+            out_of_memory_named("loading the UNet", unet_load_memory_fix(settings)):  # DiffSynth prints as it loads
         # unet_quant int8: the UNet arrives with its base weights already integer (the trainer never quantises).
         manager = load_kolors_model_manager(weights, device="cpu", torch_dtype=runtime.weight_dtype, parts=parts,
                                             unet_quant=settings.unet_quant)

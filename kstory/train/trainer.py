@@ -27,21 +27,11 @@ from kstory.core.atomic import write_json
 from kstory.core.errors import KstoryError
 from kstory.core.oserrors import os_fault
 from kstory.core.out_of_memory import first_line, is_out_of_memory
+from kstory.train.memory_advice import training_memory_fix
 from kstory.core.logs import get_logger
 from kstory.core.train_settings import DEFAULT_MAX_STEPS, TrainSettings
 
 log = get_logger("train")
-
-# What lowers the memory of each phase, largest saving first; a run again resumes from the last checkpoint.
-_TRAIN_OOM_FIX = (
-    "use a smaller memory profile (--memory 12gb or 8gb), set gradient_checkpointing: true, lower batch_size "
-    "(raise grad_accumulation to keep the effective batch), lower resolution, set unet_quant: int8 or "
-    "use_8bit_adam: true; then run the same command again to resume"
-)
-_CACHE_OOM_FIX = (
-    "use a smaller memory profile (--memory 12gb or 8gb: ChatGLM streamed block by block on the CPU), "
-    "set --text-encoder-quant int8, or lower resolution"
-)
 
 OUTPUTS = ("lora.safetensors", "loss.csv", "train.json", "checkpoints", "validation")
 
@@ -303,14 +293,8 @@ def train_lora(
     if memory_plan is not None:
         runtime = resolve_runtime(settings, memory_plan)
         log.info("%s", describe(memory_plan, "train"))
-    try:
-        prepared = prepare(weights, samples, settings, runtime,
-                           (Path(cache_dir) if cache_dir else default_cache_dir()) / "train-cache")
-    except RuntimeError as error:
-        if not is_out_of_memory(error):
-            raise
-        raise KstoryError(f"ran out of memory caching the captions and images at {settings.resolution} px: "
-                          f"{first_line(error)}", fix=_CACHE_OOM_FIX) from error
+    prepared = prepare(weights, samples, settings, runtime,
+                       (Path(cache_dir) if cache_dir else default_cache_dir()) / "train-cache")
     cache, unet = prepared.cache, prepared.unet
 
     # 2. trainer, LoRA, resume state and Lightning module.
@@ -388,21 +372,18 @@ def train_lora(
                 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
                 trainer.fit(module, train_dataloaders=loader)
         except NonFiniteLoss as error:
-            last = latest_checkpoint(out_dir)
-            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
             raise KstoryError(
-                f"training stopped: {error} (not finite); {kept}",
+                f"training stopped: {error} (not finite); {_last_checkpoint_said(out_dir, 'last good')}",
                 fix="lower learning_rate, use mixed_precision bf16 or no instead of fp16, check the data; "
                     "run again to resume from the last good checkpoint, or start fresh",
             ) from error
         except RuntimeError as error:
             if not is_out_of_memory(error):
                 raise
-            last = latest_checkpoint(out_dir)
-            kept = f"the last checkpoint is {last}" if last else "no checkpoint was saved before it"
             raise KstoryError(
-                f"ran out of memory training at step {module.step + 1} ({settings.resolution} px, batch_size "
-                f"{settings.batch_size}): {first_line(error)}; {kept}", fix=_TRAIN_OOM_FIX) from error
+                f"ran out of memory training, {module.step} step(s) done ({settings.resolution} px, batch_size "
+                f"{settings.batch_size}): {first_line(error)}; {_last_checkpoint_said(out_dir)}",
+                fix=training_memory_fix(settings, memory_plan)) from error
         except SystemExit as error:  # Lightning turns a KeyboardInterrupt into sys.exit(1)
             if recorder.interrupted:
                 raise KeyboardInterrupt from error
@@ -456,6 +437,14 @@ def _memory_plan(memory: str, weights: Any, settings: TrainSettings, runtime: An
                        pixels=settings.resolution ** 2, frames=settings.batch_size,
                        gradient_checkpointing=settings.gradient_checkpointing, text_encoder_device=text_encoder_device,
                        text_encoder_quant=text_encoder_quant, unet_quant=settings.unet_quant)
+
+
+def _last_checkpoint_said(out_dir: Path, kind: str = "last") -> str:
+    """Where a stopped run stands, for its message: the checkpoint the same command resumes from."""
+    from kstory.train.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(out_dir)
+    return f"the {kind} checkpoint is {last}" if last else "no checkpoint was saved before it"
 
 
 def _already_finished(out_dir: Path, settings: TrainSettings, latest: Any, started: float) -> TrainResult | None:

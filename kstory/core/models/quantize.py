@@ -96,11 +96,3 @@ def quantize_linear(linear: torch.nn.Linear, config) -> None:
     """One Linear's weight quantised in place with ``config`` (from :func:`unet_quant_config`), as
     :func:`quantize_unet` does to each: for a loader that quantises each weight as it arrives."""
     _torchao().quantize_(linear, config)
-
-
-def quantised_linears(unet: torch.nn.Module) -> int:
-    """How many of ``unet``'s transformer-block Linears hold a torchao (integer) weight."""
-    from torchao.utils import TorchAOBaseTensor
-
-    return sum(1 for name, module in unet.named_modules()
-               if in_transformer_block(module, name) and isinstance(module.weight, TorchAOBaseTensor))
