@@ -196,3 +196,40 @@ def test_streaming_never_holds_all_the_half_precision_block_weights(tmp_path: Pa
     bound = whole_bytes - block_bytes / 2 + window + 4 * TRIM_EVERY_BYTES
     assert peaks["streamed"] < bound, (peaks, bound)
     assert peaks["whole"] - peaks["streamed"] > block_bytes / 2 - window - 4 * TRIM_EVERY_BYTES, peaks
+
+
+class _SmallKolorsUNet:
+    """DiffSynth's SDXLUNet at SMALL's widths wherever the loader would build the full-size one (DiffSynth's
+    detectors know only the published sizes; the converter is DiffSynth's own)."""
+
+    state_dict_converter = SDXLUNet.state_dict_converter
+
+    def __new__(cls, **extra):
+        return tiny_unet(SMALL)[0]
+
+
+def test_the_loader_streams_a_recognised_unet_into_the_manager(small_file: Path, monkeypatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """``load_kolors_model_manager(..., unet_quant="int8")`` on a file the detectors take for the Kolors UNet:
+    the streamed branch builds, fills and registers it as the whole load would, with the same numbers."""
+    from kstory.core.models import pipeline
+
+    monkeypatch.setattr(pipeline, "_streamable_unet", lambda manager, path, shapes: _SmallKolorsUNet)
+    root = small_file.parent.parent
+    weights = KolorsWeights(root=root, text_encoder=root / "text_encoder", unet=small_file,
+                            vae=root / "vae" / "diffusion_pytorch_model.safetensors", identity="reduced",
+                            is_tiny=False, fingerprint="reduced")
+    with caplog.at_level(logging.INFO, logger="kstory"):
+        manager = load_kolors_model_manager(weights, torch_dtype=DTYPE, parts=("unet",), unet_quant="int8")
+    assert manager.model_name == ["sdxl_unet"] and manager.model_path == [str(small_file)]
+    assert "stored as int8 (QLoRA-style), each as it was read" in caplog.text
+    unet = manager.fetch_model("sdxl_unet")
+    whole, count = _load_then_quantize(small_file, SMALL)
+    assert len(_quantised(unet)) == count and _quantised(unet) == _quantised(whole)
+    ours, theirs = unet.state_dict(), whole.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, tensor in theirs.items():
+        mine = ours[key]
+        same = (torch.equal(mine.dequantize(), tensor.dequantize()) if isinstance(tensor, TorchAOBaseTensor)
+                else not mine.is_meta and torch.equal(mine, tensor))
+        assert same, key
