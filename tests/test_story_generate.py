@@ -211,6 +211,49 @@ def test_out_of_memory_names_the_knobs(tmp_path, controlnets, monkeypatch):
     assert "batch_size" in info.value.fix and "release_text_encoder" in info.value.fix
 
 
+def test_memory_short_profiles_hold_only_the_batchs_controlnets_and_make_the_same_frames(controlnets):
+    """Profiles 12gb/8gb/cpu load a ControlNet for the batches that use it and free it for those that do not;
+    the frames are bit for bit those of a profile that holds them all."""
+    from dataclasses import replace
+
+    from kstory.core.memory import _TABLE, MemoryPlan
+    from kstory.core.models import resolve_model
+    from kstory.story.controlnets import identify
+    from kstory.story.generate import FramePlan, GuidePlan, batches
+    from kstory.story.guides.pose import render_library_pose
+
+    nets = {name: identify(name, controlnets[name]) for name in ("pose", "canny")}
+    pose = render_library_pose("waving", 64, 64)
+    edges = Image.fromarray(((np.indices((64, 64)).sum(axis=0) % 16 < 2) * 255).astype(np.uint8)).convert("RGB")
+    guides = {"pose": GuidePlan("pose", "pose", "pose", 0.7, 0.0, 1.0, pose, "guides/p.png"),
+              "canny": GuidePlan("canny", "canny", "canny", 0.6, 0.0, 1.0, edges, "guides/c.png")}
+    uses = [["pose"], ["pose", "canny"], [], ["canny"]]  # frames 1..4, one per batch
+    plans = [FramePlan(index=i, prompt=f"a fox, scene {i}", frame_prompt="", negative_prompt="blurry", seed=i,
+                       width=64, height=64, steps=2, cfg_scale=5.0, guides=[guides[name] for name in names])
+             for i, names in enumerate(uses, start=1)]
+    cpu = MemoryPlan(profile="cpu", requested="cpu", reason="asked for", device="cpu", **_TABLE["cpu"])
+
+    def session(plan: MemoryPlan) -> Session:
+        made = Session.load(resolve_model("tiny"), lora=None, lora_scale=None, controlnets=nets, device="cpu",
+                            torch_dtype=torch.bfloat16, memory=plan)
+        made.encode(plans, "never")
+        return made
+
+    short = session(cpu)
+    assert short.controlnets_per_batch
+    held, frames = [], []
+    for _, images, _ in short.generate(batches(plans, 1)):
+        held.append(sorted(short.controlnets))
+        frames += images
+    assert held == [["pose"], ["canny", "pose"], [], ["canny"]]
+    roomy = session(replace(cpu, profile="24gb"))  # the same settings, ControlNets held all along
+    assert not roomy.controlnets_per_batch
+    same = [image for _, images, _ in roomy.generate(batches(plans, 1)) for image in images]
+    assert sorted(roomy.controlnets) == ["canny", "pose"]
+    assert [np.asarray(a).tobytes() for a in frames] == [np.asarray(b).tobytes() for b in same]
+    assert len({np.asarray(a).tobytes() for a in frames}) == 4  # the guides took effect
+
+
 def test_session_frames_match_diffsynths_own_pipeline_call(controlnets):
     """The batched loop is DiffSynth's Kolors sampling: same frame as ``SDXLImagePipeline.__call__`` with the ControlNet."""
     from diffsynth.controlnets import Annotator, ControlNetUnit, MultiControlNetManager

@@ -37,6 +37,7 @@ log = get_logger("story")
 SAMPLER = LEGACY  # a spec without `sampler`: DiffSynth's EnhancedDDIMScheduler with Kolors' beta schedule
 _VAE_TILE = 64  # DiffSynth's default tile_size for the SDXL VAE decoder, in latent pixels
 _FREE_MEMORY_FOR_TEXT_ENCODER = 16 << 30  # below this much free GPU memory, 'auto' releases the text encoder
+PER_BATCH_CONTROLNET_PROFILES = ("12gb", "8gb", "cpu")  # memory profiles that load ControlNets batch by batch
 _OOM_FIX = (
     "use a smaller memory profile (--memory 12gb, 8gb or cpu), lower generation.batch_size in the story spec "
     "(1 uses the least memory), set generation.release_text_encoder: always, use smaller frames (width/height), "
@@ -288,9 +289,29 @@ class Session:
             from kstory.core.lora_stack import merge_loras
 
             merge_loras(pipe.unet, self.loras)
-        self.controlnets = {name: (cn, load(cn, self.device, self.torch_dtype))
-                            for name, cn in self.controlnet_weights.items()}
+        if not self.controlnets_per_batch:
+            self.controlnets = {name: (cn, load(cn, self.device, self.torch_dtype))
+                                for name, cn in self.controlnet_weights.items()}
         return pipe
+
+    @property
+    def controlnets_per_batch(self) -> bool:
+        """Memory-short profiles hold only the ControlNets the batch being denoised uses (frames guided by pose
+        and others by canny never hold both); the rest load all of them beside the UNet once."""
+        return bool(self.memory and self.memory.profile in PER_BATCH_CONTROLNET_PROFILES)
+
+    def _hold_controlnets(self, names: list[str]) -> None:
+        """Exactly ``names`` resident (per-batch profiles): the others freed, the missing ones loaded."""
+        for name in [held for held in self.controlnets if held not in names]:
+            _, model = self.controlnets.pop(name)
+            free_models(model)
+            log.info("ControlNet %s freed: the next frames do not use it", name)
+        for name in names:
+            if name not in self.controlnets:
+                weights = self.controlnet_weights[name]
+                self.controlnets[name] = (weights, load(weights, self.device, self.torch_dtype))
+                log.info("ControlNet %s loaded for these frames (memory profile %s: a batch's ControlNets at a "
+                         "time)", name, self.memory.profile)
 
     def _should_release(self, release: str) -> bool:
         if release == "never" or not str(self.device).startswith("cuda"):
@@ -367,6 +388,8 @@ class Session:
             for guide in plan.guides:
                 if (guide.controlnet, guide.task) not in keys:
                     keys.append((guide.controlnet, guide.task))
+        if self.controlnets_per_batch:
+            self._hold_controlnets(list(dict.fromkeys(name for name, _ in keys)))
         units = []
         for name, task in keys:
             weights, model = self.controlnets[name]
