@@ -261,3 +261,23 @@ def test_chatglm_streamed_block_by_block_gives_the_whole_models_numbers(tmp_path
         twin = tmp_path / "cache-whole" / path.relative_to(tmp_path / "cache-streamed")
         a, b = load_file(str(path)), load_file(str(twin))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_profiles_holding_a_batchs_controlnets_count_the_most_one_frame_uses():
+    """12gb, 8gb and cpu load a ControlNet only for the frames that use it (one frame per batch), so their
+    estimate counts the frame that uses the most, where the others count every ControlNet the story names."""
+    from kstory.core.memory import _row, estimate
+    from kstory.story import build_tiny_controlnets
+
+    nets = build_tiny_controlnets()
+    pose, canny = nets["pose"], nets["canny"]
+    one = estimate(KOLORS_COUNTS, _row("cpu"), task="story", controlnets=[pose]).work
+    apart = estimate(KOLORS_COUNTS, _row("cpu"), task="story", controlnets=[pose, canny],
+                     frame_controlnets=[[pose], [canny], []]).work
+    together = estimate(KOLORS_COUNTS, _row("cpu"), task="story", controlnets=[pose, canny],
+                        frame_controlnets=[[pose], [pose, canny]]).work
+    assert apart == one < together == estimate(KOLORS_COUNTS, _row("cpu"), task="story",
+                                               controlnets=[pose, canny]).work
+    held = [estimate(KOLORS_COUNTS, _row("24gb"), task="story", controlnets=[pose, canny], frame_controlnets=used).work
+            for used in ([[pose], [canny]], None)]
+    assert held[0] == held[1]  # a profile that holds them all counts them all

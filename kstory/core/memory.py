@@ -31,6 +31,8 @@ _DENOISE_PER_FRAME = 1.0 * GiB
 _VAE_DECODE = 3.0 * GiB
 _VAE_DECODE_TILED = 0.5 * GiB
 _TRAIN_STEP = {True: 3.0 * GiB, False: 10.0 * GiB}
+# Profiles whose story holds only the ControlNets of the batch being denoised (kstory.story.generate.Session).
+PER_BATCH_CONTROLNET_PROFILES = ("12gb", "8gb", "cpu")
 _STREAMED_SHARE = 0.1  # ChatGLM streamed block by block: the token embedding and one of 28 blocks resident
 
 
@@ -69,6 +71,11 @@ _TABLE: dict[str, dict[str, Any]] = {
     "cpu": dict(half=True, keep_text_encoder=False, text_encoder_device="device", max_batch=1,
                 tiled_vae=True, gradient_checkpointing=True, text_encoder_streamed=True),
 }
+
+
+def _row(profile: str) -> dict[str, Any]:
+    """A profile's settings as the estimate reads them (what it decides, and whether ControlNets go per batch)."""
+    return {**_TABLE[profile], "controlnets_per_batch": profile in PER_BATCH_CONTROLNET_PROFILES}
 
 
 def _numel_safetensors(path: Path) -> int | None:
@@ -131,8 +138,12 @@ class Need:
 
 def estimate(weights: Any, table: dict[str, Any], *, task: str, pixels: int = 1024 * 1024, frames: int = 1,
              controlnets: list[Path] = (), gradient_checkpointing: bool = True, cached: bool = False,
-             unet_quant: str = "none") -> Need:
-    """Peak memory of ``task`` ("story" or "train") on ``weights`` with one profile's settings."""
+             unet_quant: str = "none", frame_controlnets: list[list[Path]] | None = None) -> Need:
+    """Peak memory of ``task`` ("story" or "train") on ``weights`` with one profile's settings.
+
+    ``frame_controlnets`` (the ControlNets of each frame) lets a profile that holds one batch's ControlNets at
+    a time (``table["controlnets_per_batch"]``, one frame per batch) count the most any frame uses, not them all.
+    """
     item = _itemsize(table["half"])
     te_on_device = table["text_encoder_device"] == "device"
     counts = weight_counts(weights)
@@ -154,7 +165,11 @@ def estimate(weights: Any, table: dict[str, Any], *, task: str, pixels: int = 10
         work = unet + int(_TRAIN_STEP[gradient_checkpointing] * scale * frames)
     else:
         encode = text if te_on_device else 0
-        nets = sum(parameter_count(p) * item for p in controlnets)
+        sizes = {Path(p): parameter_count(p) * item for p in controlnets}
+        nets = sum(sizes.values())
+        if table.get("controlnets_per_batch") and frame_controlnets is not None:
+            nets = max((sum(sizes.get(Path(p)) or parameter_count(p) * item for p in set(map(Path, used)))
+                        for used in frame_controlnets), default=0)
         decode = _VAE_DECODE_TILED if table["tiled_vae"] else _VAE_DECODE * scale
         work = unet + nets + vae // 2 + int(_DENOISE_PER_FRAME * scale * frames * (1 if table["half"] else 2) + decode)
     return Need(encode, work, table["keep_text_encoder"] and te_on_device)
@@ -222,7 +237,7 @@ def plan_memory(requested: str, weights: Any, *, task: str, device: str | None =
     table["text_encoder_quant"] = text_encoder_quant
     if text_encoder_quant != "none" and device == "cuda" and text_encoder_device != "cpu":
         table["text_encoder_device"] = "device"  # integer ChatGLM (6 GB at int8) encodes on the GPU in any profile
-    needed = estimate(weights, {**table, "device": device}, task=task, **need).peak
+    needed = estimate(weights, {**_row(profile), **table, "device": device}, task=task, **need).peak
     budget = _BUDGET.get(profile, free)
     if needed > budget:
         raise KstoryError(
@@ -235,7 +250,7 @@ def plan_memory(requested: str, weights: Any, *, task: str, device: str | None =
 
 def _auto(weights: Any, task: str, device: str, free: int, need: dict[str, Any]) -> tuple[str, str]:
     if device == "cpu":
-        full = estimate(weights, _TABLE["none"], task=task, **need).peak
+        full = estimate(weights, _row("none"), task=task, **need).peak
         if full <= free * 0.9:
             return "none", f"float32 needs about {gib(full)} and {gib(free)} of RAM is available"
         return "cpu", f"float32 would need about {gib(full)}, only {gib(free)} of RAM is available: bfloat16"
@@ -247,7 +262,7 @@ def _auto(weights: Any, task: str, device: str, free: int, need: dict[str, Any])
 
 def _what_fits(weights: Any, task: str, device: str, free: int, need: dict[str, Any]) -> str:
     options = GPU_PROFILES if device == "cuda" else ("none", "cpu")
-    fitting = [p for p in options if estimate(weights, _TABLE[p], task=task, **need).peak <= _BUDGET.get(p, free * 0.9)]
+    fitting = [p for p in options if estimate(weights, _row(p), task=task, **need).peak <= _BUDGET.get(p, free * 0.9)]
     if fitting:
         name = fitting[-1] if device == "cuda" else fitting[0]
         return f"use memory: {name}" + (" (a GPU with that much free memory)" if device == "cuda" else "")
@@ -278,7 +293,7 @@ def doctor_lines() -> list[str]:
     for task, frames in (("train", 1), ("story", 4)):
         try:
             plan = plan_memory("auto", KOLORS_COUNTS, task=task, device=device, frames=frames)
-            need = estimate(KOLORS_COUNTS, _TABLE[plan.profile], task=task, frames=frames).peak
+            need = estimate(KOLORS_COUNTS, _row(plan.profile), task=task, frames=frames).peak
             lines.append(f"{task:<12} {describe(plan, task)}; needs about {gib(need)}")
         except KstoryError as error:
             lines.append(f"{task:<12} {error.message}; {error.fix}")

@@ -23,7 +23,7 @@ from PIL import Image
 
 from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
-from kstory.core.memory import MemoryPlan, free_models
+from kstory.core.memory import PER_BATCH_CONTROLNET_PROFILES, MemoryPlan, free_models
 from kstory.core.models import KolorsWeights
 from kstory.core.out_of_memory import first_line, is_out_of_memory
 from kstory.story.consistent_attention import AttentionBank, shared_attention
@@ -37,7 +37,6 @@ log = get_logger("story")
 SAMPLER = LEGACY  # a spec without `sampler`: DiffSynth's EnhancedDDIMScheduler with Kolors' beta schedule
 _VAE_TILE = 64  # DiffSynth's default tile_size for the SDXL VAE decoder, in latent pixels
 _FREE_MEMORY_FOR_TEXT_ENCODER = 16 << 30  # below this much free GPU memory, 'auto' releases the text encoder
-PER_BATCH_CONTROLNET_PROFILES = ("12gb", "8gb", "cpu")  # memory profiles that load ControlNets batch by batch
 _OOM_FIX = (
     "use a smaller memory profile (--memory 12gb, 8gb or cpu), lower generation.batch_size in the story spec "
     "(1 uses the least memory), set generation.release_text_encoder: always, use smaller frames (width/height), "

@@ -573,6 +573,8 @@ def generate_story(
     memory_plan = plan_memory(memory, weights, task="story", device=device, frames=spec.generation.batch_size,
                               pixels=max(p.width * p.height for p in plans),
                               controlnets=[cn.path for cn in controlnet_weights.values()],
+                              frame_controlnets=[[controlnet_weights[guide.controlnet].path for guide in plan.guides]
+                                                 for batch in groups for plan in batch],
                               text_encoder_device=text_encoder_device, text_encoder_quant=text_encoder_quant)
     log.info("%s", describe(memory_plan, "story"))
     batch_size = min(spec.generation.batch_size, memory_plan.max_batch or spec.generation.batch_size)
