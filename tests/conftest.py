@@ -47,7 +47,8 @@ def one_torch_thread():
 def demo_runs(tmp_path_factory: pytest.TempPathFactory):
     """One complete demo run (tiny models) shared by the dashboard tests; returns its runs root.
 
-    ``KSTORY_APP_TEST_RUNS`` reuses (and modifies!) an existing runs root, a debugging aid.
+    ``KSTORY_APP_TEST_RUNS`` reuses (and modifies!) an existing runs root, a debugging aid; run it with
+    ``-n 0``, since parallel test processes would all change that one folder.
     """
     from pathlib import Path
 
