@@ -30,6 +30,7 @@ import torch
 
 from kstory.core.models.files import text_encoder_files
 from kstory.core.models.quantize import quantize_text_encoder
+from kstory.core.models.read_ahead import ReadAhead
 
 _PREFIX = "transformer."
 
@@ -46,6 +47,7 @@ class _WeightFiles:
         else:
             self.where = {name: files.shards[0] for name in _names(files.shards[0])}
         self._open: tuple[Path, Any] | None = None
+        self.read_ahead: ReadAhead | None = None  # started by the first tensor read, stopped by close()
 
     def model_names(self, prefix: str) -> list[str]:
         """Checkpoint names under ``prefix`` (a ChatGLMModel name such as ``encoder.layers.3.``), in file order."""
@@ -54,11 +56,17 @@ class _WeightFiles:
     def tensor(self, name: str) -> torch.Tensor:
         path = self.where[name]
         if self._open is None or self._open[0] != path:
+            if self.read_ahead is None:
+                self.read_ahead = ReadAhead(sorted(set(self.where.values())))  # shard names number them in order
+            self.read_ahead.using(path)
             self._open = (path, _reader(path))
         return self._open[1](name)
 
     def close(self) -> None:
         self._open = None
+        if self.read_ahead is not None:
+            self.read_ahead.close()
+            self.read_ahead = None
 
 
 def _strip(name: str) -> str:
