@@ -21,11 +21,10 @@ import torch
 from diffsynth.pipelines.dancer import lets_dance_xl
 from PIL import Image
 
-from kstory.core.errors import KstoryError
 from kstory.core.logs import get_logger
 from kstory.core.memory import PER_BATCH_CONTROLNET_PROFILES, MemoryPlan, free_models
 from kstory.core.models import KolorsWeights
-from kstory.core.out_of_memory import first_line, is_out_of_memory
+from kstory.core.out_of_memory import out_of_memory_named
 from kstory.story.consistent_attention import AttentionBank, shared_attention
 from kstory.story.controlnets import ControlNetWeights, ControlUnit, GuidedControl, load, union_task
 from kstory.story.ip_adapter import IpAdapterWeights
@@ -412,20 +411,17 @@ class Session:
         """
         for batch in groups:
             started = time.perf_counter()
-            try:
+            with out_of_memory_named(_batch_described(batch), _OOM_FIX):
                 images = self.denoise(batch, bank=bank)
-            except RuntimeError as error:
-                if not is_out_of_memory(error):
-                    raise
-                raise KstoryError(_oom_message(batch, error), fix=_OOM_FIX) from error
             yield batch, images, time.perf_counter() - started
 
 
-def _oom_message(batch: list[FramePlan], error: Exception) -> str:
+def _batch_described(batch: list[FramePlan]) -> str:
+    """What was being done when memory ran out, for the message."""
     frames = ", ".join(str(plan.index) for plan in batch)
     first = batch[0]
-    return (f"ran out of memory generating frames {frames} ({first.width}x{first.height}, {first.steps} steps, "
-            f"{len(batch)} frames per batch): {first_line(error)}")
+    return (f"generating frames {frames} ({first.width}x{first.height}, {first.steps} steps, "
+            f"{len(batch)} frames per batch)")
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:

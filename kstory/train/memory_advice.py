@@ -7,6 +7,8 @@ and memory plan, largest saving first, so every item would lower the need.
 
 from __future__ import annotations
 
+import torch
+
 from kstory.core.memory import MemoryPlan
 from kstory.core.train_settings import TrainSettings
 from kstory.train.runtime import Runtime
@@ -45,8 +47,9 @@ def training_memory_fix(settings: TrainSettings, plan: MemoryPlan | None) -> str
 
 def caching_memory_fix(settings: TrainSettings, runtime: Runtime) -> str:
     """The knobs that lower the memory of encoding captions (ChatGLM) and images (the VAE) for the cache."""
+    streamed_profiles = "cpu" if runtime.device.type == "cpu" else "12gb or 8gb"
     knobs = [
-        None if runtime.text_streamed else "--memory 12gb, 8gb or cpu (ChatGLM read and run one block at a time)",
+        None if runtime.text_streamed else f"--memory {streamed_profiles} (ChatGLM read and run one block at a time)",
         None if runtime.text_quant != "none" else "--text-encoder-quant int8",
         None if settings.resolution <= 512 else f"a lower resolution (now {settings.resolution})",
     ]
@@ -54,8 +57,14 @@ def caching_memory_fix(settings: TrainSettings, runtime: Runtime) -> str:
     return f"use {'; '.join(chosen)}" if chosen else _NOTHING_LEFT
 
 
-def unet_load_memory_fix(settings: TrainSettings) -> str:
-    """The knob that lowers the memory of loading the base UNet."""
-    if settings.unet_quant == "none":
-        return "use unet_quant: int8 (the base UNet loads with its attention and feed-forward weights at one byte)"
-    return _NOTHING_LEFT
+def unet_load_memory_fix(settings: TrainSettings, runtime: Runtime) -> str:
+    """The knobs that lower the memory of loading the base UNet."""
+    knobs = [
+        None if runtime.weight_dtype != torch.float32 else
+        f"half-precision weights (--memory {'cpu' if runtime.device.type == 'cpu' else 'auto'}, or "
+        f"mixed_precision: bf16)",
+        None if settings.unet_quant != "none" else
+        "unet_quant: int8 (the base UNet loads with its attention and feed-forward weights at one byte)",
+    ]
+    chosen = [knob for knob in knobs if knob]
+    return f"use {'; '.join(chosen)}" if chosen else _NOTHING_LEFT

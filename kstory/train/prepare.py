@@ -72,7 +72,7 @@ def prepare(
     log.info("loading the UNet of %s (%s)%s", weights.identity, str(runtime.weight_dtype).removeprefix("torch."),
              " and the VAE decoder for validation images" if settings.validation_prompts else "")
     with contextlib.redirect_stdout(io.StringIO()), \
-            out_of_memory_named("loading the UNet", unet_load_memory_fix(settings)):  # DiffSynth prints as it loads
+            out_of_memory_named("loading the UNet", unet_load_memory_fix(settings, runtime)):  # DiffSynth prints as it loads
         # unet_quant int8: the UNet arrives with its base weights already integer (the trainer never quantises).
         manager = load_kolors_model_manager(weights, device="cpu", torch_dtype=runtime.weight_dtype, parts=parts,
                                             unet_quant=settings.unet_quant)

@@ -127,13 +127,14 @@ def _streamable_unet(manager: ModelManager, path: str, shapes: dict[str, tuple[i
 def _load_unet(manager: ModelManager, path: str, torch_dtype: torch.dtype, unet_quant: str) -> None:
     """The UNet into ``manager``; with ``unet_quant``, its transformer-block Linears quantised while loading when
     the file allows (see ``kstory.core.models.unet_int8_load``), after loading otherwise."""
-    streams = unet_quant != "none" and path.endswith(".safetensors")
-    model_class = _streamable_unet(manager, path, tensor_shapes(path)) if streams else None
+    shapes = tensor_shapes(path) if unet_quant != "none" and path.endswith(".safetensors") else None
+    model_class = _streamable_unet(manager, path, shapes) if shapes is not None else None
     if model_class is None:
         _load_converted(manager, path, torch_dtype)
         _quantize_loaded_unet(manager, unet_quant)
         return
-    model, count = load_quantised_unet(path, model_class, torch_dtype, unet_quant, device=manager.device)
+    model, count = load_quantised_unet(path, model_class, torch_dtype, unet_quant, device=manager.device,
+                                       shapes=shapes)
     manager.model.append(model)
     manager.model_path.append(path)
     manager.model_name.append("sdxl_unet")

@@ -55,28 +55,30 @@ def converted_names(model_class: type, shapes: dict[str, tuple[int, ...]]) -> tu
 
 
 def load_quantised_unet(path: Path | str, model_class: type, torch_dtype: torch.dtype, mode: str,
-                        device: str = "cpu", window_bytes: int = WINDOW_BYTES) -> tuple[torch.nn.Module, int]:
+                        device: str = "cpu", window_bytes: int = WINDOW_BYTES,
+                        shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[torch.nn.Module, int]:
     """``model_class`` (DiffSynth's ``SDXLUNet``) built from the diffusers-layout file ``path``, quantised while
-    loading; returns the model and how many Linears were quantised."""
-    _, extra = converted_names(model_class, tensor_shapes(path))
+    loading; returns the model and how many Linears were quantised. ``shapes``: the file's header, if read."""
+    targets, extra = converted_names(model_class, shapes if shapes is not None else tensor_shapes(path))
     with init_weights_on_device():
         model = model_class(**extra).eval()
-    count = fill_quantised(model, path, torch_dtype, mode, window_bytes)
+    count = fill_quantised(model, path, torch_dtype, mode, window_bytes, targets=targets)
     if torch.device(device).type != "cpu":
         model.to(device=device)
     return model, count
 
 
 def fill_quantised(model: torch.nn.Module, path: Path | str, torch_dtype: torch.dtype, mode: str,
-                   window_bytes: int = WINDOW_BYTES) -> int:
+                   window_bytes: int = WINDOW_BYTES, targets: dict[str, Any] | None = None) -> int:
     """Assign the tensors of ``path`` into ``model`` (built on meta), quantising each transformer-block Linear
     (with ``quantize_unet``'s config) once its weight is in; returns how many were quantised.
 
     Each module takes its tensors through ``load_state_dict(assign=True)``, as DiffSynth loads the whole
-    model, once all of them have been read.
+    model, once all of them have been read. ``targets``: :func:`converted_names`' mapping, if already made.
     """
     config = unet_quant_config(mode)
-    targets, _ = converted_names(type(model), tensor_shapes(path))
+    if targets is None:
+        targets, _ = converted_names(type(model), tensor_shapes(path))
     _check_targets(targets, model.state_dict(), path)
     source_to_target = {placeholder.name: (target, placeholder.squeezed) for target, placeholder in targets.items()}
     owned: dict[str, int] = {}
